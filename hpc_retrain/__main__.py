@@ -1,0 +1,3 @@
+from hpc_retrain.cli import main
+
+raise SystemExit(main())

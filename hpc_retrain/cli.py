@@ -1,0 +1,104 @@
+"""``hpc-retrain``: one subcommand per workflow stage.
+
+Every stage module keeps its own options (``add_arguments(parser)``) and entry point (``main(args)``), and
+imports TensorFlow only inside functions, so ``--help`` and the data stages start fast. Options that set
+configuration fields are applied on top of ``--config`` and ``--set`` and validated once, up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from hpc_retrain import __version__
+from hpc_retrain.config import ConfigError, RunConfig
+
+# name -> (module, one-line help); the order is the workflow's.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("hpc_retrain.synth_cli", "write a synthetic plate of paired brightfield/fluorescence images"),
+    "labels": ("hpc_retrain.prepare", "training labels from fluorescence with the pretrained MISIC"),
+    "targets": ("hpc_retrain.prepare", "training inputs (shape-index tiles) from brightfield"),
+    "prepare": ("hpc_retrain.prepare", "labels and targets in one pass into the training store"),
+    "train": ("hpc_retrain.jobs", "retrain MISIC on a training store, locally or as a Slurm job"),
+    "status": ("hpc_retrain.jobs", "state and latest epoch metrics of a training run"),
+    "segment": ("hpc_retrain.infer", "segment a plate with a trained model into OME-Zarr labels"),
+    "evaluate": ("hpc_retrain.evaluate", "score segmentations against reference masks"),
+    "demo": ("hpc_retrain.demo", "synthesize a small plate and run every stage on it"),
+}
+
+
+class CliError(Exception):
+    """An error a user can fix; printed as one line, exit status 2."""
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="run configuration (defaults apply to what it omits)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one configuration field, e.g. --set train.epochs=5 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, **fields) -> RunConfig:
+    """--config, then --set, then the stage's own options (those not None), validated once."""
+    overrides = {k.replace("__", "."): v for k, v in fields.items() if v is not None}
+    cfg = RunConfig.load(args.config, list(args.overrides))
+    return cfg.updated(**{k.replace(".", "__"): v for k, v in overrides.items()}) if overrides else cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpc-retrain",
+        description="Retrain the MISIC bacterial segmentation model on your own plates: labels from "
+        "fluorescence, targets from brightfield, training, and tiled inference, locally or on Slurm.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpc-retrain {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (modname, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(_module=modname)
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            sp.set_defaults(_missing=True)
+            continue
+        add_config_arguments(sp)
+        mod.add_arguments(sp, name) if _takes_name(mod.add_arguments) else mod.add_arguments(sp)
+    return parser
+
+
+def _takes_name(fn) -> bool:
+    return fn.__code__.co_argcount >= 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", False):
+        print(f"hpc-retrain {args.command}: not yet available in this version", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(args._module)
+    try:
+        return int(mod.main(args) or 0)
+    except (CliError, ConfigError) as e:
+        print(f"hpc-retrain {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # Our own input errors (PlateError, ImageError, ModelError, StoreError...) are ValueErrors whose
+        # message already names the file and the problem; anything else is a bug and keeps its traceback.
+        if type(e).__module__.startswith("hpc_retrain"):
+            print(f"hpc-retrain {args.command}: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""One typed configuration for a run: validated up front, saved next to every output.
+
+A run is reproducible from the ``config.yaml`` written beside its results: every stage reads only
+this object, never ad-hoc arguments.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the problem."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos in a YAML file: refuse them rather than silently ignore them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PlateConfig(_Section):
+    path: Path | None = Field(None, description="TIFF folder or OME-Zarr HCS plate; none for a synthetic plate")
+    layout: Literal["auto", "tiff", "ome-zarr"] = "auto"
+    pattern: str = Field(
+        "{well}_s{field}_{channel}.tif",
+        description="TIFF file name pattern; placeholders {well}, {field}, {channel}. "
+        "The layout channel/NNNNN.tif is found without a pattern.",
+    )
+    brightfield: str = Field("brightfield", description="channel name of the brightfield images")
+    fluorescence: str = Field("fluorescence", description="channel name of the fluorescence images")
+    reference: str | None = Field(None, description="channel holding reference instance masks, if any")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_names_channel(cls, v: str) -> str:
+        if "{channel}" not in v or "{field}" not in v:
+            raise ValueError("the pattern must contain {channel} and {field} (and may contain {well})")
+        return v
+
+
+class ChannelPrep(_Section):
+    gamma: float = Field(1.0, gt=0)
+    light_background: bool = Field(False, description="dark cells on a bright background (flips shape index)")
+    percentiles: tuple[float, float] = Field((0.5, 99.5), description="robust normalization range")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError("need 0 <= low < high <= 100")
+        return v
+
+
+class PreprocessConfig(_Section):
+    mean_width: float = Field(7.0, gt=0, description="mean cell width in pixels; images are scaled by 10/mean_width")
+    sigmas: tuple[float, ...] = Field((1.0, 1.5, 2.0), description="shape index scales")
+    brightfield: ChannelPrep = ChannelPrep(gamma=0.41, light_background=True)
+    fluorescence: ChannelPrep = ChannelPrep(gamma=1.0, light_background=False)
+
+    @field_validator("sigmas")
+    @classmethod
+    def _three_positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if len(v) != 3 or any(s <= 0 for s in v):
+            raise ValueError("MISIC takes exactly three positive shape-index scales")
+        return v
+
+    @property
+    def scale(self) -> float:
+        # MISIC rounds the scale to two decimals; keeping that makes our features comparable with its.
+        return round(10.0 / self.mean_width, 2)
+
+
+class LabelConfig(_Section):
+    body_threshold: float = Field(0.4, ge=0, le=1, description="cell body label: probability >= this")
+    contour_threshold: float = Field(0.1, ge=0, le=1, description="contour label: probability > this")
+
+
+class TilingConfig(_Section):
+    size: int = Field(256, ge=32, description="tile edge in pixels (the model's input)")
+    margin: int = Field(16, ge=0, description="pixels dropped at each tile edge when stitching")
+
+    @model_validator(mode="after")
+    def _margin_fits(self) -> "TilingConfig":
+        if 2 * self.margin >= self.size:
+            raise ValueError(f"margin {self.margin} leaves nothing of a {self.size} px tile")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    init: Literal["pretrained", "reinit", "finetune-decoder"] = "pretrained"
+    base_model: Path | None = Field(None, description="a Keras .h5/.keras MISIC-style model; default: misic's own")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="fraction of fields held out for validation")
+    pos_weight: tuple[float, ...] | None = Field(None, description="positive-class weight per label channel; "
+                                                 "default (1-p)/p from the store")
+    augment: bool = True
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap batches per epoch (for quick runs)")
+    mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: mixed_float16 on GPU only")
+    keep_checkpoints: int = Field(3, ge=1)
+    deterministic: bool = Field(False, description="TensorFlow op determinism (slower; for exact resumes)")
+
+
+class ClusterConfig(_Section):
+    executor: Literal["local", "slurm"] = "local"
+    workers: int = Field(1, ge=1, description="local Dask workers for labels/targets")
+    scheduler_address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://host:8786")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = Field(60, ge=1)
+    gpus: int = Field(1, ge=0, description="GPUs per training job; 0 on clusters without a GPU gres")
+    cpus: int = Field(4, ge=1)
+    mem_gb: float = Field(16, gt=0)
+    container: str | None = Field(None, description="Apptainer image; jobs run inside it with --nv")
+
+
+class InferConfig(_Section):
+    model: Path | None = Field(None, description="a run folder or a model file; default: pretrained MISIC")
+    mode: Literal["stitch", "blend"] = Field("stitch", description="MISIC crop-and-stitch or blended overlaps")
+    batch_size: int = Field(8, ge=1)
+    chunk: int = Field(2048, ge=256, description="scan chunk edge for large fields (pixels at full resolution)")
+    marker_threshold: float = Field(0.95, gt=0, le=1, description="confident body core for watershed markers")
+    name: str = Field("misic", description="label image name under each field's labels/ group")
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    plate: PlateConfig = PlateConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    labels: LabelConfig = LabelConfig()
+    tiling: TilingConfig = TilingConfig()
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    infer: InferConfig = InferConfig()
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> "RunConfig":
+        """Read YAML (or nothing: defaults), apply ``section.key=value`` overrides, validate once."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: config file not found") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides or [])
+        for key, value in items:
+            _set_dotted(data, key, value)
+        return cls.from_dict(data, source=str(path) if path else "config")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = [f"{source}: invalid configuration"]
+            for err in e.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+                lines.append(f"  {where}: {err['msg']}")
+            raise ConfigError("\n".join(lines)) from None
+
+    def updated(self, **dotted: Any) -> "RunConfig":
+        """A validated copy with ``section__key=value`` (or dotted-dict) changes."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            _set_dotted(data, key.replace("__", "."), value)
+        return RunConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def save(self, folder: str | Path, name: str = CONFIG_NAME) -> Path:
+        """Write the config (plus provenance) beside a run's outputs, atomically."""
+        from hpc_retrain import __version__
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = {"hpc_retrain_version": __version__, "written": _dt.datetime.now().isoformat(timespec="seconds")}
+        doc.update(self.to_dict())
+        out = folder / name
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+        tmp.replace(out)
+        return out
+
+    @classmethod
+    def read_saved(cls, folder_or_file: str | Path) -> "RunConfig":
+        p = Path(folder_or_file)
+        if p.is_dir():
+            p = p / CONFIG_NAME
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no saved config (is this a run folder?)") from None
+        for k in ("hpc_retrain_version", "written"):
+            data.pop(k, None)
+        return cls.from_dict(data, source=str(p))
+
+
+def _split(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=5")
+    key, raw = item.split("=", 1)
+    # YAML parsing turns "5" into 5, "[1,2]" into a list, "null" into None, as a user would expect.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node = child
+    if value is None:
+        node[parts[-1]] = None
+    else:
+        node[parts[-1]] = str(value) if isinstance(value, Path) else value
