@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Stop the one-node cluster that start.sh started: cancel its jobs, then stop exactly the daemons recorded
+# in $STATE/pids (never a daemon this script did not start), waiting until each has exited.
+set -euo pipefail
+
+STATE="${HPC_RETRAIN_SLURM_STATE:-/tmp/hpc-retrain-slurm}"
+PIDS="$STATE/pids"
+
+log() { echo "stop.sh: $*" >&2; }
+
+is_ours() {  # is_ours NAME -> prints PID when the recorded process still runs under the recorded name
+    local f="$PIDS/$1.pid" pid name
+    [[ -f "$f" ]] || return 1
+    read -r pid name <"$f" || return 1
+    [[ -n "$pid" && "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]] || return 1
+    echo "$pid"
+}
+
+stop_one() {  # stop_one NAME: SIGTERM, wait up to 30 s, then SIGKILL
+    local name="$1" pid i
+    if pid="$(is_ours "$name")"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 300; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "$name (PID $pid) ignored SIGTERM for 30 s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        fi
+        log "stopped $name (PID $pid)"
+    fi
+    rm -f "$PIDS/$name.pid"
+}
+
+if [[ ! -d "$PIDS" ]] || ! compgen -G "$PIDS/*.pid" >/dev/null; then
+    log "nothing recorded in $PIDS; nothing to stop"
+    exit 0
+fi
+
+# Jobs first, while slurmctld is still up: a running job's slurmstepd outlives slurmd and would be left
+# behind otherwise.
+if is_ours slurmctld >/dev/null && is_ours slurmd >/dev/null; then
+    jobs="$(timeout 10 squeue -h -o %A 2>/dev/null || true)"
+    if [[ -n "$jobs" ]]; then
+        log "cancelling jobs: $(echo "$jobs" | tr '\n' ' ')"
+        # shellcheck disable=SC2086
+        timeout 10 scancel $jobs 2>/dev/null || true
+        for ((i = 0; i < 300; i++)); do
+            [[ -z "$(timeout 5 squeue -h -t R,CG,PD -o %A 2>/dev/null || true)" ]] && ! pgrep -x slurmstepd >/dev/null && break
+            sleep 0.1
+        done
+    fi
+fi
+
+# Reverse order of start: slurmd, slurmctld (flushes job records to slurmdbd), slurmdbd, the database, munge.
+for name in slurmd slurmctld slurmdbd mariadbd munged; do
+    stop_one "$name"
+done
+rm -f "$PIDS"/*.pid
+
+left="$(pgrep -a slurmstepd || true)"
+[[ -z "$left" ]] || log "warning: slurmstepd processes are still running: $left"
+log "stopped (state kept in $STATE)"

@@ -1,0 +1,28 @@
+"""Shared fixtures. Real data lives beside the project (../shared/data/colicoords) and is never copied in."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COLICOORDS = Path(os.environ.get("HPC_RETRAIN_COLICOORDS", ROOT.parent / "shared" / "data" / "colicoords"))
+
+# Quiet TensorFlow's start-up chatter in test logs; it does not change results.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def colicoords() -> Path:
+    if not (COLICOORDS / "ds1" / "brightfield").is_dir():
+        pytest.skip(f"ColiCoords test data not found at {COLICOORDS} (it lives in ../shared beside the project)")
+    return COLICOORDS
+
+
+@pytest.fixture(scope="session")
+def pretrained_model():
+    from hpc_retrain import model
+
+    return model.load()

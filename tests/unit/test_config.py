@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from hpc_retrain.config import ConfigError, RunConfig
+
+
+def test_defaults_are_the_published_recipe():
+    cfg = RunConfig()
+    assert cfg.preprocess.brightfield.gamma == 0.41
+    assert cfg.preprocess.brightfield.light_background is True
+    assert cfg.preprocess.sigmas == (1.0, 1.5, 2.0)
+    assert (cfg.labels.body_threshold, cfg.labels.contour_threshold) == (0.4, 0.1)
+    assert (cfg.tiling.size, cfg.tiling.margin) == (256, 16)
+    assert cfg.train.learning_rate == 1e-3 and cfg.train.batch_size == 8
+    assert cfg.preprocess.scale == round(10 / 7, 2)
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"train": {"epochs": 3}, "preprocess": {"mean_width": 12}}))
+    cfg = RunConfig.load(p, ["train.epochs=5", "cluster.executor=slurm", "plate.path=/data/plate"])
+    assert cfg.train.epochs == 5
+    assert cfg.preprocess.mean_width == 12
+    assert cfg.cluster.executor == "slurm"
+    assert str(cfg.plate.path) == "/data/plate"
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("preprocess.mean_width=-3", "preprocess.mean_width"),
+        ("train.init=blank", "train.init"),
+        ("tiling.margin=200", "tiling"),
+        ("preprocess.sigmas=[1,2]", "preprocess.sigmas"),
+        ("train.epoch=3", "train.epoch"),  # a typo is refused, not ignored
+        ("plate.pattern={well}.tif", "plate.pattern"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        RunConfig.load(None, [override])
+    assert field in str(e.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        RunConfig.load(p)
+    with pytest.raises(ConfigError, match="not found"):
+        RunConfig.load(tmp_path / "missing.yaml")
+
+
+def test_save_and_read_back_round_trip(tmp_path):
+    cfg = RunConfig.load(None, ["train.epochs=7", "preprocess.mean_width=9.5", "train.pos_weight=[3.0, 20.0]"])
+    path = cfg.save(tmp_path / "run")
+    text = path.read_text()
+    assert "hpc_retrain_version" in text
+    again = RunConfig.read_saved(tmp_path / "run")
+    assert again == cfg
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_updated_validates():
+    cfg = RunConfig()
+    assert cfg.updated(train__epochs=2).train.epochs == 2
+    with pytest.raises(ConfigError):
+        cfg.updated(train__batch_size=0)
