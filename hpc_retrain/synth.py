@@ -183,7 +183,7 @@ def _candidates(rng: np.random.Generator, p: SynthParams, shape: tuple[int, int]
                                    rng.uniform(-pad, shape[1] + pad, n_colonies)])
         parts += [_colony(rng, p, c) for c in centers]
     # Singles are over-drawn because those landing on colonies are refused.
-    n_single = int(rng.poisson(1.4 * n_cells * (1 - p.colony_fraction) + 0.2 * n_col_cells))
+    n_single = int(rng.poisson(2.0 * n_cells * (1 - p.colony_fraction) + 0.5 * n_col_cells))
     parts.append(_singles(rng, p, n_single, shape, pad))
     return np.concatenate(parts)
 

@@ -21,7 +21,7 @@ PIDS="$STATE/pids"
 CONF=/etc/slurm/slurm.conf
 DBD_CONF=/etc/slurm/slurmdbd.conf
 # Files carrying this line are ours to overwrite; anything else in /etc/slurm belongs to someone else.
-MARK="# Written by hpc_retrain slurm/local-cluster/start.sh; stop.sh leaves it in place."
+MARK="# Written by hpc_retrain slurm/local-cluster/start.sh; stop.sh removes it."
 
 log() { echo "start.sh: $*" >&2; }
 die() { echo "start.sh: error: $*" >&2; exit 1; }

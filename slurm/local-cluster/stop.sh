@@ -34,8 +34,20 @@ stop_one() {  # stop_one NAME: SIGTERM, wait up to 30 s, then SIGKILL
     rm -f "$PIDS/$name.pid"
 }
 
+remove_conf() {
+    # Without a config, Slurm commands fail at once instead of retrying a dead controller for seconds, so
+    # tests skip fast. Only files start.sh wrote (they carry its mark) go, and only while no Slurm daemon
+    # runs (one started with another state folder still needs them).
+    local mark="# Written by hpc_retrain slurm/local-cluster/start.sh; stop.sh removes it." f
+    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || pgrep -x slurmdbd >/dev/null && return 0
+    for f in /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf; do
+        if [[ -f "$f" ]] && grep -qxF "$mark" "$f"; then rm -f "$f"; fi
+    done
+}
+
 if [[ ! -d "$PIDS" ]] || ! compgen -G "$PIDS/*.pid" >/dev/null; then
     log "nothing recorded in $PIDS; nothing to stop"
+    remove_conf
     exit 0
 fi
 
@@ -59,6 +71,8 @@ for name in slurmd slurmctld slurmdbd mariadbd munged; do
     stop_one "$name"
 done
 rm -f "$PIDS"/*.pid
+remove_conf
+
 
 left="$(pgrep -a slurmstepd || true)"
 [[ -z "$left" ]] || log "warning: slurmstepd processes are still running: $left"

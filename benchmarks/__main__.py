@@ -1,0 +1,44 @@
+"""Run the benchmarks: ``python -m benchmarks all --quick`` (or name some: ``python -m benchmarks infer``).
+
+Each benchmark is its own module, runs in its own process (so peak-memory figures do not mix), prints its
+table with ratios measured side by side, and writes JSON under benchmarks/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+BENCHES = {
+    "prepare": "benchmarks.prepare_bench",  # labels + targets: fields/s, workers scaling, peak RSS by scan size
+    "infer": "benchmarks.infer_bench",  # segment vs the MISIC reference: MP/s, peak RSS by scan size
+    "train": "benchmarks.train_bench",  # training tiles/s: Zarr pipeline vs in-memory tensors
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("which", nargs="*", default=["all"], help=f"all or any of {', '.join(BENCHES)}")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (minutes on 2 cores)")
+    args = p.parse_args(argv)
+    names = list(BENCHES) if "all" in args.which else args.which
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
+    failed = []
+    for name in names:
+        print(f"\n=== {name} ({BENCHES[name]}) ===", flush=True)
+        t = time.perf_counter()
+        rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + (["--quick"] if args.quick else []))
+        print(f"=== {name}: exit {rc} after {time.perf_counter() - t:.0f} s", flush=True)
+        if rc:
+            failed.append(name)
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
