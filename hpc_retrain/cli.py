@@ -17,7 +17,7 @@ from hpc_retrain.config import ConfigError, RunConfig
 
 # name -> (module, one-line help); the order is the workflow's.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("hpc_retrain.synth_cli", "write a synthetic plate of paired brightfield/fluorescence images"),
+    "synth": ("hpc_retrain.synth", "write a synthetic plate of paired brightfield/fluorescence images"),
     "labels": ("hpc_retrain.prepare", "training labels from fluorescence with the pretrained MISIC"),
     "targets": ("hpc_retrain.prepare", "training inputs (shape-index tiles) from brightfield"),
     "prepare": ("hpc_retrain.prepare", "labels and targets in one pass into the training store"),

@@ -35,8 +35,8 @@ class SynthParams:
     mean_width: float = 7.0
     width_spread: float = 0.08  # relative s.d. of cell widths, clipped to +-15 %
     length_range: tuple[float, float] = (2.0, 5.0)  # cell length (caps included) in cell widths
-    density: float = 0.3  # fraction of the field the placed cells aim to cover
-    colony_fraction: float = 0.75  # share of that area in microcolonies; the rest are single cells
+    density: float = 0.3  # fraction of the field cells cover; met up to ~0.35, beyond it fields jam near 0.4
+    colony_fraction: float = 0.75  # share of cells drawn in microcolonies; single cells fill the rest
     colony_size: float = 12.0  # mean cells per microcolony
     max_overlap: float = 0.15  # a candidate overlapping placed cells by more of its area is dropped
     angle_jitter_deg: float = 2.0  # per-cell deviation from its colony's axis
@@ -70,7 +70,7 @@ class SynthParams:
         need(0 <= self.width_spread <= 0.5, f"width_spread must be in [0, 0.5], got {self.width_spread}")
         lo, hi = self.length_range
         need(1 <= lo <= hi, f"length_range must satisfy 1 <= min <= max (in widths), got {self.length_range}")
-        need(0 <= self.density <= 0.9, f"density must be in [0, 0.9], got {self.density}")
+        need(0 <= self.density <= 0.6, f"density must be in [0, 0.6], got {self.density}")
         need(0 <= self.colony_fraction <= 1, f"colony_fraction must be in [0, 1], got {self.colony_fraction}")
         need(self.colony_size >= 1, f"colony_size must be >= 1, got {self.colony_size}")
         need(0 <= self.max_overlap < 1, f"max_overlap must be in [0, 1), got {self.max_overlap}")
@@ -334,6 +334,18 @@ def render_field(seed: int, shape: Sequence[int] = (512, 512), mean_width: float
 
     ``params`` are further :class:`SynthParams` fields (e.g. ``colony_fraction=0``, ``psf_sigma=1.5``).
     """
+    p, shape = _checked(shape, mean_width, density, params)
+    rng = np.random.default_rng(seed)
+    cells = _candidates(rng, p, shape)
+    labels, rho = _place(cells, shape, p, target_area=p.density * shape[0] * shape[1])
+    labels = _tidy(labels, min_area=0.5 * p.mean_width ** 2)
+    bf = _brightfield(rng, labels, rho, p)
+    fl = _fluorescence(rng, labels, rho, p)
+    return SynthField(bf, fl, labels, int(seed), _params_dict(p))
+
+
+def _checked(shape: Sequence[int], mean_width: float, density: float, params: dict[str, Any]
+             ) -> tuple[SynthParams, tuple[int, int]]:
     if len(shape) != 2 or min(int(s) for s in shape) < 1:
         raise ValueError(f"synthetic field: shape must be two positive sizes (Y, X), got {tuple(shape)}")
     unknown = set(params) - set(SynthParams.__dataclass_fields__)
@@ -342,14 +354,7 @@ def render_field(seed: int, shape: Sequence[int] = (512, 512), mean_width: float
                          f"known: {sorted(SynthParams.__dataclass_fields__)}")
     p = SynthParams(mean_width=float(mean_width), density=float(density), **params)
     p.check()
-    shape = (int(shape[0]), int(shape[1]))
-    rng = np.random.default_rng(seed)
-    cells = _candidates(rng, p, shape)
-    labels, rho = _place(cells, shape, p, target_area=p.density * shape[0] * shape[1])
-    labels = _tidy(labels, min_area=0.5 * p.mean_width ** 2)
-    bf = _brightfield(rng, labels, rho, p)
-    fl = _fluorescence(rng, labels, rho, p)
-    return SynthField(bf, fl, labels, int(seed), _params_dict(p))
+    return p, (int(shape[0]), int(shape[1]))
 
 
 def _params_dict(p: SynthParams) -> dict[str, Any]:
@@ -384,9 +389,11 @@ def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zar
         raise ValueError(f"{path}: a plate needs at least one well and one field per well")
     if len(set(w.upper() for w in wells)) != len(wells):
         raise ValueError(f"{path}: duplicate wells in {wells}")
+    # Refuse bad parameters before anything is written.
+    p, shape = _checked(shape, mean_width, density, params)
 
     record: dict[str, Any] = {"generator": "hpc_retrain.synth", "version": GENERATOR_VERSION, "seed": int(seed),
-                              "shape": [int(s) for s in shape], "format": fmt, "fields": []}
+                              "shape": list(shape), "format": fmt, "params": _params_dict(p), "fields": []}
     plate = None
     if fmt == "tiff":
         import tifffile
@@ -400,7 +407,6 @@ def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zar
         for f in range(fields_per_well):
             fs = field_seed(seed, well, f)
             sf = render_field(fs, shape, mean_width=mean_width, density=density, **params)
-            record["params"] = sf.params
             record["fields"].append({"well": well, "field": f, "seed": fs, "cells": sf.n_cells})
             if fmt == "tiff":
                 for ch, arr in (*sf.channels().items(), ("masks", sf.masks)):
@@ -413,3 +419,38 @@ def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zar
         plate.attrs["hpc_retrain_synth"] = {k: v for k, v in record.items() if k != "fields"}
     (path / "synth.json").write_text(json.dumps(record, indent=1))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(p) -> None:
+    p.add_argument("--out", required=True, help="plate to write (a folder; .zarr for OME-Zarr)")
+    p.add_argument("--format", choices=["ome-zarr", "tiff"], default=None,
+                   help="default: ome-zarr when --out ends in .zarr, else tiff")
+    p.add_argument("--wells", default="A1,A2", help="comma-separated wells (default A1,A2)")
+    p.add_argument("--fields", type=int, default=2, help="fields per well (default 2)")
+    p.add_argument("--size", type=int, nargs="+", default=[512], metavar="PX", help="field size: N or H W")
+    p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+    p.add_argument("--mean-width", type=float, default=None, help="cell width in px (default: the config's)")
+    p.add_argument("--density", type=float, default=0.3, help="fraction of the field covered by cells")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing plate at --out")
+
+
+def main(args) -> int:
+    from hpc_retrain.cli import CliError, config_from_args
+
+    cfg = config_from_args(args, **{"preprocess.mean_width": args.mean_width, "seed": args.seed})
+    out = Path(args.out)
+    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    if occupied:
+        if not args.overwrite:
+            raise CliError(f"{out}: already exists; choose another --out or pass --overwrite")
+        import shutil
+
+        shutil.rmtree(out)
+    fmt = args.format or ("ome-zarr" if out.suffix == ".zarr" else "tiff")
+    shape = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
+    wells = [w.strip() for w in args.wells.split(",") if w.strip()]
+    write_plate(out, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, seed=cfg.seed,
+                mean_width=cfg.preprocess.mean_width, density=args.density)
+    print(f"wrote {fmt} plate {out}: {len(wells)} wells x {args.fields} fields of {shape[0]}x{shape[1]} px")
+    return 0

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import time
@@ -15,6 +16,7 @@ START_HINT = "slurm/local-cluster/start.sh starts a one-node cluster on this mac
 USABLE_STATES = {"idle", "mixed"}
 
 
+@functools.cache
 def slurm_available(timeout_s: float = 5.0) -> str | None:
     """None when ``sinfo`` answers within ``timeout_s`` and shows an idle or mixed node, else why not."""
     sinfo = shutil.which("sinfo")

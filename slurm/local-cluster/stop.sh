@@ -39,7 +39,9 @@ remove_conf() {
     # tests skip fast. Only files start.sh wrote (they carry its mark) go, and only while no Slurm daemon
     # runs (one started with another state folder still needs them).
     local mark="# Written by hpc_retrain slurm/local-cluster/start.sh; stop.sh removes it." f
-    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || pgrep -x slurmdbd >/dev/null && return 0
+    if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || pgrep -x slurmdbd >/dev/null; then
+        return 0
+    fi
     for f in /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf; do
         if [[ -f "$f" ]] && grep -qxF "$mark" "$f"; then rm -f "$f"; fi
     done
@@ -54,11 +56,11 @@ fi
 # Jobs first, while slurmctld is still up: a running job's slurmstepd outlives slurmd and would be left
 # behind otherwise.
 if is_ours slurmctld >/dev/null && is_ours slurmd >/dev/null; then
-    jobs="$(timeout 10 squeue -h -o %A 2>/dev/null || true)"
-    if [[ -n "$jobs" ]]; then
-        log "cancelling jobs: $(echo "$jobs" | tr '\n' ' ')"
+    ids="$(timeout 10 squeue -h -o %A 2>/dev/null || true)"
+    if [[ -n "$ids" ]]; then
+        log "cancelling jobs: $(echo "$ids" | tr '\n' ' ')"
         # shellcheck disable=SC2086
-        timeout 10 scancel $jobs 2>/dev/null || true
+        timeout 10 scancel $ids 2>/dev/null || true
         for ((i = 0; i < 300; i++)); do
             [[ -z "$(timeout 5 squeue -h -t R,CG,PD -o %A 2>/dev/null || true)" ]] && ! pgrep -x slurmstepd >/dev/null && break
             sleep 0.1
@@ -72,7 +74,6 @@ for name in slurmd slurmctld slurmdbd mariadbd munged; do
 done
 rm -f "$PIDS"/*.pid
 remove_conf
-
 
 left="$(pgrep -a slurmstepd || true)"
 [[ -z "$left" ]] || log "warning: slurmstepd processes are still running: $left"
