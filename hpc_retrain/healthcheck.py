@@ -30,7 +30,8 @@ def check(require_gpu: bool = False) -> dict:
         report["model"] = str(path)
         report["sha256"] = mdl.sha256(path)
         net = mdl.load(None)  # verifies the checksum against the pin and the tile input/output shapes
-        out = np.asarray(net(np.zeros((1, 256, 256, 3), dtype="float32"), training=False))
+        # A list, as the model was saved with list-structured inputs (else Keras warns on every call).
+        out = np.asarray(net([np.zeros((1, 256, 256, 3), dtype="float32")], training=False))
         report["output_shape"] = list(out.shape)
         if not np.isfinite(out).all():
             raise RuntimeError("the model's output on a zero tile is not finite")

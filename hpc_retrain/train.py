@@ -273,8 +273,8 @@ def save_checkpoint(run_dir: Path, prog: Progress, model, optimizer, keep: int, 
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
-    state = dict(prog.__dict__, model_variables=[v.path for v in model.variables],
-                 optimizer_variables=[v.path for v in optimizer.variables])
+    state = dict(prog.__dict__, model_variables=_signature(model.variables),
+                 optimizer_variables=_signature(optimizer.variables))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():  # the same state saved twice (e.g. a signal right at an epoch end)
         shutil.rmtree(final)
@@ -299,13 +299,18 @@ def _prune(ck_root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _signature(variables) -> list[str]:
+    return [f"{tuple(v.shape)} {v.dtype}" for v in variables]
+
+
 def load_checkpoint(path: Path, model, optimizer) -> Progress:
     state = json.loads((path / "state.json").read_text())
     names_m, names_o = state.pop("model_variables"), state.pop("optimizer_variables")
-    if names_m != [v.path for v in model.variables]:
+    # Shapes, not names: Keras numbers layer names per process, so a second model in one process differs.
+    if names_m != _signature(model.variables):
         raise TrainingError(f"{path}: checkpoint variables do not match this model (another base model?)")
     optimizer.build(model.trainable_variables)
-    if names_o != [v.path for v in optimizer.variables]:
+    if names_o != _signature(optimizer.variables):
         raise TrainingError(f"{path}: optimizer state does not match (another init mode or precision?)")
     with np.load(path / "variables.npz") as z:
         for i, v in enumerate(model.variables):
@@ -554,9 +559,9 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                    "time_s": round(dt, 3), "tiles_per_s": round(prog.seen / dt, 3) if dt > 0 else None}
             if vals[2] > 0:
                 inter, sp, sy = vals[3:]
-                row.update(val_loss=vals[0] / vals[2], val_accuracy=vals[1] / vals[2],
-                           val_iou=inter / (sp + sy - inter) if sp + sy - inter > 0 else 1.0,
-                           val_dice=2 * inter / (sp + sy) if sp + sy > 0 else 1.0)
+                row.update(val_loss=float(vals[0] / vals[2]), val_accuracy=float(vals[1] / vals[2]),
+                           val_iou=float(inter / (sp + sy - inter)) if sp + sy - inter > 0 else 1.0,
+                           val_dice=float(2 * inter / (sp + sy)) if sp + sy > 0 else 1.0)
             prog.history.append(row)
             score = row["val_loss"] if row["val_loss"] is not None else row["loss"]
             is_best = prog.best_val_loss is None or score < prog.best_val_loss

@@ -26,6 +26,18 @@ MARK="# Written by hpc_retrain slurm/local-cluster/start.sh; stop.sh removes it.
 log() { echo "start.sh: $*" >&2; }
 die() { echo "start.sh: error: $*" >&2; exit 1; }
 
+added_policy=0 started=0
+on_exit() {
+    local rc=$?
+    ((added_policy)) && rm -f /usr/sbin/policy-rc.d
+    # A half-started cluster is worse than none: stop what this run started, keep the logs.
+    if ((rc != 0 && started)); then
+        log "stopping what this run started (logs stay in $STATE/log)"
+        HPC_RETRAIN_SLURM_STATE="$STATE" "$HERE/stop.sh" >&2 || true
+    fi
+}
+trap on_exit EXIT
+
 case "$ACCOUNTING" in slurmdbd|none) ;; *) die "HPC_RETRAIN_SLURM_ACCOUNTING must be slurmdbd or none, not '$ACCOUNTING'" ;; esac
 [[ $(id -u) -eq 0 ]] || die "run as root: it installs packages, writes /etc/slurm and starts the Slurm daemons"
 [[ "$STATE" == /* ]] || die "HPC_RETRAIN_SLURM_STATE must be an absolute path, not '$STATE'"
@@ -39,6 +51,7 @@ ours_alive() {
 }
 record() {  # record NAME PID
     echo "$2 $1" >"$PIDS/$1.pid"
+    started=1
 }
 pid_from_file() {  # pid_from_file FILE SECONDS: wait for a daemon's own pid file and print its PID
     local i
@@ -71,6 +84,11 @@ if ((any)) || compgen -G "$PIDS/*.pid" >/dev/null; then
     HPC_RETRAIN_SLURM_STATE="$STATE" "$HERE/stop.sh" >&2
     mkdir -p "$PIDS"
 fi
+for f in "$CONF" "$DBD_CONF"; do
+    if [[ -e "$f" ]] && ! grep -qxF "$MARK" "$f"; then
+        die "$f exists and was not written by this script; move it away (it may be a real cluster's config)"
+    fi
+done
 for d in slurmctld slurmd slurmdbd; do
     if pgrep -x "$d" >/dev/null; then
         die "a $d not started by this script is running (PID $(pgrep -x "$d" | tr '\n' ' ')); stop it first, it would hold the Slurm ports"
@@ -93,10 +111,8 @@ if ((${#need[@]})); then
     log "installing ${need[*]} with apt-get"
     # Package scripts would otherwise start munge/slurm/mariadb as system services on a systemd machine,
     # daemons we would then not own. policy-rc.d is Debian's switch for that; leave an existing one alone.
-    added_policy=0
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && added_policy=1
-        trap '[[ $added_policy == 1 ]] && rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     for p in "${need[@]}"; do
         if ! apt-cache show "$p" >/dev/null 2>&1; then

@@ -1,0 +1,519 @@
+"""Tiled inference: a field or a scan of any size -> (body, contour) probabilities and instance labels.
+
+Pipeline, the same as training's: brightfield features (``preprocess``), 256 px tiles in the rescaled space,
+the model in batches, tiles put back together, probabilities resized to the original pixel grid (as MISIC
+does, ``skimage.transform.resize`` order 1), then MISIC-style watershed instances (``instances``).
+
+Two ways to put tiles back together:
+- ``stitch``: MISIC's crop-and-stitch (each tile's centre, margins dropped); equals the misic package's
+  own ``extract_tiles`` + ``predict`` + ``stitch_tiles`` (tested to 1e-4);
+- ``blend``: the same tiles, but every pixel of each tile counts, weighted by a window that ramps as
+  sin^2 over the tiles' overlap (weights of neighbouring tiles sum to one there), so no seams show.
+
+Fields larger than ``infer.chunk`` are processed in bounded memory and give the whole-image result:
+features are written once to a temporary Zarr array; tiles are predicted in blocks aligned to the tile
+stride (so every tile is exactly the whole-image tiling's tile, reflect padding at the true image edges
+included); the resize reads windows with the anti-aliasing and interpolation halo; instances are labelled
+per window with a halo and joined across seams. Results go straight into the output Zarr arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from hpc_retrain import instances as I
+from hpc_retrain import ngff
+from hpc_retrain import preprocess as P
+from hpc_retrain import tiling as T
+from hpc_retrain.config import ChannelPrep, RunConfig
+
+log = logging.getLogger(__name__)
+
+MODES = ("stitch", "blend")
+PROB_GROUP = "probabilities"  # <field>/probabilities/<name>: the (body, contour) maps as an NGFF image
+PROB_CHANNELS = ("body", "contour")
+
+
+# ------------------------------------------------------------------------------------------ model
+class Predictor:
+    """The model as one traced function with a dynamic batch: no retracing and none of ``predict``'s
+    per-call pipeline set-up; tiles go through in batches of ``batch_size``."""
+
+    def __init__(self, model, batch_size: int = 8, tile: int = 256):
+        import tensorflow as tf
+
+        from hpc_retrain.model import ModelError, check_io
+
+        if isinstance(model, Predictor):
+            model = model.model
+        check_io(model, tile, source=getattr(model, "name", "model"))
+        if model.output_shape[-1] < 2:
+            raise ModelError(f"{model.name}: the model outputs {model.output_shape[-1]} channel(s); "
+                             f"segmenting needs two (body, contour)")
+        self.model, self.batch_size, self.tile = model, int(batch_size), int(tile)
+        self.channels = int(model.output_shape[-1])
+        spec = tf.TensorSpec([None, tile, tile, 3], tf.float32)
+        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        n = len(tiles)
+        out = np.empty((n, self.tile, self.tile, 2), np.float32)
+        for i in range(0, n, self.batch_size):
+            batch = np.ascontiguousarray(tiles[i:i + self.batch_size], np.float32)
+            out[i:i + len(batch)] = self._fn(batch).numpy()[..., :2]
+        return out
+
+
+def as_predictor(model, cfg: RunConfig) -> Predictor:
+    if isinstance(model, Predictor) and model.batch_size == cfg.infer.batch_size:
+        return model
+    return Predictor(model, cfg.infer.batch_size, cfg.tiling.size)
+
+
+# ------------------------------------------------------------------------------------------ tiles
+def blend_window(size: int, margin: int) -> np.ndarray:
+    """1-D weights: sin^2 ramps over the 2*margin overlap, 1 between; overlapping ramps sum to one."""
+    w = np.ones(size, np.float32)
+    ramp = 2 * margin
+    if ramp:
+        r = np.sin(np.pi / 2 * (np.arange(ramp) + 0.5) / ramp) ** 2
+        w[:ramp] = r
+        w[-ramp:] = r[::-1]
+    return w
+
+
+def canvas_index(n: int, grid: T.TileGrid, axis: int) -> np.ndarray:
+    """Feature row (or column) behind every canvas row of ``tiling.pad_for_tiles``: reflect to whole strides,
+    then the margin, exactly as np.pad does it, so windows of the canvas can be read without building it."""
+    idx = np.arange(n)
+    idx = np.pad(idx, (0, grid.padded_shape[axis] - n), mode="reflect")
+    return np.pad(idx, grid.margin, mode="reflect")
+
+
+class ScaledResult:
+    """Stitched (or blended) probabilities in the rescaled space, in memory or in a Zarr array.
+
+    Blend keeps weighted sums and the weight sum (3 channels) and divides on reading; blocks that share
+    an overlap add into it one after the other.
+    """
+
+    def __init__(self, shape: tuple[int, int], mode: str, store=None):
+        self.shape, self.mode = shape, mode
+        nc = 3 if mode == "blend" else 2
+        if store is None:
+            self.acc = np.zeros(shape + (nc,), np.float32)
+        else:
+            import zarr
+
+            self.acc = zarr.create_array(store, shape=shape + (nc,), dtype=np.float32, fill_value=0,
+                                         chunks=(1024, 1024, nc), compressors=None, overwrite=True)
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        a = np.asarray(self.acc[r0:r1, c0:c1])
+        if self.mode != "blend":
+            return a
+        w = a[..., 2:3]
+        return np.divide(a[..., :2], w, out=np.zeros_like(a[..., :2]), where=w > 0)
+
+
+def predict_block(predict: Predictor, feats, grid: T.TileGrid, rows: tuple[int, int], cols: tuple[int, int],
+                  out: ScaledResult, mode: str, index: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Predict tiles ``rows`` x ``cols`` (tile numbers) of ``grid`` over ``feats`` and add them to ``out``."""
+    s, m, size = grid.stride, grid.margin, grid.size
+    (i0, i1), (j0, j1) = rows, cols
+    ri, ci = index or (canvas_index(grid.shape[0], grid, 0), canvas_index(grid.shape[1], grid, 1))
+    ri, ci = ri[i0 * s:i1 * s + 2 * m], ci[j0 * s:j1 * s + 2 * m]
+    # Read the smallest feature window behind this part of the canvas, then index it into canvas order.
+    win = np.asarray(feats[ri.min():ri.max() + 1, ci.min():ci.max() + 1], np.float32)
+    canvas = win[ri - ri.min()][:, ci - ci.min()]
+    pos = [(a * s, b * s) for a in range(i1 - i0) for b in range(j1 - j0)]
+    tiles = np.stack([canvas[r:r + size, c:c + size] for r, c in pos])
+    pred = predict(tiles)
+    h, w = grid.shape
+    if mode == "stitch":
+        block = np.zeros(((i1 - i0) * s, (j1 - j0) * s, 2), np.float32)
+        for t, (r, c) in zip(pred, pos):
+            block[r:r + s, c:c + s] = t[m:m + s, m:m + s]
+        r0, c0 = i0 * s, j0 * s
+        r1, c1 = min(i1 * s, h), min(j1 * s, w)
+        out.acc[r0:r1, c0:c1] = block[:r1 - r0, :c1 - c0]
+        return
+    wy = blend_window(size, m)
+    w2 = (wy[:, None] * wy[None, :])[..., None]
+    acc = np.zeros(canvas.shape[:2] + (3,), np.float32)
+    for t, (r, c) in zip(pred, pos):
+        acc[r:r + size, c:c + size, :2] += t * w2
+        acc[r:r + size, c:c + size, 2:] += w2
+    # canvas row k of this block is image row i0*s + k - m
+    r0, c0 = max(i0 * s - m, 0), max(j0 * s - m, 0)
+    r1, c1 = min(i1 * s + m, h), min(j1 * s + m, w)
+    part = acc[r0 - (i0 * s - m):r1 - (i0 * s - m), c0 - (j0 * s - m):c1 - (j0 * s - m)]
+    if isinstance(out.acc, np.ndarray):
+        out.acc[r0:r1, c0:c1] += part
+    else:
+        out.acc[r0:r1, c0:c1] = np.asarray(out.acc[r0:r1, c0:c1]) + part
+
+
+def predict_scaled(predict: Predictor, feats: np.ndarray, cfg: RunConfig, mode: str) -> np.ndarray:
+    """Probabilities (h, w, 2) of a whole feature image, in its (rescaled) space."""
+    grid = T.TileGrid(tuple(feats.shape[:2]), cfg.tiling.size, cfg.tiling.margin)
+    out = ScaledResult(grid.shape, mode)
+    r, c = grid.rows_cols
+    # Blocks of whole tile rows keep the tile stack small for wide images.
+    step = max(1, 64 // max(c, 1))
+    for i in range(0, r, step):
+        predict_block(predict, feats, grid, (i, min(i + step, r)), (0, c), out, mode)
+    return out.read(0, grid.shape[0], 0, grid.shape[1])
+
+
+# ------------------------------------------------------------------------------------------ resize
+def resize_to(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Back to the original grid, as MISIC: ``skimage.transform.resize(yp, (H, W, C))``, order 1."""
+    from skimage.transform import resize
+
+    if tuple(prob.shape[:2]) == tuple(shape):
+        return prob.astype(np.float32, copy=False)
+    return resize(prob, tuple(shape) + prob.shape[2:], order=1).astype(np.float32, copy=False)
+
+
+def resize_window(src: ScaledResult, out_shape: tuple[int, int], rows: tuple[int, int],
+                  cols: tuple[int, int]) -> np.ndarray:
+    """Rows/cols of ``resize_to(whole, out_shape)`` computed from a window of the scaled result only."""
+    in_shape = src.shape
+    factors = [i / o for i, o in zip(in_shape, out_shape)]
+    down = any(o < i for i, o in zip(in_shape, out_shape))
+    sigma = [max(0.0, (f - 1) / 2) if down else 0.0 for f in factors]
+    win = []
+    for (o0, o1), f, n, sg in zip((rows, cols), factors, in_shape, sigma):
+        a, b = P._in_window(o0, o1, f, n)
+        g = P.gaussian_radius(sg) + 1 if sg > 0 else 0
+        win.append((max(a - g, 0), min(b + g, n)))
+    (a0, b0), (a1, b1) = win
+    x = src.read(a0, b0, a1, b1)
+    res = np.empty((rows[1] - rows[0], cols[1] - cols[0], x.shape[-1]), np.float32)
+    for ch in range(x.shape[-1]):
+        xc = x[..., ch]
+        if down:
+            # skimage filters in the input's float type with 'reflect' (= ndimage 'mirror') borders
+            xc = ndi.gaussian_filter(xc, sigma, mode="mirror")
+        res[..., ch] = P._zoom_window(xc, rows, cols, (a0, a1), factors)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ fields
+def field_features(image, cfg: RunConfig, prep: ChannelPrep | None = None, source: str = "image") -> np.ndarray:
+    """Whole-field features (h, w, 3) float32 in memory."""
+    prep = prep or cfg.preprocess.brightfield
+    if not isinstance(image, np.ndarray):
+        image = np.asarray(image)
+    return P.features_np(image, prep, cfg.preprocess, source=source)
+
+
+def predict_features(model, feats: np.ndarray, shape: tuple[int, int], cfg: RunConfig,
+                     mode: str | None = None) -> np.ndarray:
+    mode = _mode(mode, cfg)
+    return resize_to(predict_scaled(as_predictor(model, cfg), feats, cfg, mode), shape)
+
+
+def predict_field(model, image, cfg: RunConfig, mode: str | None = None, prep: ChannelPrep | None = None,
+                  source: str = "image") -> np.ndarray:
+    """Probabilities (H, W, 2) float32 (body, contour) at the image's own resolution.
+
+    ``image``: a 2-D NumPy or Dask array of one field that fits in memory; ``prep``: the channel's
+    preprocessing (default: brightfield). Scans of any size: :func:`segment_scan`.
+    """
+    feats = field_features(image, cfg, prep, source)
+    return predict_features(model, feats, tuple(image.shape), cfg, mode)
+
+
+def segment_field(model, image, cfg: RunConfig, mode: str | None = None, prep: ChannelPrep | None = None,
+                  source: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (H, W, 2) float32, instance labels (H, W) int32) of one in-memory field."""
+    prob = predict_field(model, image, cfg, mode, prep, source)
+    return prob, I.instances(prob, cfg)
+
+
+def _mode(mode: str | None, cfg: RunConfig) -> str:
+    mode = mode or cfg.infer.mode
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; use one of {MODES}")
+    return mode
+
+
+# ------------------------------------------------------------------------------------------ scans
+def segment_scan(model, image, cfg: RunConfig, prob_out, labels_out, mode: str | None = None,
+                 prep: ChannelPrep | None = None, chunk: int | None = None, tmpdir: str | Path | None = None,
+                 source: str = "image", progress=None) -> int:
+    """Segment a field of any size chunk by chunk into ``prob_out`` (2, H, W) and ``labels_out`` (H, W).
+
+    ``image`` is a 2-D (Dask) array; the outputs are Zarr (or NumPy) arrays written block by block.
+    Returns the number of cells. Results equal :func:`segment_field`'s where both fit.
+    """
+    import dask
+    import dask.array as da
+    import zarr
+
+    mode = _mode(mode, cfg)
+    prep = prep or cfg.preprocess.brightfield
+    chunk = int(chunk or cfg.infer.chunk)
+    predict = as_predictor(model, cfg)
+    if not isinstance(image, da.Array):
+        image = da.from_array(image, chunks=chunk)
+    H, W = image.shape
+    with tempfile.TemporaryDirectory(prefix="hpc-retrain-infer-", dir=tmpdir) as tmp:
+        feats = P.features(image, prep, cfg.preprocess, chunk=chunk, source=source)
+        h, w = feats.shape[:2]
+        farr = zarr.create_array(f"{tmp}/features", shape=feats.shape, dtype=np.float32,
+                                 chunks=(1024, 1024, 3), compressors=None)
+        with dask.config.set(scheduler="threads"):
+            da.store(feats, farr, lock=True)
+        del feats
+        grid = T.TileGrid((h, w), cfg.tiling.size, cfg.tiling.margin)
+        # Blocks of k x k tiles cover about one chunk of the original image.
+        k = max(1, math.ceil(chunk * cfg.preprocess.scale / grid.stride))
+        scaled = ScaledResult((h, w), mode, store=f"{tmp}/scaled")
+        index = (canvas_index(h, grid, 0), canvas_index(w, grid, 1))
+        nr, nc = grid.rows_cols
+        for i in range(0, nr, k):
+            for j in range(0, nc, k):
+                predict_block(predict, farr, grid, (i, min(i + k, nr)), (j, min(j + k, nc)), scaled, mode, index)
+        for r0, r1, c0, c1 in I.blocks((H, W), chunk):
+            part = resize_window(scaled, (H, W), (r0, r1), (c0, c1))
+            prob_out[:, r0:r1, c0:c1] = np.moveaxis(part, -1, 0)
+            if progress:
+                progress()
+    return I.label_scan(prob_out, labels_out, cfg, chunk)
+
+
+# ------------------------------------------------------------------------------------------ output
+def resolve_model(path: str | Path | None) -> Path:
+    """The model file ``model.load`` would read for ``path`` (for provenance: its path and sha256)."""
+    from hpc_retrain import model as M
+
+    if path is None:
+        return M.pretrained_path()
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.keras", "model.h5"):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+def write_probabilities(field_group, name: str, shape: tuple[int, int], chunk: int, overwrite: bool, **attrs: Any):
+    """Create ``<field>/probabilities/<name>``: a (c, y, x) float32 NGFF image of the (body, contour) maps."""
+    grp = field_group.require_group(PROB_GROUP).require_group(name)
+    arr = grp.create_array("0", shape=(2,) + tuple(shape), dtype=np.float32, fill_value=0,
+                           chunks=(1, min(chunk, shape[0]), min(chunk, shape[1])), overwrite=overwrite)
+    grp.attrs["ome"] = {"version": ngff.NGFF_VERSION,
+                        "multiscales": ngff._multiscales(ngff._CYX, f"{name} probabilities"),
+                        "omero": {"channels": [{"label": c, "window": {"start": 0.0, "end": 1.0, "min": 0.0,
+                                                                        "max": 1.0}} for c in PROB_CHANNELS]}}
+    if attrs:
+        grp.attrs.update(attrs)
+    return arr
+
+
+def existing_results(field_group, name: str) -> list[str]:
+    found = []
+    labels = field_group.get("labels")
+    if labels is not None and (name in labels or name in labels.attrs.get("ome", {}).get("labels", [])):
+        found.append("labels/" + name)
+    probs = field_group.get(PROB_GROUP)
+    if probs is not None and name in probs:
+        found.append(f"{PROB_GROUP}/{name}")
+    return found
+
+
+def _output_plate(plate, out: Path | None, fields, chunk: int):
+    """The Zarr plate results go into, and each field's group in it (images copied when it is new)."""
+    import zarr
+
+    if out is None and plate.layout == "ome-zarr":
+        root = zarr.open_group(str(plate.path), mode="r+")
+        groups = {(w, str(i)): root[g] for w, i, g in ngff.plate_fields(root)}
+        return plate.path, [groups[(f.well, f.field)] for f in fields]
+    out = Path(out) if out else Path(str(plate.path).rstrip("/") + ".ome.zarr")
+    per_well: dict[str, list] = {}
+    for f in fields:
+        per_well.setdefault(f.well, []).append(f)
+    if out.exists():
+        try:
+            root = zarr.open_group(str(out), mode="r+")
+            listed = {(w, i): g for w, i, g in ngff.plate_fields(root)}
+        except Exception as e:
+            raise ValueError(f"{out}: exists and is not an OME-Zarr plate ({e}); choose another --out") from None
+        groups = []
+        for well, fs in per_well.items():
+            for i, f in enumerate(fs):
+                key = ("".join(ngff.split_well(well)), i)
+                if key not in listed:
+                    raise ValueError(f"{out}: exists but holds no field {f.key}; choose another --out")
+                groups.append(root[listed[key]])
+        return out, groups
+    root = ngff.create_plate(out, list(per_well), max(len(v) for v in per_well.values()),
+                             name=Path(plate.path).name)
+    groups = []
+    for well, fs in per_well.items():
+        r, c = ngff.split_well(well)
+        root[f"{r}/{c}"].attrs["ome"] = {"version": ngff.NGFF_VERSION,
+                                         "well": {"images": [{"path": str(i)} for i in range(len(fs))]}}
+        for i, f in enumerate(fs):
+            names = sorted(f.channels)
+            img = np.stack([np.asarray(f.channels[n]) for n in names])
+            grp = ngff.write_field(root, well, i, img, names, chunk=chunk)
+            grp.attrs["hpc_retrain_source"] = {"well": f.well, "field": f.field, "source": f.source}
+            groups.append(grp)
+    return out, groups
+
+
+def add_arguments(p: argparse.ArgumentParser, name: str = "segment") -> None:
+    p.add_argument("--model", metavar="RUN_OR_MODEL",
+                   help="a training run folder or a .keras/.h5 model (default: infer.model, else MISIC's "
+                        "pretrained model)")
+    p.add_argument("--plate", metavar="PATH", help="TIFF folder or OME-Zarr plate (default: plate.path)")
+    p.add_argument("--out", metavar="PATH",
+                   help="OME-Zarr plate to write (default: into an OME-Zarr input plate itself; "
+                        "<folder>.ome.zarr next to a TIFF plate)")
+    p.add_argument("--name", help="label image name under each field's labels/ (default: infer.name)")
+    p.add_argument("--channel", choices=("brightfield", "fluorescence"), default="brightfield",
+                   help="which plate channel to segment, with its preprocessing (default: brightfield)")
+    p.add_argument("--mode", choices=MODES, help="crop-and-stitch (MISIC) or blended tiles (default: infer.mode)")
+    p.add_argument("--batch-size", type=int, help="tiles per model call (default: infer.batch_size)")
+    p.add_argument("--chunk", type=int, help="fields larger than this (px) are processed in chunks")
+    p.add_argument("--tiff", nargs="?", const="", metavar="DIR",
+                   help="also write TIFFs {well}_s{field}_{name}.tif (labels) and _prob.tif (default DIR: "
+                        "<plate>_<name>_tiff next to the plate)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of the same name")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hpc_retrain import __version__
+    from hpc_retrain import model as M
+    from hpc_retrain import plate as PL
+    from hpc_retrain.cli import CliError, config_from_args
+
+    cfg = config_from_args(args, infer__mode=args.mode, infer__batch_size=args.batch_size,
+                           infer__name=args.name, infer__chunk=args.chunk, infer__model=args.model,
+                           plate__path=args.plate)
+    model_dir = Path(cfg.infer.model) if cfg.infer.model else None
+    if model_dir is not None and model_dir.is_dir() and (model_dir / "config.yaml").is_file() and not args.config:
+        # A retrained model only makes sense with the preprocessing it was trained on.
+        run = RunConfig.read_saved(model_dir)
+        cfg = cfg.updated(preprocess=run.preprocess.model_dump(mode="json"), tiling=run.tiling.model_dump())
+        log.info("using preprocessing and tiling of %s", model_dir / "config.yaml")
+    if cfg.plate.path is None:
+        raise CliError("no plate: pass --plate PATH (or set plate.path)")
+    plate = PL.open_plate(cfg.plate)
+    channel = getattr(cfg.plate, args.channel)
+    plate.require(channel)
+    prep = getattr(cfg.preprocess, args.channel)
+    name = cfg.infer.name
+    model_file = resolve_model(cfg.infer.model)
+    model = M.load(cfg.infer.model, cfg.tiling.size)
+    predict = Predictor(model, cfg.infer.batch_size, cfg.tiling.size)
+
+    fields = plate.fields
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and plate.layout == "ome-zarr" and out.resolve() == plate.path.resolve():
+        out = None
+    # Refuse before writing anything: results of this name anywhere in the output stop the run.
+    target = out or (plate.path if plate.layout == "ome-zarr" else Path(str(plate.path).rstrip("/") + ".ome.zarr"))
+    if target.exists() and not args.overwrite:
+        import zarr
+
+        try:
+            root = zarr.open_group(str(target), mode="r")
+            clash = [f"{target}/{g}/{r}" for _, _, g in ngff.plate_fields(root)
+                     for r in existing_results(root[g], name)]
+        except Exception:
+            clash = []
+        if clash:
+            raise CliError(f"{clash[0]} already holds results"
+                           f"{f' (and {len(clash) - 1} more)' if len(clash) > 1 else ''}; "
+                           f"pass --overwrite to replace them or --name to write beside them")
+    out_path, groups = _output_plate(plate, out, fields, cfg.infer.chunk)
+    provenance = {"hpc_retrain": {"version": __version__, "model": str(model_file),
+                                  "model_sha256": M.sha256(model_file), "mode": cfg.infer.mode,
+                                  "channel": channel, "config": cfg.to_dict()}}
+    tiff_dir = None
+    if args.tiff is not None:
+        tiff_dir = Path(args.tiff) if args.tiff else plate.path.parent / f"{plate.path.name}_{name}_tiff"
+        tiff_dir.mkdir(parents=True, exist_ok=True)
+
+    def small(f) -> bool:
+        return max(f.shape) <= cfg.infer.chunk
+
+    def feats_of(f):
+        return field_features(f.channel(channel), cfg, prep, f.source) if small(f) else None
+
+    counts = {}
+    with ThreadPoolExecutor(1) as pool, _progress(len(fields), "segment") as bar:
+        # Preprocessing of the next field overlaps with inference on this one.
+        pending = pool.submit(feats_of, fields[0])
+        for k, (f, grp) in enumerate(zip(fields, groups)):
+            feats = pending.result()
+            if k + 1 < len(fields):
+                pending = pool.submit(feats_of, fields[k + 1])
+            shape = tuple(f.shape)
+            prob_arr = write_probabilities(grp, name, shape, cfg.infer.chunk, True, **provenance)
+            lab_arr = ngff.create_label(grp, name, shape, I.LABEL_DTYPE, chunk=cfg.infer.chunk, overwrite=True,
+                                        **provenance)
+            if feats is not None:
+                prob = predict_features(predict, feats, shape, cfg)
+                labels = I.instances(prob, cfg)
+                prob_arr[...] = np.moveaxis(prob, -1, 0)
+                lab_arr[...] = labels
+                n = int(labels.max())
+            else:
+                n = segment_scan(predict, f.channel(channel), cfg, prob_arr, lab_arr, prep=prep,
+                                 tmpdir=out_path.parent, source=f.source)
+            grp["labels"][name].attrs["hpc_retrain"] = {**provenance["hpc_retrain"], "cells": n}
+            counts[f.key] = n
+            if tiff_dir is not None:
+                import tifffile
+                tifffile.imwrite(tiff_dir / f"{f.well}_s{f.field}_{name}.tif", np.asarray(lab_arr[...]),
+                                 compression="zlib")
+                tifffile.imwrite(tiff_dir / f"{f.well}_s{f.field}_{name}_prob.tif", np.asarray(prob_arr[...]),
+                                 compression="zlib")
+            bar(f"{f.key}: {n} cells")
+    print(f"segmented {len(fields)} field(s), {sum(counts.values())} cells -> {out_path} "
+          f"(labels/{name}, {PROB_GROUP}/{name})")
+    return 0
+
+
+class _progress:
+    """A tqdm bar when tqdm is installed, log lines otherwise."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.bar = total, desc, 0, None
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="field")
+        except ImportError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, msg: str = "") -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg)
+            self.bar.update()
+        else:
+            log.info("%s %d/%d %s", self.desc, self.n, self.total, msg)

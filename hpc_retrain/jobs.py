@@ -1,0 +1,327 @@
+"""``hpc-retrain train`` and ``hpc-retrain status``: training as a submitit job, locally or on Slurm.
+
+The job is a :class:`TrainingJob` (a ``submitit.helpers.Checkpointable``). Everything it needs to continue
+lives in the run folder (``checkpoints/``), so the requeued copy of the job is the job itself: on Slurm's
+pre-timeout signal (SIGUSR2, ``signal_delay_s`` before the limit) ``train`` saves the exact state after the
+step in flight, then hands the signal to submitit, which calls ``checkpoint()`` and requeues; the new attempt
+resumes from that checkpoint. A plain SIGTERM (scancel, preemption) also saves before the process ends.
+
+Executors: ``local`` (default: submitit's LocalExecutor, a detached process on this machine), ``slurm``, and
+``inline`` (this very process, no submitit: for debugging; signals reach the training directly).
+TensorFlow is imported only inside the job, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from hpc_retrain.config import RunConfig, _set_dotted, _split
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+SUBMITIT_DIR = "submitit"
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # a workstation run has no wall-clock limit unless --time asks for one
+SIGNAL_DELAY_S = 120  # time between Slurm's warning signal and the kill: one step plus a checkpoint
+
+
+# ------------------------------------------------------------------------------------------ the job
+class TrainingJob(submitit.helpers.Checkpointable):
+    """Train (or resume) ``run_dir`` from ``store``; picklable (plain data only), safe to requeue."""
+
+    def __init__(self, config: dict[str, Any], store: str, run_dir: str):
+        self.config = config
+        self.store = str(store)
+        self.run_dir = str(run_dir)
+
+    def __call__(self) -> dict:
+        from hpc_retrain.train import TrainingInterrupted, train
+
+        if not logging.getLogger().handlers:  # in a job process: progress goes to submitit's log too
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                datefmt="%H:%M:%S")
+        try:
+            return train(RunConfig.from_dict(self.config), Path(self.store), Path(self.run_dir))
+        except TrainingInterrupted as e:
+            # train() replaced submitit's handler while it ran and has now saved; let submitit checkpoint()
+            # and requeue as if the signal had reached it directly (it exits the process).
+            if callable(e.previous_handler):
+                e.previous_handler(e.signum, None)
+            raise
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # The training state is already on disk (train() saves on the signal and at every epoch end) under
+        # run_dir, which this object carries: resubmitting it unchanged resumes from the last checkpoint.
+        log.info("checkpoint: requeueing training of %s", self.run_dir)
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.store, self.run_dir))
+
+
+# ------------------------------------------------------------------------------------------ executor
+def container_python(image: str, binds: list[str]) -> str:
+    """The interpreter command for jobs inside an Apptainer image (GPU driver passed through)."""
+    parts = ["apptainer", "exec", "--nv"]
+    for b in dict.fromkeys(binds):  # run folder and store: not every site binds them by default
+        parts += ["--bind", b]
+    parts += [image, "python"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def make_executor(cfg: RunConfig, run_dir: Path, store: Path, timeout_min: int | None = None):
+    """A submitit AutoExecutor for ``cfg.cluster`` writing its files under ``run_dir/submitit``."""
+    c = cfg.cluster
+    folder = run_dir / SUBMITIT_DIR
+    kind = "slurm" if c.executor == "slurm" else "local"
+    kw: dict[str, Any] = {}
+    if c.container:
+        kw[f"{kind}_python"] = container_python(c.container, [str(run_dir.resolve()), str(store.resolve())])
+    ex = submitit.AutoExecutor(folder=folder, cluster=kind, **kw)
+    params: dict[str, Any] = {"name": f"hpc-retrain-{run_dir.name}", "nodes": 1, "tasks_per_node": 1,
+                              "cpus_per_task": c.cpus}
+    if kind == "slurm":
+        params.update(timeout_min=timeout_min or c.time_min, mem_gb=c.mem_gb, slurm_signal_delay_s=SIGNAL_DELAY_S)
+        if c.gpus:  # never ask for a GPU gres on a cluster that has none
+            params["gpus_per_node"] = c.gpus
+        for key in ("partition", "account", "qos"):
+            if getattr(c, key):
+                params[f"slurm_{key}"] = getattr(c, key)
+    else:
+        params.update(timeout_min=timeout_min or LOCAL_TIMEOUT_MIN, gpus_per_node=_local_gpus(c.gpus))
+    ex.update_parameters(**params)
+    return ex
+
+
+def _local_gpus(requested: int) -> int:
+    # submitit's local executor sets CUDA_VISIBLE_DEVICES to that many devices; asking for more than the
+    # machine has would hide nothing but must not fail.
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        have = len([ln for ln in out.stdout.splitlines() if ln.startswith("GPU")])
+    except (OSError, Exception):
+        have = 0
+    return min(requested, have)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    if name == "status":
+        p.add_argument("run", metavar="RUN", help="run folder")
+        p.add_argument("--json", action="store_true", help="print the status as JSON")
+        return
+    p.add_argument("--store", help="training store (from `hpc-retrain prepare`); a resumed run remembers it")
+    p.add_argument("--run", required=True, metavar="RUN_DIR",
+                   help="run folder for the model, history and checkpoints; an existing run resumes")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="total epochs (a resumed run continues up to this)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="Adam learning rate")
+    g.add_argument("--init", choices=["pretrained", "reinit", "finetune-decoder"])
+    g.add_argument("--base-model", metavar="PATH", help="Keras model to start from (default: MISIC's)")
+    j = p.add_argument_group("job")
+    j.add_argument("--executor", choices=["local", "slurm", "inline"],
+                   help="local (default): a background process here; slurm: a batch job; inline: this process")
+    j.add_argument("--partition")
+    j.add_argument("--account")
+    j.add_argument("--qos")
+    j.add_argument("--time", type=int, metavar="MIN", help="wall-clock limit in minutes")
+    j.add_argument("--gpus", type=int, help="GPUs per job (0 on clusters without GPUs)")
+    j.add_argument("--cpus", type=int)
+    j.add_argument("--mem", type=float, metavar="GB")
+    j.add_argument("--container", metavar="IMAGE", help="run the job inside this Apptainer image")
+    j.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                   help="wait for the job and show its progress (default: wait for local, not for slurm)")
+
+
+def main(args: argparse.Namespace) -> int:
+    return status_main(args) if args.command == "status" else train_main(args)
+
+
+def build_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
+    """Saved run config (when resuming without --config), then --config/--set, then options."""
+    from hpc_retrain.cli import config_from_args
+
+    fields = {
+        "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.learning_rate": args.lr,
+        "train.init": args.init, "train.base_model": args.base_model,
+        # "inline" is a way to run, not a cluster setting: the config keeps local|slurm
+        "cluster.executor": None if args.executor == "inline" else args.executor,
+        "cluster.partition": args.partition, "cluster.account": args.account, "cluster.qos": args.qos,
+        "cluster.time_min": args.time, "cluster.gpus": args.gpus, "cluster.cpus": args.cpus,
+        "cluster.mem_gb": args.mem, "cluster.container": args.container,
+    }
+    if args.config is None and (run_dir / "config.yaml").is_file():
+        data = RunConfig.read_saved(run_dir).to_dict()
+        for item in args.overrides:
+            _set_dotted(data, *_split(item))
+        for k, v in fields.items():
+            if v is not None:
+                _set_dotted(data, k, v)
+        return RunConfig.from_dict(data, source=f"{run_dir / 'config.yaml'} with options")
+    return config_from_args(args, **fields)
+
+
+def train_main(args: argparse.Namespace) -> int:
+    from hpc_retrain.cli import CliError
+
+    run_dir = Path(args.run)
+    record = read_job(run_dir)
+    store = Path(args.store) if args.store else Path(record["store"]) if record.get("store") else None
+    if store is None:
+        raise CliError("--store is required for a new run")
+    if not store.exists():
+        raise CliError(f"{store}: training store not found")
+    cfg = build_config(args, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir)  # the settings a job starts with are visible before it runs
+
+    if args.executor == "inline":
+        return _train_inline(cfg, store, run_dir)
+
+    ex = make_executor(cfg, run_dir, store, timeout_min=args.time)
+    job = ex.submit(TrainingJob(cfg.to_dict(), str(store.resolve()), str(run_dir.resolve())))
+    rec = {"executor": cfg.cluster.executor, "job_id": str(job.job_id), "store": str(store.resolve()),
+           "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+           "submitit_folder": str(run_dir.resolve() / SUBMITIT_DIR), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_json(run_dir / JOB_FILE, rec)
+    print(f"submitted {cfg.cluster.executor} job {job.job_id}")
+    print(f"  run folder: {run_dir.resolve()}")
+    print(f"  stdout:     {job.paths.stdout}")
+    print(f"  stderr:     {job.paths.stderr}")
+    print(f"  progress:   hpc-retrain status {run_dir}")
+    wait = args.wait if args.wait is not None else cfg.cluster.executor == "local"
+    if not wait:
+        return 0
+    return _follow(job, run_dir)
+
+
+def _train_inline(cfg: RunConfig, store: Path, run_dir: Path) -> int:
+    from hpc_retrain.train import TrainingInterrupted, train
+
+    _write_json(run_dir / JOB_FILE, {"executor": "inline", "job_id": str(os.getpid()), "store": str(store.resolve()),
+                                     "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    try:
+        metrics = train(cfg, store, run_dir)
+    except TrainingInterrupted as e:
+        print(f"hpc-retrain train: {e}; run the same command to resume", file=sys.stderr)
+        return 128 + e.signum
+    print(json.dumps(metrics.get("final", {})))
+    return 0
+
+
+def _follow(job, run_dir: Path) -> int:
+    """Echo train.log while the job runs, then report how it ended."""
+    log_path = run_dir / "train.log"
+    pos = log_path.stat().st_size if log_path.is_file() else 0
+    while True:
+        done = job.done()
+        if log_path.is_file():
+            with open(log_path) as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            if chunk:
+                print(chunk, end="", flush=True)
+        if done:
+            break
+        time.sleep(2)
+    try:
+        metrics = job.result()
+    except Exception as e:  # the job's own traceback is in its stderr log
+        print(f"hpc-retrain train: job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e) else e}\n"
+              f"  see {job.paths.stderr}", file=sys.stderr)
+        return 1
+    print(json.dumps(metrics.get("final", {})))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ status
+def read_job(run_dir: Path) -> dict:
+    p = Path(run_dir) / JOB_FILE
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def run_status(run_dir: Path) -> dict:
+    """State of a run from its own files (status.json written by the training, job.json by the launcher)
+    and, for Slurm jobs that have not reported yet, the scheduler."""
+    from hpc_retrain.train import STATUS_FILE, read_history
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(run_dir)
+    job = read_job(run_dir)
+    st_path = run_dir / STATUS_FILE
+    status = json.loads(st_path.read_text()) if st_path.is_file() else {}
+    state = status.get("state", "submitted" if job else "unknown")
+    if state == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
+        state = "stopped"  # killed without a chance to report (SIGKILL, out of memory)
+    out = {"run": str(run_dir.resolve()), "state": state, "executor": job.get("executor"),
+           "job_id": job.get("job_id"), "epoch": status.get("epoch"), "epochs": status.get("epochs"),
+           "stdout": job.get("stdout"), "stderr": job.get("stderr"), "error": status.get("error")}
+    if job.get("executor") == "slurm" and job.get("job_id") and state in ("submitted", "running", "interrupted"):
+        try:
+            out["scheduler_state"] = submitit.SlurmJob(folder=job["submitit_folder"], job_id=job["job_id"]).state
+        except Exception as e:  # no scheduler reachable from here: the run's own files still answer
+            out["scheduler_state"] = f"unknown ({type(e).__name__})"
+    hist = read_history(run_dir)
+    out["latest"] = hist[-1] if hist else None
+    return out
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def status_main(args: argparse.Namespace) -> int:
+    from hpc_retrain.cli import CliError
+
+    try:
+        s = run_status(Path(args.run))
+    except FileNotFoundError:
+        raise CliError(f"{args.run}: no such run folder") from None
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    job = f" ({s['executor']} job {s['job_id']})" if s.get("job_id") else ""
+    print(f"run:    {s['run']}")
+    print(f"state:  {s['state']}{job}" + (f", scheduler: {s['scheduler_state']}" if "scheduler_state" in s else ""))
+    if s.get("error"):
+        print(f"error:  {s['error']}")
+    h = s["latest"]
+    if h:
+        of = f"/{s['epochs']}" if s.get("epochs") else ""
+        vals = " ".join(f"{k} {h[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_iou", "val_dice")
+                        if h.get(k) is not None)
+        print(f"epoch:  {h['epoch']}{of}  {vals}  ({h.get('time_s', 0):.1f} s)")
+    else:
+        print("epoch:  none finished yet")
+    for k in ("stdout", "stderr"):
+        if s.get(k):
+            print(f"{k}: {s[k]}")
+    return 0
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)

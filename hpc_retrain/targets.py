@@ -1,0 +1,146 @@
+"""Training inputs from brightfield, and the block machinery that cuts tiles from scans of any size.
+
+A field's targets are MISIC shape-index features of its brightfield cut with the same ``TileGrid`` (same
+rescaled shape, size, margin) as its labels, so tile ``i`` of both is the same patch of the field.
+
+Large scans never exist whole in memory: the lazy feature map (``preprocess.features``, chunked so chunk
+edges fall on tile strides) is padded the way ``extract_tiles`` pads, and cut block by block; each block is
+``k x k`` tiles plus the ``margin`` they share with their neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import dask
+import dask.array as da
+import numpy as np
+
+from hpc_retrain import preprocess as P
+from hpc_retrain import tiling as T
+from hpc_retrain.config import RunConfig
+
+
+def target_tiles(bf: np.ndarray, cfg: RunConfig, source: str = "image") -> tuple[np.ndarray, T.TileGrid]:
+    """(tiles (N, S, S, 3) float32, grid) of one in-memory brightfield image."""
+    feats = P.features_np(bf, cfg.preprocess.brightfield, cfg.preprocess, source)
+    return T.extract_tiles(feats, cfg.tiling.size, cfg.tiling.margin)
+
+
+def stats_parts(tiles: np.ndarray) -> dict[str, Any]:
+    t = tiles.astype(np.float64)
+    return {"sum": float(t.sum()), "sumsq": float((t * t).sum()), "n": int(t.size)}
+
+
+def stats_from_parts(parts: list[dict[str, Any]]) -> dict[str, float]:
+    n = max(sum(p["n"] for p in parts), 1)
+    mean = sum(p["sum"] for p in parts) / n
+    var = max(sum(p["sumsq"] for p in parts) / n - mean * mean, 0.0)
+    return {"target_mean": float(mean), "target_std": float(np.sqrt(var))}
+
+
+def target_stats(tiles: np.ndarray) -> dict[str, float]:
+    return stats_from_parts([stats_parts(tiles)])
+
+
+# ------------------------------------------------------------------------------------- large scans
+def is_large(shape: tuple[int, int], cfg: RunConfig) -> bool:
+    """Fields this big are processed chunk by chunk (never as one float64 image)."""
+    return max(shape) > 2 * cfg.infer.chunk
+
+
+def block_tiles(cfg: RunConfig) -> int:
+    """Tiles per block edge: a block is about ``infer.chunk`` scaled pixels, a whole number of strides."""
+    stride = cfg.tiling.size - 2 * cfg.tiling.margin
+    return max(1, int(round(cfg.infer.chunk / stride)))
+
+
+@dataclass(frozen=True)
+class Block:
+    r0: int
+    r1: int
+    c0: int
+    c1: int  # tile rows [r0, r1) and columns [c0, c1)
+
+    @property
+    def n(self) -> int:
+        return (self.r1 - self.r0) * (self.c1 - self.c0)
+
+    def tile_indices(self, grid: T.TileGrid) -> Iterator[tuple[int, int, int]]:
+        """(first tile index in the field, tiles before it in this block, count) for each tile row."""
+        cols = grid.rows_cols[1]
+        nc = self.c1 - self.c0
+        for i, r in enumerate(range(self.r0, self.r1)):
+            yield r * cols + self.c0, i * nc, nc
+
+
+def blocks(grid: T.TileGrid, k: int) -> list[Block]:
+    rows, cols = grid.rows_cols
+    return [Block(r, min(r + k, rows), c, min(c + k, cols)) for r in range(0, rows, k) for c in range(0, cols, k)]
+
+
+def lazy_features(im: da.Array, prep, cfg: RunConfig, source: str) -> da.Array:
+    """Features of a scan, chunked on tile strides so blocks reuse whole chunks."""
+    stride = cfg.tiling.size - 2 * cfg.tiling.margin
+    chunk = block_tiles(cfg) * stride
+    if not isinstance(im, da.Array):
+        im = da.from_array(im, chunks=cfg.infer.chunk)
+    # Whole-file inputs (a TIFF is one chunk) are split so downstream tasks stay chunk-sized.
+    im = im.rechunk(cfg.infer.chunk)
+    return P.features(im, prep, cfg.preprocess, chunk=chunk, source=source)
+
+
+def lazy_canvas(x: da.Array, grid: T.TileGrid) -> da.Array:
+    """``tiling.pad_for_tiles`` of a Dask array: reflect to whole strides, then the margin on every side."""
+    (h, w), (ph, pw), m = grid.shape, grid.padded_shape, grid.margin
+    if x.ndim == 2:
+        x = x[..., None]
+    x = da.pad(x, ((0, ph - h), (0, pw - w), (0, 0)), mode="reflect")
+    return da.pad(x, ((m, m), (m, m), (0, 0)), mode="reflect")
+
+
+def window(canvas: da.Array, grid: T.TileGrid, b: Block) -> da.Array:
+    """The canvas pixels block ``b``'s tiles are cut from (its tiles plus the shared margins)."""
+    s, m = grid.stride, grid.margin
+    return canvas[b.r0 * s: b.r1 * s + 2 * m, b.c0 * s: b.c1 * s + 2 * m]
+
+
+def cut(win: np.ndarray, grid: T.TileGrid, b: Block) -> np.ndarray:
+    """Tiles (n, S, S, C) of one block window, row-major as ``extract_tiles`` orders them."""
+    s, S = grid.stride, grid.size
+    return np.stack([win[i * s: i * s + S, j * s: j * s + S]
+                     for i in range(b.r1 - b.r0) for j in range(b.c1 - b.c0)])
+
+
+def write_block(arr, first_tile: int, grid: T.TileGrid, b: Block, tiles: np.ndarray) -> None:
+    """Write a block's tiles into a store array at the field's offset (one tile row at a time: contiguous)."""
+    for start, k0, n in b.tile_indices(grid):
+        arr[first_tile + start: first_tile + start + n] = tiles[k0: k0 + n]
+
+
+def run_blocks(canvas: da.Array, grid: T.TileGrid, k: int, fn: Callable[[np.ndarray, Block], Any]) -> list[Any]:
+    """``fn(window, block)`` for every block, as one graph so shared feature chunks are computed once;
+    synchronous, so a field task uses one core and holds only the chunks its current blocks need."""
+    tasks = [dask.delayed(fn)(window(canvas, grid, b), b) for b in blocks(grid, k)]
+    return list(dask.compute(*tasks, scheduler="synchronous"))
+
+
+def write_target_tiles(bf, cfg: RunConfig, arr, first_tile: int, source: str = "image") -> tuple[T.TileGrid, dict]:
+    """Compute and write one field's target tiles into ``arr``; a large scan goes block by block.
+    Returns the grid and the field's target statistics."""
+    shape = tuple(bf.shape)
+    if not is_large(shape, cfg):
+        tiles, grid = target_tiles(np.asarray(bf), cfg, source)
+        arr[first_tile: first_tile + len(tiles)] = tiles
+        return grid, target_stats(tiles)
+    feats = lazy_features(bf, cfg.preprocess.brightfield, cfg, source)
+    grid = T.TileGrid(tuple(feats.shape[:2]), cfg.tiling.size, cfg.tiling.margin)
+    canvas = lazy_canvas(feats, grid)
+
+    def one(win: np.ndarray, b: Block) -> dict:
+        tiles = cut(win, grid, b)
+        write_block(arr, first_tile, grid, b, tiles)
+        return stats_parts(tiles)
+
+    return grid, stats_from_parts(run_blocks(canvas, grid, block_tiles(cfg), one))

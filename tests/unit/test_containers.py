@@ -1,0 +1,214 @@
+"""The container recipes agree with each other and with pyproject.toml, and the image health check works.
+
+The images themselves are not built here (no Docker/Apptainer, no GPU in the test environment); what can
+drift silently between the two recipes and the dependency list is checked instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+from spython.main.parse.parsers import DockerParser, SingularityParser
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "container" / "Dockerfile"
+DEF = ROOT / "container" / "hpc_retrain.def"
+CONSTRAINTS = ROOT / "container" / "constraints.txt"
+CONSTRAINTS_REL = "container/constraints.txt"
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def requirements(include_extras: bool = True) -> list[Requirement]:
+    proj = pyproject()["project"]
+    reqs = [Requirement(r) for r in proj["dependencies"]]
+    if include_extras:
+        for extra in proj.get("optional-dependencies", {}).values():
+            reqs += [Requirement(r) for r in extra]
+    return reqs
+
+
+def pins() -> dict[str, Version]:
+    out = {}
+    for n, raw in enumerate(CONSTRAINTS.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line)
+        assert m, f"{CONSTRAINTS}:{n}: '{raw}' is not an exact pin NAME==VERSION"
+        name = canonicalize_name(m.group(1))
+        assert name not in out, f"{CONSTRAINTS}:{n}: {name} is pinned twice"
+        out[name] = Version(m.group(2))
+    return out
+
+
+def docker_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out, buf = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        word, _, rest = buf.partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+@pytest.fixture(scope="module")
+def singularity():
+    return SingularityParser(str(DEF)).recipe["spython-base"]
+
+
+@pytest.fixture(scope="module")
+def docker():
+    return DockerParser(str(DOCKERFILE)).recipe["spython-base"]
+
+
+def pip_constraint_paths(commands: list[str]) -> list[str]:
+    """The -c/--constraint file of every `pip install` among shell commands ("<none>" when it has none)."""
+    found = []
+    for cmd in commands:
+        lexer = shlex.shlex(cmd, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        simple, words = [], []
+        for tok in list(lexer) + [";"]:
+            if tok in ("&&", "||", ";", "|"):
+                simple.append(words)
+                words = []
+            else:
+                words.append(tok)
+        for words in simple:
+            if "pip" not in words or "install" not in words:
+                continue
+            paths = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-c", "--constraint")]
+            paths += [w.split("=", 1)[1] for w in words if w.startswith("--constraint=")]
+            found += paths or ["<none>"]
+    return found
+
+
+def test_both_recipes_use_the_same_pinned_base(singularity, docker):
+    assert DEF.read_text().lstrip().lower().startswith("bootstrap: docker")
+    froms = [args for ins, args in docker_instructions() if ins == "FROM"]
+    assert len(froms) == 1, f"{DOCKERFILE}: expected one FROM, got {froms}"
+    assert docker.fromHeader == froms[0]
+    assert singularity.fromHeader == froms[0].lower()  # spython lower-cases the def's From:
+    image = froms[0]
+    tag_or_digest = "@sha256:" in image or re.search(r":[^/:]+$", image)
+    assert tag_or_digest and not image.endswith(":latest"), f"base image {image} is not pinned"
+    assert image.startswith("tensorflow/tensorflow:") and "gpu" in image
+
+
+def test_apptainer_recipe_has_its_sections(singularity):
+    sources = {entry.split()[0]: entry.split()[1] for entry in singularity.files}
+    for needed in (CONSTRAINTS_REL, "pyproject.toml", "hpc_retrain"):
+        assert needed in sources, f"{DEF}: %files does not copy {needed}"
+        assert (ROOT / needed).exists()
+    assert singularity.install, f"{DEF}: no %post"
+    assert singularity.cmd == 'exec hpc-retrain "$@"'
+    # spython turns %test into a script written by extra %post lines.
+    assert singularity.test is not None
+    assert any("hpc_retrain.healthcheck" in line for line in singularity.install)
+    labels = dict(label.split(None, 1) for label in singularity.labels)
+    assert labels.get("License") == "GPL-3.0-or-later"
+    assert labels.get("org.opencontainers.image.licenses") == pyproject()["project"]["license"]["text"]
+
+
+def test_dockerfile_entrypoint_healthcheck_and_weights_check(docker):
+    ins = docker_instructions()
+    assert docker.entrypoint == ["hpc-retrain"]
+    assert "hpc-retrain" in pyproject()["project"]["scripts"]
+    health = [args for word, args in ins if word == "HEALTHCHECK"]
+    assert len(health) == 1 and "hpc_retrain.healthcheck" in health[0]
+    runs = " ".join(args for word, args in ins if word == "RUN")
+    assert "pretrained_path()" in runs, "the build must fail when the MISIC weights are missing"
+    labels = " ".join(args for word, args in ins if word == "LABEL")
+    assert 'org.opencontainers.image.licenses="GPL-3.0-or-later"' in labels
+
+
+def test_both_recipes_install_with_the_constraints_file(singularity):
+    # Docker: the -c path must be where COPY put container/constraints.txt.
+    ins = docker_instructions()
+    copies = {}
+    for word, args in ins:
+        if word == "COPY":
+            *srcs, dest = args.split()
+            for src in srcs:
+                copies[src] = dest if not dest.endswith("/") else dest + Path(src).name
+    used = pip_constraint_paths([args for word, args in ins if word == "RUN"])
+    assert used and all(p == copies.get(CONSTRAINTS_REL) for p in used), (
+        f"{DOCKERFILE}: pip installs with constraints {used}, but {CONSTRAINTS_REL} is copied to "
+        f"{copies.get(CONSTRAINTS_REL)}"
+    )
+    # Apptainer: same, through %files.
+    files = {entry.split()[0]: entry.split()[1] for entry in singularity.files}
+    used = pip_constraint_paths(singularity.install)
+    assert used and all(p == files.get(CONSTRAINTS_REL) for p in used), (
+        f"{DEF}: pip installs with constraints {used}, but {CONSTRAINTS_REL} is copied to "
+        f"{files.get(CONSTRAINTS_REL)}"
+    )
+
+
+def test_constraints_pin_every_dependency_within_its_range():
+    pinned = pins()
+    problems = []
+    for req in requirements():
+        name = canonicalize_name(req.name)
+        if name not in pinned:
+            problems.append(f"{req.name}: not pinned")
+        elif not req.specifier.contains(pinned[name], prereleases=True):
+            problems.append(f"{req.name}: pin {pinned[name]} is outside pyproject's range '{req.specifier}'")
+    assert not problems, f"{CONSTRAINTS}: " + "; ".join(problems)
+
+
+def test_environment_runs_the_pinned_versions():
+    # The tests validate what the containers will run only while the two agree.
+    pinned = pins()
+    drift = []
+    for req in requirements():
+        name = canonicalize_name(req.name)
+        if name not in pinned:
+            continue  # reported by the test above
+        try:
+            have = Version(version(req.name))
+        except PackageNotFoundError:
+            continue  # an extra not installed here; its pin is checked above
+        if have != pinned[name]:
+            drift.append(f"{req.name} {have} installed, {pinned[name]} pinned")
+    assert not drift, f"{CONSTRAINTS} does not match this environment: " + "; ".join(drift)
+
+
+def test_healthcheck_loads_pretrained_model_in_a_subprocess(tmp_path):
+    from hpc_retrain.model import PRETRAINED_SHA256
+
+    # A real interpreter from an unrelated folder, as the container's HEALTHCHECK runs it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_retrain.healthcheck"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0, f"healthcheck failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    report = json.loads(lines[-1])
+    assert report["ok"] is True
+    assert report["sha256"] == PRETRAINED_SHA256
+    assert report["output_shape"] == [1, 256, 256, 2]
+    assert Path(report["model"]).name == "MiSiDC04082020.h5"
+    assert isinstance(report["gpus"], list)

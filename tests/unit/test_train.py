@@ -1,0 +1,182 @@
+"""Training pieces: the loss, the split, the data order, augmentation, freezing, precision, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpc_retrain import store as st
+from hpc_retrain import train as tr
+from hpc_retrain.config import RunConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainstore import build_store  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    return build_store(tmp_path_factory.mktemp("store") / "store.zarr", n_fields=8)
+
+
+@pytest.fixture(scope="module")
+def misic():
+    from hpc_retrain import model
+
+    return model.load()
+
+
+# ------------------------------------------------------------------------------------------ loss
+def test_weighted_bce_matches_numpy():
+    rng = np.random.default_rng(0)
+    y = (rng.random((2, 8, 8, 2)) < 0.3).astype(np.float32)
+    p = rng.random((2, 8, 8, 2)).astype(np.float32)
+    p[0, 0, 0] = [0.0, 1.0]  # saturated predictions: the clip keeps the loss finite
+    w = np.array([3.0, 15.0])
+    got = float(tr.weighted_bce(y, p, w))
+    pc = np.clip(p.astype(np.float64), tr.EPS, 1 - tr.EPS)
+    want = np.mean(-(w * y * np.log(pc) + (1 - y) * np.log(1 - pc)))
+    assert got == pytest.approx(want, rel=1e-5)
+    # The weight applies to positives only: with all-negative labels it has no effect.
+    z = np.zeros_like(y)
+    assert float(tr.weighted_bce(z, p, w)) == pytest.approx(float(tr.weighted_bce(z, p, [1.0, 1.0])), rel=1e-6)
+
+
+def test_positive_weights_from_training_fields(small_store):
+    root = st.open_store(small_store)
+    fields = np.array([0, 1, 2])
+    p = st.positive_fraction(root, fields)
+    np.testing.assert_allclose(tr.positive_weights(root, fields, None, "s"), (1 - p) / p)
+    np.testing.assert_allclose(tr.positive_weights(root, fields, (2.0, 9.0), "s"), [2.0, 9.0])
+    with pytest.raises(tr.TrainingError, match="pos_weight"):
+        tr.positive_weights(root, fields, (2.0,), "s")
+
+
+def test_positive_weights_refuse_empty_labels(tmp_path):
+    path = build_store(tmp_path / "s.zarr", n_fields=2)
+    root = st.open_store(path, mode="r+")
+    qc = root["field_qc"][:]
+    qc[:, st.QC_COLUMNS.index("positive_contour")] = 0
+    root["field_qc"][:] = qc
+    with pytest.raises(tr.TrainingError, match="contour labels are 0 positive"):
+        tr.positive_weights(root, np.array([0, 1]), None, str(path))
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_split_is_by_field_seeded_and_never_empty():
+    usable = np.arange(10)
+    a, b = tr.split_fields(usable, 0.2, seed=3)
+    assert len(b) == 2 and len(a) == 8 and set(a) | set(b) == set(usable) and not set(a) & set(b)
+    np.testing.assert_array_equal(tr.split_fields(usable, 0.2, seed=3)[1], b)
+    assert any(not np.array_equal(tr.split_fields(usable, 0.2, seed=s)[1], b) for s in range(4, 10))
+    # Tiny fractions still hold out one field; large ones still train on one.
+    assert [len(x) for x in tr.split_fields(np.arange(2), 0.01, 0)] == [1, 1]
+    assert [len(x) for x in tr.split_fields(np.arange(3), 0.9, 0)] == [1, 2]
+    assert [len(x) for x in tr.split_fields(np.arange(1), 0.2, 0)] == [1, 0]
+    assert [len(x) for x in tr.split_fields(np.arange(5), 0.0, 0)] == [5, 0]
+
+
+def test_field_tiles_follow_store_layout(small_store):
+    root = st.open_store(small_store)
+    tiles = tr.field_tiles(root, np.array([1, 3]))
+    tf_ = root["tile_field"][:]
+    assert set(tf_[tiles]) == {1, 3} and len(tiles) == np.isin(tf_, [1, 3]).sum()
+
+
+def test_epoch_plan_is_a_function_of_seed_and_epoch():
+    tiles = np.arange(100, 120)
+    o1, c1, s1 = tr.epoch_plan(tiles, 1, 0, 8, None, True)
+    o1b, c1b, _ = tr.epoch_plan(tiles, 1, 0, 8, None, True)
+    o2, _, _ = tr.epoch_plan(tiles, 2, 0, 8, None, True)
+    np.testing.assert_array_equal(o1, o1b)
+    np.testing.assert_array_equal(c1, c1b)
+    assert sorted(o1) == list(tiles) and s1 == 3 and not np.array_equal(o1, o2)
+    assert set(c1) <= set(range(8)) and len(set(c1)) > 1
+    o, c, s = tr.epoch_plan(tiles, 1, 0, 8, 2, False)
+    assert s == 2 and len(o) == 16 and not c.any()
+
+
+def test_augmentation_moves_target_and_label_together():
+    rng = np.random.default_rng(1)
+    x = rng.random((6, 6, 3)).astype(np.float32)
+    y = (rng.random((6, 6, 2)) < 0.5).astype(np.float32)
+    for code in range(8):
+        ax, ay = (a.numpy() for a in tr.augment_pair(x, y, np.int32(code)))
+        want = lambda a: np.rot90(a, code % 4)[:, ::-1] if code >= 4 else np.rot90(a, code % 4)  # noqa: E731
+        np.testing.assert_array_equal(ax, want(x))
+        np.testing.assert_array_equal(ay, want(y))
+
+
+def test_dataset_reads_store_tiles_in_order(small_store):
+    reader = tr.TileReader(small_store)
+    root = st.open_store(small_store)
+    order = np.array([5, 2, 7])
+    batches = list(tr.make_dataset(reader, order, np.zeros(3, np.int32), batch=2))
+    assert [b[0].shape[0] for b in batches] == [2, 1]
+    x = np.concatenate([b[0].numpy() for b in batches])
+    y = np.concatenate([b[1].numpy() for b in batches])
+    np.testing.assert_array_equal(x, root["targets"][:][order])
+    np.testing.assert_array_equal(y, root["labels"][:][order].astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------ model
+def test_finetune_decoder_freezes_through_the_bottleneck(misic):
+    import keras
+
+    enc = tr.encoder_layers(misic)
+    nxt = misic.layers[len(enc)]
+    assert isinstance(nxt, keras.layers.UpSampling2D)
+    pools = [l for l in enc if isinstance(l, keras.layers.MaxPooling2D)]
+    assert len(pools) == 3  # every pooling is in the encoder; the deepest conv block (32x32) too
+    assert enc[-1].output.shape[1] == 32 and enc[-1].output.shape[-1] == 256
+
+
+def test_mixed_precision_model_keeps_weights_and_a_float32_output(misic):
+    net = tr.with_policy(misic, "mixed_float16")
+    assert net.layers[1].compute_dtype == "float16" and net.layers[-1].compute_dtype == "float32"
+    for a, b in zip(net.get_weights(), misic.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).standard_normal((1, 256, 256, 3)).astype(np.float32)
+    out = net(x, training=False)
+    assert out.dtype == "float32"
+    np.testing.assert_allclose(out.numpy(), misic(x, training=False).numpy(), atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store, tmp_path):
+    """Batch 8 (the default) on CPU; a second call with more epochs continues, not restarts."""
+    cfg = RunConfig().updated(train__epochs=1, train__batch_size=8, train__steps_per_epoch=1,
+                              train__init="finetune-decoder", train__keep_checkpoints=1)
+    run = tmp_path / "run"
+    m = tr.train(cfg, small_store, run)
+    for name in ("model.keras", "model.h5", "history.csv", "history.json", "training_curves.png",
+                 "config.yaml", "train.log", "metrics.json"):
+        assert (run / name).is_file(), name
+    assert m["epochs"] == 1 and 0 <= m["final"]["val_dice"] <= 1 and m["final"]["val_loss"] > 0
+    assert RunConfig.read_saved(run).train.batch_size == 8
+    assert "epoch 1/1 loss" in (run / "train.log").read_text()
+
+    # The encoder was frozen: its weights are the pretrained ones, the decoder's are not.
+    from hpc_retrain import model
+
+    pre, got = model.load(), model.load(run)
+    n_enc = len(tr.encoder_layers(pre))
+    for a, b in zip(pre.layers[:n_enc], got.layers[:n_enc]):
+        for wa, wb in zip(a.get_weights(), b.get_weights()):
+            np.testing.assert_array_equal(wa, wb)
+    assert not np.array_equal(pre.layers[-1].get_weights()[0], got.layers[-1].get_weights()[0])
+
+    m2 = tr.train(cfg.updated(train__epochs=2), small_store, run)
+    hist = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2] and m2["epochs"] == 2
+    assert "resuming from ckpt-e00001" in (run / "train.log").read_text()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "ckpt-e00002" in names and "ckpt-e00001" not in names and "best" in names
+    best = json.loads((run / "checkpoints" / "best" / "state.json").read_text())
+    assert best["epoch"] == m2["best_epoch"]
+
+    with pytest.raises(tr.TrainingError, match="batch_size"):
+        tr.train(cfg.updated(train__epochs=3, train__batch_size=4), small_store, run)
