@@ -182,6 +182,10 @@ def train_main(args: argparse.Namespace) -> int:
         raise CliError("--store is required for a new run")
     if not store.exists():
         raise CliError(f"{store}: training store not found")
+    if record and run_dir.is_dir():
+        now = run_status(run_dir)
+        if now["state"] == "running" and now.get("host") == socket.gethostname():
+            raise CliError(f"{run_dir}: already training (pid {now.get('pid')}); see `hpc-retrain status {run_dir}`")
     cfg = build_config(args, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir)  # the settings a job starts with are visible before it runs
@@ -270,6 +274,7 @@ def run_status(run_dir: Path) -> dict:
     if state == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
         state = "stopped"  # killed without a chance to report (SIGKILL, out of memory)
     out = {"run": str(run_dir.resolve()), "state": state, "executor": job.get("executor"),
+           "host": status.get("host"), "pid": status.get("pid"),
            "job_id": job.get("job_id"), "epoch": status.get("epoch"), "epochs": status.get("epochs"),
            "stdout": job.get("stdout"), "stderr": job.get("stderr"), "error": status.get("error")}
     if job.get("executor") == "slurm" and job.get("job_id") and state in ("submitted", "running", "interrupted"):

@@ -437,11 +437,47 @@ def train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         try:
             return _train(cfg, store, run_dir)
         except TrainingInterrupted as e:
-            write_status(run_dir, "interrupted", checkpoint=str(e.checkpoint), signal=signal.Signals(e.signum).name)
+            write_status(run_dir, "interrupted", checkpoint=str(e.checkpoint), signal=signal.Signals(e.signum).name,
+                         epochs=cfg.train.epochs)
             raise
         except BaseException as e:
-            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", epochs=cfg.train.epochs)
             raise
+
+
+def make_steps(net, opt, pos_w, size: int):
+    """Compiled training and validation steps for (batch, size, size, 3) -> (batch, size, size, 2).
+
+    ``val_step`` returns sums (loss * n, accuracy * n, n, body intersection, predicted, true) so metrics
+    over the whole validation set do not depend on the batch size.
+    """
+    import tensorflow as tf
+
+    s = size
+    w = tf.constant(pos_w, tf.float32)
+    spec = (tf.TensorSpec((None, s, s, 3), tf.float32), tf.TensorSpec((None, s, s, 2), tf.float32))
+
+    @tf.function(input_signature=spec)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            p = net(x, training=True)
+            loss = weighted_bce(y, p, w)
+            scaled = opt.scale_loss(loss)
+        grads = tape.gradient(scaled, net.trainable_variables)
+        opt.apply(grads, net.trainable_variables)
+        acc = tf.reduce_mean(tf.cast(tf.equal(tf.cast(p, tf.float32) >= 0.5, y >= 0.5), tf.float32))
+        return loss, acc
+
+    @tf.function(input_signature=spec)
+    def val_step(x, y):
+        p = tf.cast(net(x, training=False), tf.float32)
+        n = tf.cast(tf.shape(x)[0], tf.float32)
+        hit = tf.cast(tf.equal(p >= 0.5, y >= 0.5), tf.float32)
+        pb, yb = tf.cast(p[..., 0] >= 0.5, tf.float32), y[..., 0]
+        inter, sp, sy = tf.reduce_sum(pb * yb), tf.reduce_sum(pb), tf.reduce_sum(yb)
+        return tf.stack([weighted_bce(y, p, w) * n, tf.reduce_mean(hit) * n, n, inter, sp, sy])
+
+    return train_step, val_step
 
 
 def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
@@ -490,28 +526,10 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
 
     reader = TileReader(store)
     s = reader.size
-    w = tf.constant(pos_w, tf.float32)
-    spec = (tf.TensorSpec((None, s, s, 3), tf.float32), tf.TensorSpec((None, s, s, 2), tf.float32))
-
-    @tf.function(input_signature=spec)
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            p = net(x, training=True)
-            loss = weighted_bce(y, p, w)
-            scaled = opt.scale_loss(loss)
-        grads = tape.gradient(scaled, net.trainable_variables)
-        opt.apply(grads, net.trainable_variables)
-        acc = tf.reduce_mean(tf.cast(tf.equal(tf.cast(p, tf.float32) >= 0.5, y >= 0.5), tf.float32))
-        return loss, acc
-
-    @tf.function(input_signature=spec)
-    def val_step(x, y):
-        p = tf.cast(net(x, training=False), tf.float32)
-        n = tf.cast(tf.shape(x)[0], tf.float32)
-        hit = tf.cast(tf.equal(p >= 0.5, y >= 0.5), tf.float32)
-        pb, yb = tf.cast(p[..., 0] >= 0.5, tf.float32), y[..., 0]
-        inter, sp, sy = tf.reduce_sum(pb * yb), tf.reduce_sum(pb), tf.reduce_sum(yb)
-        return tf.stack([weighted_bce(y, p, w) * n, tf.reduce_mean(hit) * n, n, inter, sp, sy])
+    if s != cfg.tiling.size:
+        raise TrainingError(f"{store}: tiles are {s} px but tiling.size is {cfg.tiling.size}; use the config the "
+                            f"store was prepared with")
+    train_step, val_step = make_steps(net, opt, pos_w, s)
 
     val_ds = make_dataset(reader, val_tiles, np.zeros(len(val_tiles), np.int32), tc.batch_size)
     status_extra = {"epochs": tc.epochs, "store": str(store)}
@@ -545,7 +563,9 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                     break
             if stop.signum is not None and step < steps:
                 prog.step, prog.epoch, prog.elapsed_s = step, epoch - 1, time.perf_counter() - t0
-                path = save_checkpoint(run_dir, prog, net, opt, tc.keep_checkpoints, best=False)
+                path = run_dir / CKPT_DIR / prog.name
+                if step > start_step or not path.is_dir():  # else: nothing new since that checkpoint
+                    path = save_checkpoint(run_dir, prog, net, opt, tc.keep_checkpoints, best=False)
                 log.warning("%s: saved epoch %d at step %d/%d to %s; train again to resume",
                             signal.Signals(stop.signum).name, epoch, step, steps, path.name)
                 raise TrainingInterrupted(stop.signum, path, stop.previous.get(stop.signum))
@@ -587,8 +607,10 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
 def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, export) -> dict:
     """Export the float32 model, history, curves and final metrics."""
     export.set_weights(net.get_weights())
-    export.save(run_dir / "model.keras")
-    export.save(run_dir / "model.h5")
+    for name in ("model.keras", "model.h5"):  # via a temporary name: a kill mid-save leaves no torn model
+        tmp = run_dir / f".tmp-{os.getpid()}-{name}"
+        export.save(tmp)
+        os.replace(tmp, run_dir / name)
     write_history(run_dir, prog.history)
     plot_curves(run_dir, prog.history)
     last = prog.history[-1] if prog.history else {}
