@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_NAME = "config.yaml"
+_PROVENANCE = ("hpc_retrain_version", "written")  # written beside the settings, not settings themselves
 
 
 class ConfigError(ValueError):
@@ -158,6 +159,8 @@ class RunConfig(_Section):
                 raise ConfigError(f"{path}: not valid YAML ({e})") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+            for k in _PROVENANCE:  # a run's saved config.yaml is a valid --config
+                data.pop(k, None)
         items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides or [])
         for key, value in items:
             _set_dotted(data, key, value)
@@ -207,7 +210,7 @@ class RunConfig(_Section):
             data = yaml.safe_load(p.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{p}: no saved config (is this a run folder?)") from None
-        for k in ("hpc_retrain_version", "written"):
+        for k in _PROVENANCE:
             data.pop(k, None)
         return cls.from_dict(data, source=str(p))
 

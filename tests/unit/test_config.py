@@ -67,3 +67,9 @@ def test_updated_validates():
     assert cfg.updated(train__epochs=2).train.epochs == 2
     with pytest.raises(ConfigError):
         cfg.updated(train__batch_size=0)
+
+
+def test_a_saved_config_is_a_valid_config_file(tmp_path):
+    cfg = RunConfig.load(None, ["train.epochs=4"])
+    path = cfg.save(tmp_path)
+    assert RunConfig.load(path) == cfg
