@@ -43,6 +43,10 @@ PROB_GROUP = "probabilities"  # <field>/probabilities/<name>: the (body, contour
 PROB_CHANNELS = ("body", "contour")
 
 
+class InferError(ValueError):
+    """An inference request that cannot run as asked; the message names the file and the problem."""
+
+
 # ------------------------------------------------------------------------------------------ model
 class Predictor:
     """The model as one traced function with a dynamic batch: no retracing and none of ``predict``'s
@@ -242,10 +246,40 @@ def segment_field(model, image, cfg: RunConfig, mode: str | None = None, prep: C
     return prob, I.instances(prob, cfg)
 
 
+def segment_fields(model, images, cfg: RunConfig, mode: str | None = None, prep: ChannelPrep | None = None,
+                   sources=None):
+    """(probabilities, labels) of each in-memory field of ``images``, in order, as a pipeline: one helper
+    thread prepares the next field's features and labels the previous field's instances while the model
+    runs on this one (NumPy, SciPy and TensorFlow release the GIL)."""
+    predict = as_predictor(model, cfg)
+    mode = _mode(mode, cfg)
+    images = list(images)
+    sources = list(sources) if sources is not None else [f"field {i}" for i in range(len(images))]
+    if not images:
+        return
+
+    def label(prob):
+        return prob, I.instances(prob, cfg)
+
+    with ThreadPoolExecutor(1) as pool:
+        feats_next = pool.submit(field_features, images[0], cfg, prep, sources[0])
+        labelled = None
+        for i, image in enumerate(images):
+            feats = feats_next.result()
+            if i + 1 < len(images):
+                feats_next = pool.submit(field_features, images[i + 1], cfg, prep, sources[i + 1])
+            prob = resize_to(predict_scaled(predict, feats, cfg, mode), tuple(image.shape))
+            del feats
+            if labelled is not None:
+                yield labelled.result()
+            labelled = pool.submit(label, prob)
+        yield labelled.result()
+
+
 def _mode(mode: str | None, cfg: RunConfig) -> str:
     mode = mode or cfg.infer.mode
     if mode not in MODES:
-        raise ValueError(f"unknown inference mode {mode!r}; use one of {MODES}")
+        raise InferError(f"unknown inference mode {mode!r}; use one of {MODES}")
     return mode
 
 
@@ -351,13 +385,13 @@ def _output_plate(plate, out: Path | None, fields, chunk: int):
             root = zarr.open_group(str(out), mode="r+")
             listed = {(w, i): g for w, i, g in ngff.plate_fields(root)}
         except Exception as e:
-            raise ValueError(f"{out}: exists and is not an OME-Zarr plate ({e}); choose another --out") from None
+            raise InferError(f"{out}: exists and is not an OME-Zarr plate ({e}); choose another --out") from None
         groups = []
         for well, fs in per_well.items():
             for i, f in enumerate(fs):
                 key = ("".join(ngff.split_well(well)), i)
                 if key not in listed:
-                    raise ValueError(f"{out}: exists but holds no field {f.key}; choose another --out")
+                    raise InferError(f"{out}: exists but holds no field {f.key}; choose another --out")
                 groups.append(root[listed[key]])
         return out, groups
     root = ngff.create_plate(out, list(per_well), max(len(v) for v in per_well.values()),
@@ -406,8 +440,9 @@ def main(args: argparse.Namespace) -> int:
                            infer__name=args.name, infer__chunk=args.chunk, infer__model=args.model,
                            plate__path=args.plate)
     model_dir = Path(cfg.infer.model) if cfg.infer.model else None
-    if model_dir is not None and model_dir.is_dir() and (model_dir / "config.yaml").is_file() and not args.config:
-        # A retrained model only makes sense with the preprocessing it was trained on.
+    own = args.config or any(o.startswith(("preprocess.", "tiling.")) for o in args.overrides)
+    if model_dir is not None and model_dir.is_dir() and (model_dir / "config.yaml").is_file() and not own:
+        # A retrained model only makes sense with the preprocessing it was trained on (unless told otherwise).
         run = RunConfig.read_saved(model_dir)
         cfg = cfg.updated(preprocess=run.preprocess.model_dump(mode="json"), tiling=run.tiling.model_dump())
         log.info("using preprocessing and tiling of %s", model_dir / "config.yaml")
@@ -450,42 +485,42 @@ def main(args: argparse.Namespace) -> int:
         tiff_dir = Path(args.tiff) if args.tiff else plate.path.parent / f"{plate.path.name}_{name}_tiff"
         tiff_dir.mkdir(parents=True, exist_ok=True)
 
-    def small(f) -> bool:
-        return max(f.shape) <= cfg.infer.chunk
+    def write(f, grp, prob, labels, n) -> None:
+        grp["labels"][name].attrs["hpc_retrain"] = {**provenance["hpc_retrain"], "cells": n}
+        counts[f.key] = n
+        if tiff_dir is not None:
+            import tifffile
 
-    def feats_of(f):
-        return field_features(f.channel(channel), cfg, prep, f.source) if small(f) else None
+            lab = labels if labels is not None else np.asarray(grp["labels"][name]["0"][...])
+            p = prob if prob is not None else np.asarray(grp[PROB_GROUP][name]["0"][...])
+            tifffile.imwrite(tiff_dir / f"{f.well}_s{f.field}_{name}.tif", lab, compression="zlib")
+            tifffile.imwrite(tiff_dir / f"{f.well}_s{f.field}_{name}_prob.tif", p, compression="zlib")
+        bar(f"{f.key}: {n} cells")
 
-    counts = {}
-    with ThreadPoolExecutor(1) as pool, _progress(len(fields), "segment") as bar:
-        # Preprocessing of the next field overlaps with inference on this one.
-        pending = pool.submit(feats_of, fields[0])
-        for k, (f, grp) in enumerate(zip(fields, groups)):
-            feats = pending.result()
-            if k + 1 < len(fields):
-                pending = pool.submit(feats_of, fields[k + 1])
-            shape = tuple(f.shape)
-            prob_arr = write_probabilities(grp, name, shape, cfg.infer.chunk, True, **provenance)
-            lab_arr = ngff.create_label(grp, name, shape, I.LABEL_DTYPE, chunk=cfg.infer.chunk, overwrite=True,
-                                        **provenance)
-            if feats is not None:
-                prob = predict_features(predict, feats, shape, cfg)
-                labels = I.instances(prob, cfg)
-                prob_arr[...] = np.moveaxis(prob, -1, 0)
-                lab_arr[...] = labels
-                n = int(labels.max())
-            else:
-                n = segment_scan(predict, f.channel(channel), cfg, prob_arr, lab_arr, prep=prep,
-                                 tmpdir=out_path.parent, source=f.source)
-            grp["labels"][name].attrs["hpc_retrain"] = {**provenance["hpc_retrain"], "cells": n}
-            counts[f.key] = n
-            if tiff_dir is not None:
-                import tifffile
-                tifffile.imwrite(tiff_dir / f"{f.well}_s{f.field}_{name}.tif", np.asarray(lab_arr[...]),
-                                 compression="zlib")
-                tifffile.imwrite(tiff_dir / f"{f.well}_s{f.field}_{name}_prob.tif", np.asarray(prob_arr[...]),
-                                 compression="zlib")
-            bar(f"{f.key}: {n} cells")
+    def arrays(f, grp):
+        shape = tuple(f.shape)
+        return (write_probabilities(grp, name, shape, cfg.infer.chunk, True, **provenance),
+                ngff.create_label(grp, name, shape, I.LABEL_DTYPE, chunk=cfg.infer.chunk, overwrite=True,
+                                  **provenance))
+
+    counts: dict[str, int] = {}
+    pairs = list(zip(fields, groups))
+    small = [(f, g) for f, g in pairs if max(f.shape) <= cfg.infer.chunk]
+    large = [(f, g) for f, g in pairs if max(f.shape) > cfg.infer.chunk]
+    with _progress(len(fields), "segment") as bar:
+        # Fields that fit in memory go through the pipelined path; larger ones chunk by chunk.
+        images = (f.channel(channel) for f, _ in small)
+        results = segment_fields(predict, images, cfg, prep=prep, sources=[f.source for f, _ in small])
+        for (f, grp), (prob, labels) in zip(small, results):
+            prob_arr, lab_arr = arrays(f, grp)
+            prob_arr[...] = np.moveaxis(prob, -1, 0)
+            lab_arr[...] = labels
+            write(f, grp, np.moveaxis(prob, -1, 0), labels, int(labels.max()))
+        for f, grp in large:
+            prob_arr, lab_arr = arrays(f, grp)
+            n = segment_scan(predict, f.channel(channel), cfg, prob_arr, lab_arr, prep=prep,
+                             tmpdir=out_path.parent, source=f.source)
+            write(f, grp, None, None, n)
     print(f"segmented {len(fields)} field(s), {sum(counts.values())} cells -> {out_path} "
           f"(labels/{name}, {PROB_GROUP}/{name})")
     return 0

@@ -2,13 +2,12 @@
 
 The recipe is MISIC's ``postprocess_ws`` (misic/extras.py): the cell mask is body > 0.4, markers are the
 confident body cores lying in troughs of the contour map (its shape index < -0.5), and a watershed grows
-the markers over the mask. Two deliberate departures, both to make the result usable as labels:
-- the markers are labelled *after* the contour trough test, so touching cells whose confident cores are
-  connected are split where the contour channel separates them (MISIC labelled the cores first, so such
-  cells shared one marker and stayed merged);
-- the watershed runs on the contour probability, not on the raw image's shape index, so it does not depend
-  on the imaging mode (dark cells on a bright background flip the shape index's sign), and mask regions
-  without a marker become cells of their own instead of being dropped.
+the markers over the mask, splitting touching cells along the contour channel. Two departures: the
+watershed runs on the contour probability, not on the raw image's shape index, so it needs no image and
+does not depend on the imaging mode (dark cells on a bright background flip the shape index's sign); mask
+regions no marker reaches become cells of their own (if at least a quarter cell-width square) instead of
+staying unlabelled. (Labelling the cores after the trough test, to split more, fragmented rods: F1 at
+IoU 0.5 fell from 0.86 to 0.2 on synthetic fields.)
 
 Scans larger than one window are labelled window by window with a halo; cells crossing a window seam are
 joined by a union-find over the labels the two windows give the same pixels along the seam, so ids stay
@@ -44,12 +43,13 @@ def instances(prob: np.ndarray, cfg: RunConfig) -> np.ndarray:
         return np.zeros(body.shape, LABEL_DTYPE)
     with np.errstate(invalid="ignore", divide="ignore"):
         sh = shape_index(contour, 1.0)
-    core = (body > cfg.infer.marker_threshold) & (np.nan_to_num(sh, nan=1.0) < _TROUGH)
-    markers, n = ndi.label(core)
-    if n:
-        # Markers of a few pixels are noise in the contour map; they would split one cell in two.
+    # MISIC's markers: connected confident cores, kept only where the contour map has a trough.
+    markers, _ = ndi.label(body > cfg.infer.marker_threshold)
+    markers[~(np.nan_to_num(sh, nan=1.0) < _TROUGH)] = 0
+    if markers.any():
+        # Marker remnants of a few pixels are noise in the contour map.
         sizes = np.bincount(markers.ravel())
-        small = sizes < max(min_area(cfg) // 4, 2)
+        small = sizes < 3
         small[0] = False
         markers[small[markers]] = 0
     ws = watershed(contour, markers=markers, mask=mask, connectivity=1)
@@ -78,8 +78,8 @@ def _drop_small(labels: np.ndarray, area: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ scans
 def halo(cfg: RunConfig) -> int:
-    """Context around each window: longer than a long cell, so a seam cell is whole in both windows."""
-    return max(64, int(round(12 * cfg.preprocess.mean_width)))
+    """Context around each window: a long cell (8 widths), so both windows see a seam cell the same way."""
+    return max(48, int(round(8 * cfg.preprocess.mean_width)))
 
 
 def blocks(shape: tuple[int, int], chunk: int) -> Iterator[tuple[int, int, int, int]]:

@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 # QC limits. A field beyond them is FLAGGED (kept out of training) with the reason in the QC table.
 MIN_POSITIVE_BODY = 1e-4  # below: "no cells" (MISIC found next to nothing)
 MAX_POSITIVE_BODY = 0.9  # above: "saturated" (the whole field reads as cell body)
-# Out of focus / no contrast: MISIC is confident on in-focus cells, so most candidate body pixels score
-# >= 0.75. When the uncertain share (0.25..0.75) of all pixels above 0.25 exceeds this, the field is
-# blurred or the cells are invisible. Measured on ColiCoords and synthetic fields (see tests).
-MAX_UNCERTAIN_SHARE = 0.6
+# Out of focus / low contrast: MISIC is confident on in-focus cells, so most candidate body pixels score
+# >= 0.75. The uncertain share (pixels in 0.25..0.75 among all above 0.25) is 0.25-0.36 on ColiCoords
+# (mean width 12-16) and 0.28-0.32 on sharp synthetic fields, 0.40-0.42 with a PSF of 3 px, 0.46-0.52
+# with 4-6 px (cells 7 px wide), and also rises when the mean width is badly off.
+MAX_UNCERTAIN_SHARE = 0.45
 
 _MODELS: dict[str, Any] = {}
 
@@ -137,5 +138,60 @@ def qc_flags(stats: dict[str, float]) -> list[str]:
         above = stats["body_q2"] + stats["body_q3"] + stats["body_q4"]
         uncertain = (stats["body_q2"] + stats["body_q3"]) / above if above > 0 else 1.0
         if uncertain > MAX_UNCERTAIN_SHARE:
-            reasons.append(f"out of focus or low contrast ({uncertain:.0%} of candidate cell pixels uncertain)")
+            reasons.append(f"out of focus, low contrast or wrong mean width ({uncertain:.0%} of candidate cell pixels "
+                           f"uncertain)")
     return reasons
+
+
+# ------------------------------------------------------------------------------------------- writing
+def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_tile: int, source: str = "image"
+                      ) -> tuple[T.TileGrid, dict[str, float]]:
+    """Compute and write one field's probability and label tiles; returns the grid and the field's QC.
+
+    A large scan goes block by block in two passes: MISIC on each block's tiles gives the stitched
+    probability map, kept in a scratch Zarr array (under $TMPDIR, deleted after the field) so no
+    prediction is ever recomputed; then label tiles are cut from that map with the margins taken from
+    neighbouring blocks, exactly as ``label_tiles`` does for a whole image. (Cells crossing a block edge
+    are counted once per block they touch: the cell count of a large scan is approximate.)
+    """
+    from hpc_retrain import targets as TG
+
+    if not TG.is_large(tuple(fluo.shape), cfg):
+        ptiles, ltiles, grid, stats = label_tiles(np.asarray(fluo), model, cfg, source)
+        prob_arr[first_tile: first_tile + len(ptiles)] = ptiles
+        label_arr[first_tile: first_tile + len(ltiles)] = ltiles
+        return grid, stats
+
+    import tempfile
+
+    import dask.array as da
+    import zarr
+
+    feats = TG.lazy_features(fluo, cfg.preprocess.fluorescence, cfg, source)
+    grid = T.TileGrid(tuple(feats.shape[:2]), cfg.tiling.size, cfg.tiling.margin)
+    s, m, S = grid.stride, grid.margin, grid.size
+    k, strip = TG.block_tiles(cfg), TG.strip_blocks(cfg)
+    h, w = grid.shape
+    with tempfile.TemporaryDirectory(prefix="hpc-retrain-prob-") as scratch:
+        stitched = zarr.create_array(f"{scratch}/p.zarr", shape=grid.padded_shape + (2,), dtype="float32",
+                                     chunks=(k * s, k * s, 2), fill_value=0)
+
+        def predict_block(win: np.ndarray, b: TG.Block) -> None:
+            y = predict_tiles(model, TG.cut(win, grid, b), cfg.infer.batch_size)[..., :2]
+            stitched[b.r0 * s: b.r1 * s, b.c0 * s: b.c1 * s] = T.stitch_tiles(
+                y, T.TileGrid(((b.r1 - b.r0) * s, (b.c1 - b.c0) * s), S, m))
+
+        TG.run_blocks(TG.lazy_canvas(feats, grid), grid, k, predict_block, strip)
+        prob = da.from_zarr(stitched)[:h, :w]
+
+        def write(win: np.ndarray, b: TG.Block) -> dict[str, Any]:
+            ptiles = TG.cut(win, grid, b)
+            ltiles = binarize(ptiles, cfg)
+            TG.write_block(prob_arr, first_tile, grid, b, ptiles)
+            TG.write_block(label_arr, first_tile, grid, b, ltiles)
+            # the block's own part of the field (no margins, no padding) for the histogram and cell count
+            centre = win[m: m + min(b.r1 * s, h) - b.r0 * s, m: m + min(b.c1 * s, w) - b.c0 * s]
+            return stats_parts(centre, binarize(centre, cfg), ltiles)
+
+        parts = TG.run_blocks(TG.lazy_canvas(prob, grid), grid, k, write, strip)
+    return grid, stats_from_parts(parts)

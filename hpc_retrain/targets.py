@@ -10,6 +10,7 @@ edges fall on tile strides) is padded the way ``extract_tiles`` pads, and cut bl
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -45,6 +46,10 @@ def target_stats(tiles: np.ndarray) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------- large scans
+# Width of the vertical strips a large scan is processed in (scaled pixels); see ``run_blocks``.
+STRIP_PX = 8192
+
+
 def is_large(shape: tuple[int, int], cfg: RunConfig) -> bool:
     """Fields this big are processed chunk by chunk (never as one float64 image)."""
     return max(shape) > 2 * cfg.infer.chunk
@@ -119,11 +124,67 @@ def write_block(arr, first_tile: int, grid: T.TileGrid, b: Block, tiles: np.ndar
         arr[first_tile + start: first_tile + start + n] = tiles[k0: k0 + n]
 
 
-def run_blocks(canvas: da.Array, grid: T.TileGrid, k: int, fn: Callable[[np.ndarray, Block], Any]) -> list[Any]:
-    """``fn(window, block)`` for every block, as one graph so shared feature chunks are computed once;
-    synchronous, so a field task uses one core and holds only the chunks its current blocks need."""
-    tasks = [dask.delayed(fn)(window(canvas, grid, b), b) for b in blocks(grid, k)]
-    return list(dask.compute(*tasks, scheduler="synchronous"))
+def _block_edges(n: int, k: int, s: int, m: int) -> tuple[int, ...]:
+    sizes = [min(k, n - i) * s for i in range(0, n, k)]
+    sizes[0] += m
+    sizes[-1] += m
+    return tuple(sizes)
+
+
+def map_windows(canvas: da.Array, grid: T.TileGrid, k: int, fn, chunks=None, dtype=object) -> da.Array:
+    """``fn(window, block)`` over every block of ``k x k`` tiles, as one Dask collection.
+
+    The canvas is chunked on block edges and overlapped by the margin, so each chunk *is* a block's window
+    and neighbouring blocks share computed chunks instead of recomputing them (separate collections per
+    window would each inline their own copy of the feature graph). ``chunks=None``: ``fn`` returns any
+    object, collected in a (block rows, block cols) object array; otherwise it returns an array of the
+    block's ``chunks`` entry.
+    """
+    s, m = grid.stride, grid.margin
+    rows, cols = grid.rows_cols
+    c = canvas.rechunk((_block_edges(rows, k, s, m), _block_edges(cols, k, s, m), -1))
+    ov = da.overlap.overlap(c, depth={0: m, 1: m, 2: 0}, boundary="none")
+
+    def call(win: np.ndarray, block_id=None):
+        i, j = block_id[0], block_id[1]
+        b = Block(i * k, min(i * k + k, rows), j * k, min(j * k + k, cols))
+        y = fn(win, b)
+        if chunks is not None:
+            return y
+        out = np.empty((1, 1), object)
+        out[0, 0] = y
+        return out
+
+    # A fresh name: Dask would otherwise hash ``fn`` and everything it closes over (a Keras model, ...).
+    name = f"tile-blocks-{uuid.uuid4().hex}"
+    if chunks is None:
+        nb = ov.numblocks
+        return ov.map_blocks(call, drop_axis=2, chunks=((1,) * nb[0], (1,) * nb[1]), dtype=object,
+                             meta=np.empty((0, 0), object), name=name)
+    return ov.map_blocks(call, chunks=chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype), name=name)
+
+
+def strip_blocks(cfg: RunConfig) -> int:
+    """Block columns computed together: about ``STRIP_PX`` scaled pixels, at least two blocks."""
+    stride = cfg.tiling.size - 2 * cfg.tiling.margin
+    return max(2, STRIP_PX // (block_tiles(cfg) * stride))
+
+
+def run_blocks(canvas: da.Array, grid: T.TileGrid, k: int, fn: Callable[[np.ndarray, Block], Any],
+               strip: int | None = None) -> list[Any]:
+    """``fn(window, block)`` for every block, synchronously; returns the results in block order.
+
+    Computed once, a 2-D stencil keeps a whole row of chunks in flight, so memory would grow with the
+    scan's width. Vertical strips of ``strip`` block columns cap that: each strip recomputes the one
+    chunk column of features it shares with each neighbour (a cost of about 2/strip), and peak memory
+    no longer depends on the scan's size.
+    """
+    out = map_windows(canvas, grid, k, fn)
+    res = np.empty(out.shape, object)
+    step = strip or out.shape[1]
+    for j in range(0, out.shape[1], step):
+        res[:, j: j + step] = out[:, j: j + step].compute(scheduler="synchronous")
+    return list(res.ravel())
 
 
 def write_target_tiles(bf, cfg: RunConfig, arr, first_tile: int, source: str = "image") -> tuple[T.TileGrid, dict]:
@@ -143,4 +204,4 @@ def write_target_tiles(bf, cfg: RunConfig, arr, first_tile: int, source: str = "
         write_block(arr, first_tile, grid, b, tiles)
         return stats_parts(tiles)
 
-    return grid, stats_from_parts(run_blocks(canvas, grid, block_tiles(cfg), one))
+    return grid, stats_from_parts(run_blocks(canvas, grid, block_tiles(cfg), one, strip_blocks(cfg)))

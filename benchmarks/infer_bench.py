@@ -1,0 +1,279 @@
+"""Inference on CPU, ours vs the MISIC reference path, side by side: speed and peak memory.
+
+    python -m benchmarks.infer_bench --quick      # about 5 minutes on 2 cores
+    python -m benchmarks.infer_bench              # the full sizes (tens of minutes)
+
+Reference ("what a user does today"): the whole-image shape index in float64 (as MISIC's
+``shapeindex_preprocess`` returns it), ``misic.utils.extract_tiles``, ``model.predict``,
+``misic.utils.stitch_tiles``, ``skimage.transform.resize`` back to the image, and for instances MISIC's
+``postprocess_ws``. Ours: ``infer.predict_field`` / ``infer.segment_scan`` and ``instances``. Both use
+the same features and the same model, so the probabilities agree (the table shows the largest difference).
+
+Speed: megapixels (of the original image) per second, median of the repetitions, both sides in this
+process, alternating. Memory: peak RSS of a fresh process segmenting one square scan, ours from an
+OME-Zarr array into Zarr outputs, the reference from a TIFF into memory; the reference is run only while
+its estimated peak fits in the free memory, and the table says where it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REF_BYTES_PER_SCALED_PX = 100  # reference, per rescaled px: f64 features, f64 tiles (x1.31 overlap), stitch
+REF_BYTES_PER_PX = 100  # per original px: f64 image, resize output, postprocess_ws's f64 Hessian and watershed
+
+
+def _cfg(mean_width: float = 7.0):
+    from hpc_retrain.config import RunConfig
+
+    return RunConfig().updated(preprocess__mean_width=mean_width)
+
+
+# ------------------------------------------------------------------------------------------ paths
+def reference_probabilities(model, im: np.ndarray, cfg) -> np.ndarray:
+    import misic.utils as mu
+    from skimage.transform import resize
+
+    from hpc_retrain import preprocess as P
+
+    sh = P.features_np(im, cfg.preprocess.brightfield, cfg.preprocess).astype(np.float64)
+    tiles, params = mu.extract_tiles(sh, size=cfg.tiling.size, exclude=cfg.tiling.margin)
+    del sh
+    yp = model.predict(tiles, verbose=0)  # as MiSiC.segment calls it (Keras' default batch of 32)
+    del tiles
+    y = mu.stitch_tiles(yp, params)
+    return resize(y, im.shape + (y.shape[-1],), order=1)
+
+
+def reference_instances(im: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    from misic.extras import postprocess_ws
+
+    return postprocess_ws(im.astype(np.float64), prob)
+
+
+def ours_probabilities(predictor, im: np.ndarray, cfg) -> np.ndarray:
+    from hpc_retrain import infer
+
+    return infer.predict_field(predictor, im, cfg, "stitch")
+
+
+def _timed(fn, *a):
+    t = time.perf_counter()
+    out = fn(*a)
+    return out, time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------------------ speed
+def speed(plates: dict[int, tuple[int, int]], seed: int = 0) -> list[dict]:
+    """``plates``: field size -> (fields on the plate, repetitions). Segments the plate both ways."""
+    from hpc_retrain import infer, synth
+    from hpc_retrain import model as M
+
+    cfg = _cfg()
+    model = M.load()
+    predictor = infer.Predictor(model, cfg.infer.batch_size)
+    warm = synth.render_field(seed, (256, 256)).brightfield
+    list(infer.segment_fields(predictor, [warm], cfg))  # trace both sides once, outside the timings
+    reference_probabilities(model, warm, cfg)
+    rows = []
+    for n, (count, reps) in plates.items():
+        images = [synth.render_field(seed + n + i, (n, n)).brightfield for i in range(count)]
+        t: dict[str, list[float]] = {"ours": [], "ref": [], "ref_prob": []}
+        diff = 0.0
+        for _ in range(reps):  # alternating, so a change in machine load hits both sides
+            start, ref_probs, t_prob = time.perf_counter(), [], 0.0
+            for im in images:
+                p, dt = _timed(reference_probabilities, model, im, cfg)
+                t_prob += dt
+                reference_instances(im, p)
+                ref_probs.append(p)
+            t["ref"].append(time.perf_counter() - start)
+            t["ref_prob"].append(t_prob)
+            ours, dt = _timed(lambda: list(infer.segment_fields(predictor, images, cfg, "stitch")))
+            t["ours"].append(dt)
+            diff = max(diff, max(float(np.abs(o[0] - r[..., :2]).max()) for o, r in zip(ours, ref_probs)))
+            del ours, ref_probs
+        med = {k: float(np.median(v)) for k, v in t.items()}
+        mp = count * n * n / 1e6
+        row = {"size": n, "fields": count, "reps": reps, "megapixels": mp, "max_abs_diff": diff,
+               "seconds": med, "raw_seconds": t,
+               "mp_s": {"ours": mp / med["ours"], "ref": mp / med["ref"], "ref_prob_only": mp / med["ref_prob"]}}
+        row["ratio"] = row["mp_s"]["ours"] / row["mp_s"]["ref"]
+        rows.append(row)
+        print(f"  {count} x {n} px: ours {row['mp_s']['ours']:.4f} MP/s, reference {row['mp_s']['ref']:.4f} MP/s "
+              f"(x{row['ratio']:.2f}), max |diff| {diff:.1e}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ memory
+def write_scan(folder: Path, n: int, seed: int = 0, mean_width: float = 7.0) -> tuple[Path, Path]:
+    """A square brightfield scan as a Zarr array (ours) and a TIFF (reference), tiled from one field."""
+    import tifffile
+    import zarr
+
+    from hpc_retrain import synth
+
+    tile = min(n, 2048)
+    base = synth.render_field(seed, (tile, tile), mean_width=mean_width).brightfield
+    zpath, tpath = folder / f"scan{n}.zarr", folder / f"scan{n}.tif"
+    arr = zarr.create_array(str(zpath), shape=(n, n), dtype=base.dtype, chunks=(2048, 2048))
+    for r in range(0, n, tile):
+        for c in range(0, n, tile):
+            arr[r:r + tile, c:c + tile] = base
+    tifffile.imwrite(tpath, np.tile(base, (n // tile, n // tile)), bigtiff=True)
+    return zpath, tpath
+
+
+def peak_rss_gib() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a
+    child of a big parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _rss_child(side: str, scan: str, mean_width: float, out_dir: str) -> dict:
+    """Runs in a fresh process: segment one scan, report peak RSS (and the RSS with only TF + model)."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    from hpc_retrain import infer
+    from hpc_retrain import model as M
+
+    cfg = _cfg(mean_width)
+    model = M.load()
+    base = peak_rss_gib()
+    t = time.perf_counter()
+    if side == "ours":
+        image = da.from_zarr(zarr.open_array(scan, mode="r"))
+        n = image.shape[0]
+        root = zarr.open_group(out_dir, mode="w")
+        prob = root.create_array("prob", shape=(2, n, n), dtype=np.float32, chunks=(1, 2048, 2048))
+        labels = root.create_array("labels", shape=(n, n), dtype=np.int32, chunks=(2048, 2048))
+        cells = infer.segment_scan(model, image, cfg, prob, labels, "stitch", tmpdir=out_dir)
+    else:
+        im = tifffile.imread(scan)
+        p = reference_probabilities(model, im, cfg)
+        cells = int(reference_instances(im, p).max())
+    return {"side": side, "seconds": time.perf_counter() - t, "cells": int(cells),
+            "peak_rss_gib": peak_rss_gib(), "base_rss_gib": base}
+
+
+def memory(sizes: list[int], mean_width: float, workdir: Path) -> list[dict]:
+    import psutil
+
+    from hpc_retrain import preprocess as P
+
+    cfg = _cfg(mean_width)
+    rows = []
+    for n in sizes:
+        zpath, tpath = write_scan(workdir, n, mean_width=mean_width)
+        scaled = np.prod(P.rescaled_shape((n, n), cfg.preprocess.scale))
+        est = (scaled * REF_BYTES_PER_SCALED_PX + n * n * REF_BYTES_PER_PX) / 2**30
+        row = {"size": n, "mean_width": mean_width, "scale": cfg.preprocess.scale, "ref_estimate_gib": est}
+        for side in ("ours", "ref"):
+            free = psutil.virtual_memory().available / 2**30
+            if side == "ref" and est > 0.5 * free:
+                row[side] = {"skipped": f"estimated {est:.1f} GiB > half the {free:.1f} GiB free"}
+                print(f"  {n} px reference: skipped ({row[side]['skipped']})", flush=True)
+                continue
+            out_dir = tempfile.mkdtemp(dir=workdir)
+            cmd = [sys.executable, "-m", "benchmarks.infer_bench", "--rss-child", side, "--scan",
+                   str(zpath if side == "ours" else tpath), "--mean-width", str(mean_width), "--out-dir", out_dir]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                row[side] = {"failed": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+            else:
+                row[side] = json.loads(lines[-1])
+            print(f"  {n} px {side}: {row[side]}", flush=True)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+def table(result: dict) -> str:
+    out = ["Segmenting a plate on CPU (probabilities + instances; megapixels of the original images per s,",
+           "medians; ours: segment_fields pipeline, reference: MISIC path + postprocess_ws per field)",
+           f"{'plate':>12} {'ours':>9} {'ref':>9} {'ratio':>6} {'ref prob only':>14} {'max|diff|':>10}"]
+    for r in result["speed"]:
+        m = r["mp_s"]
+        out.append(f"{str(r['fields']) + ' x ' + str(r['size']):>12} {m['ours']:>9.4f} {m['ref']:>9.4f} "
+                   f"{r['ratio']:>6.2f} {m['ref_prob_only']:>14.4f} {r['max_abs_diff']:>10.1e}")
+    if result.get("memory"):
+        mw = result["memory"][0]["mean_width"]
+        out += ["", f"Peak RSS segmenting one scan (GiB; mean_width {mw}, scale {result['memory'][0]['scale']};"
+                    " TF + model alone in brackets)",
+                f"{'scan':>7} {'ours':>14} {'ref':>14} {'ours s':>8} {'ref s':>8}"]
+        for r in result["memory"]:
+            def cell(side):
+                d = r[side]
+                if "peak_rss_gib" in d:
+                    return f"{d['peak_rss_gib']:.2f} ({d['base_rss_gib']:.2f})", f"{d['seconds']:.0f}"
+                return ("skipped" if "skipped" in d else "failed"), "-"
+            (o, os_), (f, fs) = cell("ours"), cell("ref")
+            out.append(f"{r['size']:>7} {o:>14} {f:>14} {os_:>8} {fs:>8}")
+        stopped = [r for r in result["memory"] if "peak_rss_gib" not in r["ref"]]
+        if stopped:
+            why = stopped[0]["ref"].get("skipped") or stopped[0]["ref"].get("failed")
+            out.append(f"reference stops at {stopped[0]['size']} px: {why}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.infer_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions; scans at low magnification")
+    ap.add_argument("--json", default=str(HERE / "out" / "infer_bench.json"), help="where the JSON goes")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--rss-child", choices=("ours", "ref"), help=argparse.SUPPRESS)
+    ap.add_argument("--scan", help=argparse.SUPPRESS)
+    ap.add_argument("--mean-width", type=float, default=7.0, help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.rss_child:
+        print(json.dumps(_rss_child(args.rss_child, args.scan, args.mean_width, args.out_dir)))
+        return 0
+    # --quick: the scans at low magnification (mean cell width 40 px, scale 0.25) keep the model's share
+    # small; the full run uses the default 7 px cells (scale 1.43), ~11,000 tiles at 16384 px.
+    plates = {512: (4, 2), 2048: (1, 1)} if args.quick else {512: (8, 3), 2048: (2, 3)}
+    mem_sizes, mem_width = [4096, 8192, 16384], (40.0 if args.quick else 7.0)
+    result = {"command": "python -m benchmarks.infer_bench" + (" --quick" if args.quick else ""),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count()}
+    print("speed:", flush=True)
+    result["speed"] = speed(plates)
+    if not args.skip_memory:
+        print("memory:", flush=True)
+        with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
+            result["memory"] = memory(mem_sizes, mem_width, Path(tmp))
+    text = table(result)
+    result["table"] = text
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print()
+    print(text)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

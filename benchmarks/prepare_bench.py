@@ -1,0 +1,225 @@
+"""Benchmark of ``hpc-retrain labels/targets/prepare``: peak memory on large scans, throughput over fields.
+
+    python -m benchmarks.prepare_bench --quick      # a few minutes on 2 cores
+    python -m benchmarks.prepare_bench              # larger plates, labels on every scan size
+
+1. Peak RSS of one ``hpc-retrain`` process on single-field scans of 4096, 8192 and 16384 px (OME-Zarr,
+   1024 px chunks), processed chunk by chunk: it should stay flat as the scan grows. The 4096 px scan is
+   also run through the whole-image path for comparison.
+2. Fields per second on a synthetic TIFF plate: a plain per-image loop (read, label, cut targets, write
+   the same store arrays; no Dask) vs ``prepare --workers 1`` vs ``--workers 2``, all measured here, side
+   by side: wall time including start-up, and steady state from the store's per-field finish times.
+
+Every measured run is a fresh child process; its own high-water mark (VmHWM) is its peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ child modes
+def _child_cli(argv: list[str]) -> None:
+    from hpc_retrain import cli
+
+    t0 = time.time()
+    rc = cli.main(argv)
+    _report(rc=rc, seconds=time.time() - t0)
+
+
+def _child_loop(plate: str, out: str) -> None:
+    """The baseline: one image after another with the same functions, no Dask, no resume, no QC table."""
+    import tifffile
+
+    t0 = time.time()
+    from hpc_retrain import labels as L
+    from hpc_retrain import store as S
+    from hpc_retrain import targets as TG
+    from hpc_retrain.config import RunConfig
+    from hpc_retrain.plate import open_plate
+
+    cfg = RunConfig().updated(plate__path=plate)
+    fields = open_plate(cfg.plate).fields
+    entries = S.plan_fields(fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
+    root = S.create(out, entries, cfg.to_dict(), cfg.tiling.size)
+    model = L.get_model()
+    finished = []
+    for e in entries:
+        fl = tifffile.imread(Path(plate) / f"{e.well}_s{e.field}_fluorescence.tif")
+        bf = tifffile.imread(Path(plate) / f"{e.well}_s{e.field}_brightfield.tif")
+        p, lab, _, _ = L.label_tiles(fl, model, cfg)
+        t, _ = TG.target_tiles(bf, cfg)
+        root["probabilities"][e.tiles] = p
+        root["labels"][e.tiles] = lab
+        root["targets"][e.tiles] = t
+        finished.append(time.time())
+    _report(rc=0, seconds=time.time() - t0, finished=finished)
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM belongs to this program's own address space; ru_maxrss would also carry the high-water mark
+    # of the benchmark process this child was forked from (Linux keeps it across exec).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _report(**kw) -> None:
+    kw["peak_rss_mb"] = _peak_rss_mb()
+    print("BENCH " + json.dumps(kw), flush=True)
+
+
+def _run_child(args: list[str], cwd: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-m", "benchmarks.prepare_bench", *args], cwd=cwd, env=env,
+                         capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("BENCH ")]
+    if res.returncode or not lines:
+        raise RuntimeError(f"benchmark child {args} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    out = json.loads(lines[-1][6:])
+    if out.get("rc"):
+        raise RuntimeError(f"hpc-retrain {args} exited {out['rc']}:\n{res.stderr[-3000:]}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _scan(path: Path, size: int, mean_width: float) -> Path:
+    """A one-field OME-Zarr plate of size x size px, tiled (with mirror flips) from one rendered field."""
+    from hpc_retrain import ngff, synth
+
+    base = synth.render_field(7, (1024, 1024), mean_width=mean_width)
+    reps = size // 1024
+
+    def big(a: np.ndarray) -> np.ndarray:
+        row = np.concatenate([a if j % 2 == 0 else a[:, ::-1] for j in range(reps)], axis=1)
+        return np.concatenate([row if i % 2 == 0 else row[::-1] for i in range(reps)], axis=0)
+
+    plate = ngff.create_plate(path, ["A1"], 1, name=f"scan{size}")
+    ngff.write_field(plate, "A1", 0, np.stack([big(base.brightfield), big(base.fluorescence)]),
+                     ["brightfield", "fluorescence"], chunk=1024)
+    return path
+
+
+def _store_rate(store: Path) -> float:
+    """Steady-state fields/s from when each field finished (start-up excluded)."""
+    import zarr
+
+    g = zarr.open_group(str(store), mode="r")
+    t = np.sort(np.maximum(g["labels_written"][:], g["targets_written"][:]))
+    return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else float("nan")
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+def memory(work: Path, quick: bool) -> list[dict]:
+    mw = 14.0 if quick else 7.0  # quick: ColiCoords-like cells, half the pixels after scaling
+    rows = []
+    plan = [(4096, "targets", 2048), (4096, "targets", 1024), (8192, "targets", 1024), (16384, "targets", 1024),
+            (4096, "labels", 2048), (4096, "labels", 1024)]
+    if not quick:
+        plan += [(8192, "labels", 1024), (16384, "labels", 1024)]
+    scans: dict[int, Path] = {}
+    for size, stage, chunk in plan:
+        if size not in scans:
+            scans[size] = _scan(work / f"scan{size}.zarr", size, mw)
+        out = work / f"scan{size}-{stage}-{chunk}.train.zarr"
+        r = _run_child(["--child-cli", stage, "--plate", str(scans[size]), "--out", str(out), "--mean-width", str(mw),
+                        "--set", f"infer.chunk={chunk}"], work)
+        path = "chunked" if size > 2 * chunk else "whole image"
+        rows.append({"scan": size, "stage": stage, "path": path, "chunk": chunk, "peak_rss_mb": r["peak_rss_mb"],
+                     "seconds": r["seconds"]})
+        print(f"  {stage:8s} {size:6d} px  {path:11s} chunk {chunk:5d}: peak RSS {r['peak_rss_mb']:7.0f} MB "
+              f"in {r['seconds']:6.1f} s", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def throughput(work: Path, quick: bool) -> dict:
+    from hpc_retrain import synth
+
+    n, shape = (8, (512, 512)) if quick else (24, (1024, 1024))
+    plate = synth.write_plate(work / "plate", fmt="tiff", wells=["A1", "A2"], fields_per_well=n // 2, shape=shape,
+                              seed=1)
+    res = {"fields": n, "shape": list(shape)}
+    loop = _run_child(["--child-loop", str(plate), str(work / "loop.zarr")], work)
+    res["loop"] = {"wall_fields_per_s": n / loop["seconds"],
+                   "steady_fields_per_s": (n - 1) / (loop["finished"][-1] - loop["finished"][0]),
+                   "peak_rss_mb": loop["peak_rss_mb"]}
+    for w in (1, 2):
+        out = work / f"w{w}.train.zarr"
+        r = _run_child(["--child-cli", "prepare", "--plate", str(plate), "--out", str(out), "--workers", str(w)], work)
+        res[f"workers{w}"] = {"wall_fields_per_s": n / r["seconds"], "steady_fields_per_s": _store_rate(out),
+                              "peak_rss_mb_main_process": r["peak_rss_mb"]}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child-cli":
+        _child_cli(argv[1:])
+        return 0
+    if argv and argv[0] == "--child-loop":
+        _child_loop(*argv[1:3])
+        return 0
+    p = argparse.ArgumentParser(prog="python -m benchmarks.prepare_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller plates, labels only on the 4096 px scan")
+    p.add_argument("--workdir", type=Path, help="where inputs and stores go (default: a temporary folder)")
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "prepare_bench.json",
+                   help="where the JSON results go (default: benchmarks/out/prepare_bench.json)")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    args = p.parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="prepare-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"prepare benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores, work in {work}")
+    results: dict = {"quick": args.quick, "cores": os.cpu_count()}
+    try:
+        if not args.skip_memory:
+            print("peak memory, one field per scan (OME-Zarr, 1024 px chunks):")
+            rows = results["memory"] = memory(work, args.quick)
+            t = {r["scan"]: r["peak_rss_mb"] for r in rows if r["stage"] == "targets" and r["path"] == "chunked"}
+            if 4096 in t:
+                print("  targets peak RSS relative to the 4096 px scan (chunked): "
+                      + ", ".join(f"{s} px x{t[s] / t[4096]:.2f}" for s in sorted(t)) + "  (pixels: x1, x4, x16)")
+            whole = [r for r in rows if r["scan"] == 4096 and r["path"] == "whole image"]
+            for r in whole:
+                c = next(x for x in rows if x["scan"] == 4096 and x["stage"] == r["stage"] and x["path"] == "chunked")
+                print(f"  {r['stage']} 4096 px: chunked / whole-image peak RSS = "
+                      f"{c['peak_rss_mb'] / r['peak_rss_mb']:.2f}, time {c['seconds'] / r['seconds']:.2f}")
+        if not args.skip_throughput:
+            tp = results["throughput"] = throughput(work, args.quick)
+            print(f"throughput, {tp['fields']} fields of {tp['shape'][0]} x {tp['shape'][1]} px (labels + targets):")
+            for k in ("loop", "workers1", "workers2"):
+                r = tp[k]
+                print(f"  {k:9s}: {r['wall_fields_per_s']:.3f} fields/s wall (with start-up), "
+                      f"{r['steady_fields_per_s']:.3f} fields/s steady")
+            for kind in ("wall", "steady"):
+                a, b, c = (tp[k][f"{kind}_fields_per_s"] for k in ("loop", "workers1", "workers2"))
+                print(f"  ratios ({kind}): workers2/workers1 = {c / b:.2f}, workers1/loop = {b / a:.2f}, "
+                      f"workers2/loop = {c / a:.2f}")
+    finally:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

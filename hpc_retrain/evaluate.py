@@ -1,0 +1,257 @@
+"""Score instance segmentations against reference masks, as cellpose and StarDist do.
+
+Objects are matched one to one by intersection over union (IoU): the IoU of every overlapping pair comes
+from one pass of sparse overlap counting, and pairs are taken greedily by decreasing IoU. For thresholds
+above 0.5 greedy is optimal (a pair with IoU > 0.5 is the only one either object can have). At each
+threshold: precision TP/(TP+FP), recall TP/(TP+FN), F1, average precision TP/(TP+FP+FN) and the mean IoU
+of the matched pairs. Counts add up over fields for the overall figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = (0.5, 0.75, 0.9)
+
+
+class EvaluateError(ValueError):
+    """Predictions or references that cannot be scored; the message names the plate and field."""
+
+
+@dataclass
+class Score:
+    threshold: float
+    tp: int
+    fp: int
+    fn: int
+    iou_sum: float  # over matched pairs; kept so scores of fields add up exactly
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+
+    @property
+    def f1(self) -> float:
+        d = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / d if d else 1.0
+
+    @property
+    def ap(self) -> float:
+        d = self.tp + self.fp + self.fn
+        return self.tp / d if d else 1.0
+
+    @property
+    def mean_iou(self) -> float:
+        return self.iou_sum / self.tp if self.tp else 0.0
+
+    def __add__(self, other: "Score") -> "Score":
+        return Score(self.threshold, self.tp + other.tp, self.fp + other.fp, self.fn + other.fn,
+                     self.iou_sum + other.iou_sum)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("iou_sum")
+        d.update(precision=self.precision, recall=self.recall, f1=self.f1, ap=self.ap, mean_iou=self.mean_iou)
+        return d
+
+
+def iou_pairs(ref: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(ref ids, pred ids, IoU) of every overlapping pair, and the object counts of each image."""
+    ref = np.asarray(ref)
+    pred = np.asarray(pred)
+    if ref.shape != pred.shape:
+        raise EvaluateError(f"reference {ref.shape} and prediction {pred.shape} differ in shape")
+    ref, pred = ref.ravel().astype(np.int64), pred.ravel().astype(np.int64)
+    ref_area = np.bincount(ref)
+    pred_area = np.bincount(pred)
+    n_ref = int(np.count_nonzero(ref_area[1:]))
+    n_pred = int(np.count_nonzero(pred_area[1:]))
+    both = (ref > 0) & (pred > 0)
+    key = ref[both] * (int(pred.max()) + 1) + pred[both]
+    keys, inter = np.unique(key, return_counts=True)
+    r, p = np.divmod(keys, int(pred.max()) + 1)
+    iou = inter / (ref_area[r] + pred_area[p] - inter)
+    return r, p, iou, n_ref, n_pred
+
+
+def match(ref: np.ndarray, pred: np.ndarray, thresholds=THRESHOLDS) -> list[Score]:
+    r, p, iou, n_ref, n_pred = iou_pairs(ref, pred)
+    order = np.argsort(-iou, kind="stable")
+    r, p, iou = r[order], p[order], iou[order]
+    scores = []
+    for t in thresholds:
+        sel = iou >= t
+        used_r: set[int] = set()
+        used_p: set[int] = set()
+        tp, iou_sum = 0, 0.0
+        for a, b, v in zip(r[sel], p[sel], iou[sel]):
+            if a in used_r or b in used_p:
+                continue
+            used_r.add(a)
+            used_p.add(b)
+            tp += 1
+            iou_sum += float(v)
+        scores.append(Score(float(t), tp, n_pred - tp, n_ref - tp, iou_sum))
+    return scores
+
+
+def summarize(per_field: dict[str, list[Score]]) -> list[Score]:
+    total = None
+    for scores in per_field.values():
+        total = list(scores) if total is None else [a + b for a, b in zip(total, scores)]
+    return total or [Score(t, 0, 0, 0, 0.0) for t in THRESHOLDS]
+
+
+def table(per_field: dict[str, list[Score]], overall: list[Score]) -> str:
+    head = f"{'field':<14}{'IoU':>6}{'TP':>7}{'FP':>7}{'FN':>7}{'prec':>8}{'recall':>8}{'F1':>8}{'AP':>8}{'mIoU':>8}"
+    lines = [head, "-" * len(head)]
+    for key, scores in [*per_field.items(), ("overall", overall)]:
+        for s in scores:
+            lines.append(f"{key:<14}{s.threshold:>6.2f}{s.tp:>7}{s.fp:>7}{s.fn:>7}{s.precision:>8.3f}"
+                         f"{s.recall:>8.3f}{s.f1:>8.3f}{s.ap:>8.3f}{s.mean_iou:>8.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ overlays
+def overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8: the image in grey, predicted outlines in magenta, reference outlines in green."""
+    from skimage.segmentation import find_boundaries
+
+    im = np.asarray(image, np.float64)
+    lo, hi = np.percentile(im, (0.5, 99.5))
+    grey = ((im - lo) / (hi - lo if hi > lo else 1)).clip(0, 1)
+    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    if ref is not None:
+        rgb[find_boundaries(ref, mode="inner")] = (0, 220, 0)
+    rgb[find_boundaries(pred, mode="inner")] = (255, 0, 255)
+    return rgb
+
+
+# ------------------------------------------------------------------------------------------ plates
+def _field_key(well: str, field: str) -> str:
+    return f"{well}/{field}"
+
+
+def prediction_fields(path: Path, name: str):
+    """(key, image group, labels array, source key) for each field of an OME-Zarr plate with labels ``name``."""
+    import zarr
+
+    from hpc_retrain import ngff
+
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        entries = ngff.plate_fields(root)
+    except Exception as e:
+        raise EvaluateError(f"{path}: not a readable OME-Zarr plate ({e})") from None
+    out = []
+    for well, idx, gpath in entries:
+        grp = root[gpath]
+        labels = grp.get("labels")
+        if labels is None or name not in labels:
+            raise EvaluateError(f"{path}/{gpath}: no label image {name!r} (run hpc-retrain segment, or pick --name)")
+        src = grp.attrs.get("hpc_retrain_source")
+        # Fields copied from a TIFF plate keep their original names, so TIFF references can be paired.
+        source_key = _field_key(src["well"], src["field"]) if src else _field_key(well, str(idx))
+        out.append((_field_key(well, str(idx)), grp, labels[name]["0"], source_key))
+    return out
+
+
+def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | Path | None = None,
+                   out: str | Path | None = None, overlays: int = 3, image_channel: str | None = None,
+                   thresholds=THRESHOLDS, plate_cfg=None) -> dict[str, Any]:
+    """Score label image ``name`` of every field against ``ref``: a label image of the same plate, or
+    (with ``ref_plate``) a channel of a TIFF/OME-Zarr plate such as ``masks``. Writes JSON (+ PNGs) to ``out``."""
+    from hpc_retrain import ngff
+    from hpc_retrain.config import PlateConfig
+    from hpc_retrain.plate import open_plate
+
+    pred_path = Path(pred_path)
+    fields = prediction_fields(pred_path, name)
+    refs: dict[str, Any] = {}
+    if ref_plate is not None:
+        cfg = plate_cfg or PlateConfig()
+        rp = open_plate(cfg.model_copy(update={"path": Path(ref_plate)}))
+        refs = {_field_key(f.well, f.field): f for f in rp.fields}
+    per_field: dict[str, list[Score]] = {}
+    written = []
+    for k, (key, grp, pred_arr, source_key) in enumerate(fields):
+        pred = np.asarray(pred_arr[...])
+        if ref_plate is None:
+            labels = grp["labels"]
+            if ref not in labels:
+                raise EvaluateError(f"{pred_path}/{key}: no reference label image {ref!r} "
+                                 f"(has {sorted(labels.attrs.get('ome', {}).get('labels', []))})")
+            reference = np.asarray(labels[ref]["0"][...])
+        else:
+            f = refs.get(source_key) or refs.get(key)
+            if f is None:
+                raise EvaluateError(f"{ref_plate}: no field matching {source_key} of {pred_path}")
+            reference = np.asarray(f.channel(ref))
+        if reference.dtype.kind == "b" or (reference.max() == 1 and reference.dtype.kind in "ui"):
+            # A binary mask: its connected components are the reference cells.
+            from scipy import ndimage as ndi
+            reference = ndi.label(reference > 0)[0]
+        per_field[key] = match(reference, pred, thresholds)
+        if out is not None and k < overlays:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            names = ngff.channel_names(grp)
+            ch = image_channel if image_channel in names else names[0]
+            image = np.asarray(grp["0"][names.index(ch)])
+            png = Path(out) / f"overlay_{key.replace('/', '_')}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            plt.imsave(png, overlay(image, pred, reference))
+            written.append(str(png))
+    overall = summarize(per_field)
+    result = {
+        "prediction": str(pred_path), "name": name, "reference": ref,
+        "reference_plate": str(ref_plate) if ref_plate else None,
+        "thresholds": list(thresholds),
+        "overall": [s.as_dict() for s in overall],
+        "fields": {k: [s.as_dict() for s in v] for k, v in per_field.items()},
+        "overlays": written,
+        "table": table(per_field, overall),
+    }
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"scores_{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser, name: str = "evaluate") -> None:
+    p.add_argument("--pred", required=True, metavar="PLATE", help="OME-Zarr plate holding the segmentation")
+    p.add_argument("--name", help="label image to score (default: infer.name)")
+    p.add_argument("--ref", required=True, metavar="NAME",
+                   help="reference masks: a label image of the same plate (e.g. truth), or with --ref-plate "
+                        "a channel of that plate (e.g. masks, binary)")
+    p.add_argument("--ref-plate", metavar="PATH", help="TIFF folder or OME-Zarr plate holding the reference")
+    p.add_argument("--out", metavar="DIR", help="where scores_<name>.json and overlay PNGs go")
+    p.add_argument("--overlays", type=int, default=3, help="overlay PNGs for this many fields (default 3)")
+    p.add_argument("--channel", default=None, help="image channel under the overlays (default: brightfield)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hpc_retrain.cli import config_from_args
+
+    cfg = config_from_args(args, infer__name=args.name)
+    result = evaluate_plate(args.pred, cfg.infer.name, args.ref, args.ref_plate, args.out, args.overlays,
+                            args.channel or cfg.plate.brightfield, plate_cfg=cfg.plate)
+    print(result["table"])
+    if args.out:
+        print(f"scores: {Path(args.out) / f'scores_{cfg.infer.name}.json'}")
+    return 0

@@ -1,0 +1,343 @@
+"""``hpc-retrain labels | targets | prepare``: a plate -> the Zarr training store, one Dask task per field.
+
+Each task reads its field, computes its stage(s), writes its own tiles (one tile per chunk, so tasks never
+share a chunk), its QC and its error text, and only then marks the stage done; ``field_done`` is set once
+both stages are. A killed run is resumed by rerunning the same command: finished stages are skipped, a
+half-written field is simply rewritten. A bad field (constant or NaN image, unreadable file, no cells...)
+is FLAGGED in the QC table with the reason instead of stopping the run.
+
+Next to ``store.py``'s arrays the store holds, per stage (``labels``, ``targets``), arrays of shape (F,):
+``<stage>_done`` uint8, ``<stage>_error`` str (empty when fine) and ``<stage>_written`` float64 (Unix time
+the stage finished, to audit resumes). ``config.yaml`` inside the store and ``<store>.qc.csv`` beside it
+summarize the run for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpc_retrain import store as S
+from hpc_retrain.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+STAGES: dict[str, tuple[str, ...]] = {"labels": ("labels",), "targets": ("targets",),
+                                      "prepare": ("labels", "targets")}
+# Sections whose values change what is stored; a store made with other values is refused.
+COMPARED = ("plate", "preprocess", "labels", "tiling")
+STAGE_QC = {"labels": S.QC_COLUMNS[:7], "targets": S.QC_COLUMNS[7:]}
+
+
+class PrepareError(ValueError):
+    """A run that cannot go on (every field flagged, a store made with other parameters...)."""
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser, name: str = "prepare") -> None:
+    what = {"labels": "labels, probabilities and label QC", "targets": "target tiles",
+            "prepare": "labels and targets"}[name]
+    parser.add_argument("--plate", type=Path, help="TIFF folder or OME-Zarr HCS plate (default: plate.path)")
+    parser.add_argument("--out", type=Path, metavar="STORE",
+                        help=f"training store to fill with {what} (default: ./<plate name>.train.zarr); "
+                        "the QC table is written beside it as <store>.qc.csv")
+    parser.add_argument("--workers", type=int, help="local Dask worker processes (default: cluster.workers; "
+                        "1 runs in this process)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="use a running Dask scheduler, e.g. tcp://host:8786 "
+                        "(its workers must see the plate and the store at the same paths)")
+    parser.add_argument("--mean-width", type=float, help="mean cell width in pixels (preprocess.mean_width)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild the store if it exists with other parameters (otherwise it is refused)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hpc_retrain.cli import config_from_args
+
+    plate = args.plate.resolve() if args.plate else None
+    cfg = config_from_args(args, **{"plate.path": plate, "cluster.workers": args.workers,
+                                    "cluster.scheduler_address": args.scheduler,
+                                    "preprocess.mean_width": args.mean_width})
+    if cfg.plate.path is None:
+        raise PrepareError("no plate: give --plate PATH or set plate.path in the config")
+    cfg = cfg.updated(plate__path=Path(cfg.plate.path).resolve())
+    out = args.out or default_store(cfg.plate.path)
+    summary = run(cfg, out, STAGES[args.command], overwrite=args.overwrite)
+    print(summary.text())
+    return 0
+
+
+def default_store(plate: Path) -> Path:
+    name = Path(plate).name
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return Path.cwd() / f"{name}.train.zarr"
+
+
+def qc_path(store_path: Path) -> Path:
+    p = Path(store_path)
+    return p.with_name((p.name[:-5] if p.name.endswith(".zarr") else p.name) + ".qc.csv")
+
+
+# ----------------------------------------------------------------------------------------- the run
+class _FieldRef:
+    """Carries a plate Field into a task as-is (Dask would otherwise unpack its lazy arrays)."""
+
+    def __init__(self, field):
+        self.field = field
+
+
+def run(cfg: RunConfig, store_path: str | Path, stages: tuple[str, ...] = ("labels", "targets"),
+        overwrite: bool = False, progress: bool = True) -> "Summary":
+    """Fill ``store_path`` with ``stages`` for every field of ``cfg.plate`` not done yet."""
+    import dask
+
+    from hpc_retrain.plate import open_plate
+
+    store_path = Path(store_path)
+    plate = open_plate(cfg.plate)
+    needs = {"labels": cfg.plate.fluorescence, "targets": cfg.plate.brightfield}
+    plate.require(*(needs[s] for s in stages))
+    entries = S.plan_fields(plate.fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
+    root = open_or_create(store_path, entries, cfg, overwrite)
+    cfg.save(store_path)
+
+    done = {s: root[f"{s}_done"][:].astype(bool) for s in STAGES["prepare"]}
+    # A field also needs its task when both stages are done but the run died before ``field_done``.
+    need = ~np.logical_and.reduce([done[s] for s in stages]) | (
+        ~root["field_done"][:].astype(bool) & done["labels"] & done["targets"])
+    todo = [e for e in entries if need[e.index]]
+    log.info("%s: %d fields, %d to do (%s)", store_path, len(entries), len(todo), " + ".join(stages))
+    if todo:
+        workers = cfg.cluster.workers
+        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 and not cfg.cluster.scheduler_address \
+            else None
+        tasks = [dask.delayed(process_field, pure=False)(_FieldRef(plate.fields[e.index]), e, str(store_path),
+                                                          cfg, stages, threads) for e in todo]
+        _compute(tasks, cfg, progress)
+    return finalize(store_path, stages)
+
+
+def _compute(tasks, cfg: RunConfig, progress: bool) -> list[Any]:
+    import dask
+
+    if cfg.cluster.scheduler_address or cfg.cluster.workers > 1:
+        from distributed import Client, LocalCluster
+        from distributed import progress as dprogress
+
+        if cfg.cluster.scheduler_address:
+            client, cluster = Client(cfg.cluster.scheduler_address), None
+        else:
+            # One thread per process: TensorFlow and the filters release the GIL only in part.
+            cluster = LocalCluster(n_workers=cfg.cluster.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+            client = Client(cluster)
+        try:
+            futures = client.compute(tasks)
+            if progress:
+                dprogress(futures)
+            return client.gather(futures)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(minimum=1.0, dt=0.5):
+            return list(dask.compute(*tasks, scheduler="synchronous"))
+    return list(dask.compute(*tasks, scheduler="synchronous"))
+
+
+# ------------------------------------------------------------------------------------------- store
+def open_or_create(path: Path, entries: list[S.FieldEntry], cfg: RunConfig, overwrite: bool):
+    import zarr
+
+    config = cfg.to_dict()
+    if path.exists():
+        try:
+            root = S.open_store(path, mode="r+")
+        except S.StoreError:
+            if any(path.iterdir()) if path.is_dir() else True:
+                raise S.StoreError(f"{path}: exists and is not a training store; choose another --out") from None
+            root = None
+        if root is not None:
+            diffs = _differences(root.attrs.get("config", {}), config, root.attrs.get("fields", []), entries)
+            if not diffs:
+                _ensure_stage_arrays(root, len(entries))
+                return root
+            if not overwrite:
+                raise S.StoreError(f"{path}: was made with other parameters ({'; '.join(diffs[:5])}); "
+                                   f"rerun with --overwrite to rebuild it, or choose another --out")
+            log.warning("%s: rebuilding (--overwrite): %s", path, "; ".join(diffs[:5]))
+        shutil.rmtree(path)
+        qc_path(path).unlink(missing_ok=True)
+    root = S.create(path, entries, config, cfg.tiling.size)
+    _ensure_stage_arrays(root, len(entries))
+    return zarr.open_group(str(path), mode="r+")
+
+
+def _differences(old: dict, new: dict, old_fields: list[dict], entries: list[S.FieldEntry]) -> list[str]:
+    diffs = []
+    for sec in COMPARED:
+        a, b = old.get(sec, {}), new.get(sec, {})
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                diffs.append(f"{sec}.{k}: {a.get(k)!r} in the store, {b.get(k)!r} now")
+    now = [(e.well, e.field, list(e.shape)) for e in entries]
+    before = [(f["well"], f["field"], list(f["shape"])) for f in old_fields]
+    if now != before:
+        diffs.append(f"the plate's fields changed ({len(before)} in the store, {len(now)} now)")
+    return diffs
+
+
+def _ensure_stage_arrays(root, nf: int) -> None:
+    for stage in STAGES["prepare"]:
+        if f"{stage}_done" not in root:
+            root.create_array(f"{stage}_done", shape=(nf,), dtype="uint8", chunks=(1,), fill_value=0)
+            root.create_array(f"{stage}_error", shape=(nf,), dtype=str, chunks=(1,))
+            root.create_array(f"{stage}_written", shape=(nf,), dtype="float64", chunks=(1,), fill_value=np.nan)
+
+
+# ------------------------------------------------------------------------------------------ a field
+def process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: RunConfig,
+                  stages: tuple[str, ...], threads: int | None = None) -> dict[str, str]:
+    """One Dask task: every requested, unfinished stage of one field, written into the store."""
+    import dask
+    import zarr
+
+    root = zarr.open_group(store_path, mode="r+")
+    i, errors = entry.index, {}
+    # Whatever runs inside this task (a large scan's chunks) stays in this worker thread.
+    with dask.config.set(scheduler="synchronous"):
+        for stage in stages:
+            if root[f"{stage}_done"][i]:
+                continue
+            t0 = time.time()
+            qc, error = _run_stage(stage, ref.field, entry, root, cfg, threads)
+            cols = [S.QC_COLUMNS.index(c) for c in STAGE_QC[stage]]
+            row = root["field_qc"][i]
+            row[cols] = [qc.get(c, np.nan) for c in STAGE_QC[stage]]
+            root["field_qc"][i] = row
+            root[f"{stage}_error"][i] = error
+            root[f"{stage}_written"][i] = time.time()
+            root[f"{stage}_done"][i] = 1  # last: a stage killed before this line is redone on resume
+            errors[stage] = error
+            log.info("%s %s: %s (%.1f s)", entry.well, entry.field, f"{stage} FLAGGED: {error}" if error
+                     else f"{stage} ok", time.time() - t0)
+    _set_field_state(root, i)
+    return errors
+
+
+def _run_stage(stage: str, field, entry: S.FieldEntry, root, cfg: RunConfig, threads) -> tuple[dict, str]:
+    from hpc_retrain import labels as L
+    from hpc_retrain import targets as TG
+    from hpc_retrain.plate import PlateError
+    from hpc_retrain.preprocess import ImageError
+
+    source = f"{entry.source} ({cfg.plate.fluorescence if stage == 'labels' else cfg.plate.brightfield})"
+    try:
+        im = _read(field, cfg.plate.fluorescence if stage == "labels" else cfg.plate.brightfield, cfg, source)
+        if stage == "labels":
+            model = L.get_model(None, threads)
+            grid, qc = L.write_label_tiles(im, model, cfg, root["probabilities"], root["labels"],
+                                           entry.first_tile, source)
+            reasons = L.qc_flags(qc)
+        else:
+            grid, qc = TG.write_target_tiles(im, cfg, root["targets"], entry.first_tile, source)
+            reasons = []
+    except (ImageError, PlateError, OSError) as e:
+        return {}, str(e)
+    if len(grid) != entry.n_tiles:  # the plan and the pixels disagree: never store misaligned tiles
+        return qc, f"{source}: {len(grid)} tiles computed but {entry.n_tiles} planned; image size changed?"
+    return qc, "; ".join(reasons)
+
+
+def _read(field, channel: str, cfg: RunConfig, source: str):
+    """The channel in memory, or still lazy when it is a large scan processed chunk by chunk."""
+    from hpc_retrain import targets as TG
+    from hpc_retrain.plate import PlateError
+
+    arr = field.channel(channel)
+    if TG.is_large(tuple(arr.shape), cfg):
+        return arr
+    try:
+        return np.asarray(arr.compute())
+    except PlateError:
+        raise
+    except Exception as e:  # a damaged chunk or file: name it, flag the field
+        raise PlateError(f"{source}: pixels unreadable ({type(e).__name__}: {e})") from None
+
+
+def _set_field_state(root, i: int) -> None:
+    done = [bool(root[f"{s}_done"][i]) for s in STAGES["prepare"]]
+    errors = [str(root[f"{s}_error"][i]) for s, d in zip(STAGES["prepare"], done) if d]
+    if any(done):
+        root["field_status"][i] = S.FLAGGED if any(errors) else S.OK
+    if all(done):
+        root["field_done"][i] = 1
+
+
+# ---------------------------------------------------------------------------------------- summary
+class Summary:
+    def __init__(self, path: Path, rows: list[dict[str, Any]], stages: tuple[str, ...]):
+        self.path, self.rows, self.stages = path, rows, stages
+
+    @property
+    def flagged(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "flagged"]
+
+    def text(self) -> str:
+        n = len(self.rows)
+        ok = sum(r["status"] == "ok" for r in self.rows)
+        lines = [f"{self.path}: {n} fields, {ok} ok, {len(self.flagged)} flagged "
+                 f"({' + '.join(self.stages)}); QC table: {qc_path(self.path)}"]
+        for r in self.flagged[:20]:
+            lines.append(f"  FLAGGED {r['well']} {r['field']}: {r['error']}")
+        if len(self.flagged) > 20:
+            lines.append(f"  ... and {len(self.flagged) - 20} more (see the QC table)")
+        return "\n".join(lines)
+
+
+def finalize(store_path: Path, stages: tuple[str, ...]) -> Summary:
+    """Field states, attrs and the QC table from what the tasks wrote; fails when no field is usable."""
+    import zarr
+
+    root = zarr.open_group(str(store_path), mode="r+")
+    nf = root["field_done"].shape[0]
+    for i in range(nf):  # repairs a run killed between a stage's flag and the field's
+        _set_field_state(root, i)
+    qc = root["field_qc"][:]
+    status = root["field_status"][:]
+    st = {s: (root[f"{s}_done"][:], root[f"{s}_error"][:]) for s in STAGES["prepare"]}
+    names = {S.PENDING: "pending", S.OK: "ok", S.FLAGGED: "flagged"}
+    fields = list(root.attrs["fields"])
+    rows = []
+    for i, f in enumerate(fields):
+        error = "; ".join(str(st[s][1][i]) for s in STAGES["prepare"] if st[s][0][i] and st[s][1][i])
+        f = dict(f, status=names[int(status[i])], error=error)
+        fields[i] = f
+        row = {"index": i, "well": f["well"], "field": f["field"], "status": f["status"],
+               **{f"{s}_done": int(st[s][0][i]) for s in STAGES["prepare"]}, "n_tiles": f["n_tiles"]}
+        row.update({c: float(v) for c, v in zip(S.QC_COLUMNS, qc[i])})
+        row.update(source=f["source"], error=error)
+        rows.append(row)
+    root.attrs["fields"] = fields
+    with open(qc_path(store_path), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    summary = Summary(Path(store_path), rows, stages)
+    finished = [r for r in rows if all(r[f"{s}_done"] for s in stages)]
+    if finished and len(finished) == len(rows) and not any(r["status"] == "ok" for r in rows):
+        raise PrepareError(f"{store_path}: every field was flagged, nothing to train on:\n"
+                           + "\n".join(summary.text().splitlines()[1:]))
+    return summary

@@ -1,0 +1,184 @@
+"""Labels (MISIC on fluorescence) and targets (brightfield features): chunked == whole image, parity with a
+plain MISIC recipe on real ColiCoords pairs, and the QC statistics and flags."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from hpc_retrain import labels as L
+from hpc_retrain import preprocess as P
+from hpc_retrain import synth
+from hpc_retrain import targets as TG
+from hpc_retrain.config import RunConfig
+
+
+@pytest.fixture(scope="module")
+def field():
+    return synth.render_field(11, (300, 260), mean_width=7.0)
+
+
+def _tile_array(n, channels, dtype, size=256):
+    return zarr.create_array(store={}, shape=(n, size, size, channels), dtype=dtype,
+                             chunks=(1, size, size, channels), fill_value=0)
+
+
+# ------------------------------------------------------------------------ chunked == whole image
+@pytest.mark.parametrize("mean_width", [5.0, 7.0, 13.0])
+@pytest.mark.parametrize("chunk", [64, 150])
+@pytest.mark.parametrize("channel", ["brightfield", "fluorescence"])
+def test_dask_features_equal_whole_image(field, mean_width, chunk, channel):
+    cfg = RunConfig().updated(preprocess__mean_width=mean_width)
+    prep = getattr(cfg.preprocess, channel)
+    im = getattr(field, channel)
+    whole = P.features_np(im, prep, cfg.preprocess)
+    lazy = P.features(da.from_array(im, chunks=chunk), prep, cfg.preprocess, chunk=chunk)
+    assert lazy.numblocks[0] > 1
+    np.testing.assert_allclose(lazy.compute(scheduler="synchronous"), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("mean_width,size,margin", [(7.0, 256, 16), (12.0, 64, 8)])
+def test_large_scan_target_tiles_equal_whole_image(mean_width, size, margin, monkeypatch):
+    """The block-by-block path for large scans writes the very tiles the in-memory path cuts, also when
+    it goes in vertical strips of 2 blocks that recompute their shared chunks."""
+    monkeypatch.setattr(TG, "STRIP_PX", 1)
+    im = synth.render_field(4, (600, 540), mean_width=7.0).brightfield
+    cfg = RunConfig().updated(preprocess__mean_width=mean_width, infer__chunk=256,
+                              tiling__size=size, tiling__margin=margin)
+    assert TG.is_large(im.shape, cfg)
+    tiles, grid = TG.target_tiles(im, cfg)
+    arr = _tile_array(len(grid) + 3, 3, "float32", size=size)
+    g, stats = TG.write_target_tiles(da.from_array(im, chunks=200), cfg, arr, 3)
+    assert g == grid and grid.rows_cols[1] > TG.block_tiles(cfg)  # several blocks per row
+    np.testing.assert_array_equal(arr[3:], tiles)
+    assert np.all(arr[:3] == 0)  # other fields' tiles untouched
+    ref = TG.target_stats(tiles)
+    assert stats["target_mean"] == pytest.approx(ref["target_mean"], abs=1e-9)
+    assert stats["target_std"] == pytest.approx(ref["target_std"], rel=1e-9)
+    assert tiles.shape[1:] == (size, size, 3) and tiles.dtype == np.float32
+
+
+def test_large_scan_switch():
+    cfg = RunConfig().updated(infer__chunk=1024)
+    assert not TG.is_large((2048, 2048), cfg) and TG.is_large((2049, 100), cfg)
+
+
+def test_large_scan_labels_equal_whole_image(pretrained_model, monkeypatch):
+    """Both passes of the large-scan labels (stitched map per block, then re-cut with neighbours' margins),
+    in strips of 2 blocks, give the whole-image tiles and QC; a 560 px field with 256 px chunks is 'large'."""
+    monkeypatch.setattr(TG, "STRIP_PX", 1)
+    calls = []
+    predict = L.predict_tiles
+    monkeypatch.setattr(L, "predict_tiles", lambda m, t, b: calls.append(len(t)) or predict(m, t, b))
+    f = synth.render_field(5, (560, 530), mean_width=10.0)
+    cfg = RunConfig().updated(preprocess__mean_width=10.0, infer__chunk=256)
+    assert TG.is_large(f.fluorescence.shape, cfg)
+    ptiles, ltiles, grid, stats = L.label_tiles(f.fluorescence, pretrained_model, cfg)
+    pa, la = _tile_array(len(grid), 2, "float16"), _tile_array(len(grid), 2, "uint8")
+    g, lazy_stats = L.write_label_tiles(da.from_array(f.fluorescence, chunks=200), pretrained_model, cfg, pa, la, 0)
+    assert g == grid and len(grid) == 9 and TG.strip_blocks(cfg) == 2
+    # whole image: 9 tiles in one call; large path: one call per block, none recomputed across strips
+    assert calls[0] == 9 and sorted(calls[1:]) == [1] * 9
+    np.testing.assert_allclose(pa[:].astype(np.float32), ptiles.astype(np.float16).astype(np.float32), atol=1e-3)
+    assert np.mean(la[:] != ltiles) < 1e-4
+    for k in ("body_q1", "body_q4", "positive_body", "positive_contour"):
+        assert lazy_stats[k] == pytest.approx(stats[k], abs=1e-4)
+    # cells split by block edges are counted per block: never fewer, a few more
+    assert stats["cells"] <= lazy_stats["cells"] <= 1.5 * stats["cells"]
+
+
+# ------------------------------------------------------------------------ parity with plain MISIC
+def _misic_reference_features(im, prep, mean_width, sigmas=(1, 1.5, 2)):
+    """The MISIC recipe written out with skimage only (percentile normalization, gamma, rescale,
+    reflect-pad 8, shape index at three scales, negated for dark cells on a light background)."""
+    from skimage import exposure, feature, transform
+
+    im = im.astype(np.float64)
+    lo, hi = np.percentile(im, prep.percentiles)
+    x = exposure.rescale_intensity(im, in_range=(lo, hi), out_range=(0.0, 1.0)) ** prep.gamma
+    x = transform.rescale(x, round(10 / mean_width, 2), order=1, mode="reflect", preserve_range=True)
+    xp = np.pad(x, 8, mode="reflect")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sh = np.stack([feature.shape_index(xp, s)[8:-8, 8:-8] for s in sigmas], axis=-1)
+    return -sh if prep.light_background else sh
+
+
+@pytest.mark.colicoords
+@pytest.mark.parametrize("name", ["ds1/{}/00001.tif", "ds2/{}/00066.tif"])
+def test_parity_with_misic_recipe_on_colicoords(colicoords, pretrained_model, name):
+    from misic.utils import extract_tiles, stitch_tiles
+
+    cfg = RunConfig().updated(preprocess__mean_width=14.0)
+    bf = tifffile.imread(colicoords / name.format("brightfield"))
+    fl = tifffile.imread(colicoords / name.format("fluorescence"))
+    for im, prep in ((bf, cfg.preprocess.brightfield), (fl, cfg.preprocess.fluorescence)):
+        ref = _misic_reference_features(im, prep, 14.0)
+        ours = P.features_np(im, prep, cfg.preprocess)
+        # MISIC leaves 0/0 (perfectly flat patches) as NaN; we store 0 there. Count them, compare the rest.
+        nan = np.isnan(ref)
+        assert nan.mean() < 1e-3
+        assert np.all(ours[nan] == 0)
+        np.testing.assert_allclose(ours[~nan], ref[~nan], atol=1e-4)
+        lazy = P.features(da.from_array(im, chunks=128), prep, cfg.preprocess, chunk=128)
+        np.testing.assert_allclose(lazy.compute(scheduler="synchronous"), ours, atol=1e-6)
+    ref_fl = np.nan_to_num(_misic_reference_features(fl, cfg.preprocess.fluorescence, 14.0))
+    tiles, params = extract_tiles(ref_fl, size=256, exclude=16)
+    ref_prob = stitch_tiles(pretrained_model.predict(tiles, verbose=0), params)
+    prob, lab = L.label_field(fl, pretrained_model, cfg, source=name)
+    assert prob.shape == ref_prob.shape and prob.dtype == np.float32
+    np.testing.assert_allclose(prob, ref_prob, atol=1e-4)
+    np.testing.assert_array_equal(lab[..., 0], prob[..., 0] >= 0.4)
+    np.testing.assert_array_equal(lab[..., 1], prob[..., 1] > 0.1)
+    assert lab[..., 0].mean() > 1e-3  # real cells were found
+
+
+# ------------------------------------------------------------------------------------ QC
+def test_label_stats_by_hand():
+    prob = np.zeros((40, 40, 2), np.float32)
+    prob[:20, :, 0] = 0.3  # 50 % in [0.25, 0.5)
+    prob[2:6, 2:6, 0] = 0.9  # two separate cells
+    prob[10:14, 30:34, 0] = 0.8
+    prob[2:6, 2:6, 1] = 0.2
+    cfg = RunConfig()
+    lab = L.binarize(prob, cfg)
+    s = L.label_stats(prob, lab)
+    assert s["body_q1"] == pytest.approx(0.5) and s["body_q3"] == 0
+    assert s["body_q4"] == pytest.approx(32 / 1600) and s["body_q2"] == pytest.approx(0.5 - 32 / 1600)
+    assert s["positive_body"] == pytest.approx(32 / 1600) and s["positive_contour"] == pytest.approx(16 / 1600)
+    assert s["cells"] == 2
+    # over tiles: positive fractions count the stored pixels (here: the first cell twice)
+    tiles = np.stack([lab[:20, :20], lab[:20, :20]])
+    assert L.label_stats(prob, lab, tiles)["positive_body"] == pytest.approx(32 / 800)
+
+
+def test_thresholds_are_inclusive_as_documented():
+    prob = np.array([[[0.4, 0.1], [0.39, 0.11]]], np.float32)
+    lab = L.binarize(prob, RunConfig())
+    assert lab.tolist() == [[[1, 0], [0, 1]]]
+
+
+@pytest.mark.parametrize("stats,expect", [
+    (dict(body_q1=1.0, body_q2=0, body_q3=0, body_q4=0, positive_body=0.0, cells=0), "no cells"),
+    (dict(body_q1=0.05, body_q2=0, body_q3=0, body_q4=0.95, positive_body=0.95, cells=3), "saturated"),
+    (dict(body_q1=0.9, body_q2=0.04, body_q3=0.03, body_q4=0.03, positive_body=0.05, cells=40), "out of focus"),
+    (dict(body_q1=0.8, body_q2=0.03, body_q3=0.02, body_q4=0.15, positive_body=0.17, cells=40), None),
+])
+def test_qc_flags(stats, expect):
+    reasons = L.qc_flags(stats)
+    assert (expect is None and reasons == []) or (expect is not None and expect in reasons[0])
+
+
+def test_qc_flags_sharp_blurred_and_empty_fluorescence(pretrained_model):
+    """The heuristics on rendered fields: in focus passes, a strong defocus and an empty field are flagged."""
+    cfg = RunConfig()
+    seen = {}
+    for name, kw in (("sharp", {}), ("blurred", {"fl_psf_sigma": 6.0}), ("empty", {"density": 0.0})):
+        f = synth.render_field(2, (256, 256), mean_width=7.0, **kw)
+        _, _, _, stats = L.label_tiles(f.fluorescence, pretrained_model, cfg, name)
+        seen[name] = L.qc_flags(stats)
+    assert seen["sharp"] == []
+    assert seen["blurred"] and "out of focus" in seen["blurred"][0]
+    assert seen["empty"] and "no cells" in seen["empty"][0]
