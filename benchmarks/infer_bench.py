@@ -1,18 +1,22 @@
 """Inference on CPU, ours vs the MISIC reference path, side by side: speed and peak memory.
 
-    python -m benchmarks.infer_bench --quick      # about 5 minutes on 2 cores
-    python -m benchmarks.infer_bench              # the full sizes (tens of minutes)
+    python -m benchmarks.infer_bench --quick      # 8-11 minutes on 2 shared cores (--sizes to trim)
+    python -m benchmarks.infer_bench              # cells 7 px wide: scans of up to ~11,000 tiles (hours)
 
 Reference ("what a user does today"): the whole-image shape index in float64 (as MISIC's
 ``shapeindex_preprocess`` returns it), ``misic.utils.extract_tiles``, ``model.predict``,
 ``misic.utils.stitch_tiles``, ``skimage.transform.resize`` back to the image, and for instances MISIC's
-``postprocess_ws``. Ours: ``infer.predict_field`` / ``infer.segment_scan`` and ``instances``. Both use
+``postprocess_ws``. Ours: ``infer.segment_fields`` / ``infer.segment_scan`` (which include instances). Both use
 the same features and the same model, so the probabilities agree (the table shows the largest difference).
 
-Speed: megapixels (of the original image) per second, median of the repetitions, both sides in this
-process, alternating. Memory: peak RSS of a fresh process segmenting one square scan, ours from an
-OME-Zarr array into Zarr outputs, the reference from a TIFF into memory; the reference is run only while
-its estimated peak fits in the free memory, and the table says where it stops.
+Speed: megapixels (of the original images) per second to segment a small plate (probabilities and
+instances), median of the repetitions, both sides in this process, alternating; ours runs the plate through
+``infer.segment_fields`` (next field's features and last field's instances overlap the model).
+
+Memory: peak RSS of a fresh process segmenting one square scan, ours from an OME-Zarr array into Zarr
+outputs, the reference from a TIFF into memory; the reference is run only while its estimated peak fits
+in half the free memory, and the table says where it stops. --quick scans cells 40 px wide (scale 0.25)
+so the model's share stays small; the full run uses 7 px cells (scale 1.43).
 """
 
 from __future__ import annotations
@@ -241,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.infer_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; scans at low magnification")
     ap.add_argument("--json", default=str(HERE / "out" / "infer_bench.json"), help="where the JSON goes")
-    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true", help="speed only")
+    ap.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[4096, 8192, 16384],
+                    help="scan sizes for peak RSS (default 4096,8192,16384)")
     ap.add_argument("--rss-child", choices=("ours", "ref"), help=argparse.SUPPRESS)
     ap.add_argument("--scan", help=argparse.SUPPRESS)
     ap.add_argument("--mean-width", type=float, default=7.0, help=argparse.SUPPRESS)
@@ -253,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # --quick: the scans at low magnification (mean cell width 40 px, scale 0.25) keep the model's share
     # small; the full run uses the default 7 px cells (scale 1.43), ~11,000 tiles at 16384 px.
-    plates = {512: (4, 2), 2048: (1, 1)} if args.quick else {512: (8, 3), 2048: (2, 3)}
-    mem_sizes, mem_width = [4096, 8192, 16384], (40.0 if args.quick else 7.0)
+    plates = {512: (4, 2), 2048: (1, 2)} if args.quick else {512: (8, 3), 2048: (2, 3)}
+    mem_sizes, mem_width = args.sizes, (40.0 if args.quick else 7.0)
     result = {"command": "python -m benchmarks.infer_bench" + (" --quick" if args.quick else ""),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count()}
