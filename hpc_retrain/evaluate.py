@@ -213,7 +213,7 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
             names = ngff.channel_names(grp)
             ch = image_channel if image_channel in names else names[0]
             image = np.asarray(grp["0"][names.index(ch)])
-            png = Path(out) / f"overlay_{key.replace('/', '_')}.png"
+            png = Path(out) / f"overlay_{name}_{key.replace('/', '_')}.png"
             png.parent.mkdir(parents=True, exist_ok=True)
             plt.imsave(png, overlay(image, pred, reference))
             written.append(str(png))

@@ -428,6 +428,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "segment") -> None:
                    help="also write TIFFs {well}_s{field}_{name}.tif (labels) and _prob.tif (default DIR: "
                         "<plate>_<name>_tiff next to the plate)")
     p.add_argument("--overwrite", action="store_true", help="replace results of the same name")
+    p.add_argument("--wells", metavar="A1,B2", help="segment only these wells (e.g. one per Slurm array task)")
+    p.add_argument("--list-wells", action="store_true", help="print the plate's wells, one a line, and exit")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -449,6 +451,9 @@ def main(args: argparse.Namespace) -> int:
     if cfg.plate.path is None:
         raise CliError("no plate: pass --plate PATH (or set plate.path)")
     plate = PL.open_plate(cfg.plate)
+    if args.list_wells:
+        print("\n".join(dict.fromkeys(f.well for f in plate.fields)))
+        return 0
     channel = getattr(cfg.plate, args.channel)
     plate.require(channel)
     prep = getattr(cfg.preprocess, args.channel)
@@ -458,6 +463,15 @@ def main(args: argparse.Namespace) -> int:
     predict = Predictor(model, cfg.infer.batch_size, cfg.tiling.size)
 
     fields = plate.fields
+    if args.wells:
+        wanted = [w.strip() for w in args.wells.split(",") if w.strip()]
+        unknown = sorted(set(wanted) - {f.well for f in fields})
+        if unknown:
+            raise CliError(f"{plate.path}: no well(s) {unknown}; `--list-wells` shows the plate's wells")
+        if plate.layout != "ome-zarr" and not args.out:
+            # Tasks of a job array would each create the TIFF plate's output plate: one at a time only.
+            log.warning("--wells on a TIFF plate: run the tasks one after the other, or segment an OME-Zarr plate")
+        fields = [f for f in fields if f.well in wanted]
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and plate.layout == "ome-zarr" and out.resolve() == plate.path.resolve():
         out = None

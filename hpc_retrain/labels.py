@@ -7,7 +7,6 @@ not the edge artefacts of the tile's own prediction. TensorFlow is imported only
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -17,8 +16,6 @@ from scipy import ndimage as ndi
 from hpc_retrain import preprocess as P
 from hpc_retrain import tiling as T
 from hpc_retrain.config import RunConfig
-
-log = logging.getLogger(__name__)
 
 # QC limits. A field beyond them is FLAGGED (kept out of training) with the reason in the QC table.
 MIN_POSITIVE_BODY = 1e-4  # below: "no cells" (MISIC found next to nothing)
@@ -151,7 +148,8 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
     A large scan goes block by block in two passes: MISIC on each block's tiles gives the stitched
     probability map, kept in a scratch Zarr array (under $TMPDIR, deleted after the field) so no
     prediction is ever recomputed; then label tiles are cut from that map with the margins taken from
-    neighbouring blocks, exactly as ``label_tiles`` does for a whole image. (Cells crossing a block edge
+    neighbouring blocks, exactly as ``label_tiles`` does for a whole image. Both passes go region by region (see
+    ``targets.run_blocks``). (Cells crossing a block edge
     are counted once per block they touch: the cell count of a large scan is approximate.)
     """
     from hpc_retrain import targets as TG

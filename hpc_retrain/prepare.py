@@ -102,7 +102,7 @@ def run(cfg: RunConfig, store_path: str | Path, stages: tuple[str, ...] = ("labe
 
     from hpc_retrain.plate import open_plate
 
-    store_path = Path(store_path)
+    store_path = Path(store_path).resolve()  # workers may run elsewhere (another cwd or host)
     plate = open_plate(cfg.plate)
     needs = {"labels": cfg.plate.fluorescence, "targets": cfg.plate.brightfield}
     plate.require(*(needs[s] for s in stages))

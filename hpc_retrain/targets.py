@@ -3,9 +3,10 @@
 A field's targets are MISIC shape-index features of its brightfield cut with the same ``TileGrid`` (same
 rescaled shape, size, margin) as its labels, so tile ``i`` of both is the same patch of the field.
 
-Large scans never exist whole in memory: the lazy feature map (``preprocess.features``, chunked so chunk
-edges fall on tile strides) is padded the way ``extract_tiles`` pads, and cut block by block; each block is
-``k x k`` tiles plus the ``margin`` they share with their neighbours.
+Large scans never exist whole in memory: the lazy feature map (``preprocess.features``, in chunks of
+about a block) is padded the way ``extract_tiles`` pads, rechunked on block edges and cut block by block;
+each block is ``k x k`` tiles plus the ``margin`` they share with their neighbours, and blocks are
+computed in square regions so the chunks in flight do not grow with the scan.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import dask
 import dask.array as da
 import numpy as np
 
@@ -46,7 +46,7 @@ def target_stats(tiles: np.ndarray) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------- large scans
-# Width of the vertical strips a large scan is processed in (scaled pixels); see ``run_blocks``.
+# Edge of the square regions a large scan is processed in (scaled pixels); see ``run_blocks``.
 STRIP_PX = 8192
 
 
@@ -86,7 +86,7 @@ def blocks(grid: T.TileGrid, k: int) -> list[Block]:
 
 
 def lazy_features(im: da.Array, prep, cfg: RunConfig, source: str) -> da.Array:
-    """Features of a scan, chunked on tile strides so blocks reuse whole chunks."""
+    """Features of a scan in chunks of one block (a whole number of tile strides)."""
     stride = cfg.tiling.size - 2 * cfg.tiling.margin
     chunk = block_tiles(cfg) * stride
     if not isinstance(im, da.Array):
@@ -165,7 +165,7 @@ def map_windows(canvas: da.Array, grid: T.TileGrid, k: int, fn, chunks=None, dty
 
 
 def strip_blocks(cfg: RunConfig) -> int:
-    """Block columns computed together: about ``STRIP_PX`` scaled pixels, at least two blocks."""
+    """Edge, in blocks, of the regions a large scan is computed in: about ``STRIP_PX`` scaled pixels."""
     stride = cfg.tiling.size - 2 * cfg.tiling.margin
     return max(2, STRIP_PX // (block_tiles(cfg) * stride))
 
@@ -174,16 +174,17 @@ def run_blocks(canvas: da.Array, grid: T.TileGrid, k: int, fn: Callable[[np.ndar
                strip: int | None = None) -> list[Any]:
     """``fn(window, block)`` for every block, synchronously; returns the results in block order.
 
-    Computed once, a 2-D stencil keeps a whole row of chunks in flight, so memory would grow with the
-    scan's width. Vertical strips of ``strip`` block columns cap that: each strip recomputes the one
-    chunk column of features it shares with each neighbour (a cost of about 2/strip), and peak memory
-    no longer depends on the scan's size.
+    Computed in one go, a 2-D stencil keeps a whole row (or column) of chunks in flight, so memory would
+    grow with the scan. Square regions of ``strip`` x ``strip`` blocks, one after the other, cap that:
+    each region recomputes the ring of feature chunks it shares with its neighbours (about 4/strip more
+    feature work), and peak memory no longer depends on the scan's size.
     """
     out = map_windows(canvas, grid, k, fn)
     res = np.empty(out.shape, object)
-    step = strip or out.shape[1]
-    for j in range(0, out.shape[1], step):
-        res[:, j: j + step] = out[:, j: j + step].compute(scheduler="synchronous")
+    step = strip or max(out.shape)
+    for i in range(0, out.shape[0], step):
+        for j in range(0, out.shape[1], step):
+            res[i: i + step, j: j + step] = out[i: i + step, j: j + step].compute(scheduler="synchronous")
     return list(res.ravel())
 
 

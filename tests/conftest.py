@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# submitit configures logging when first imported; if that happens after TensorFlow (absl) has set up its
+# handler inside a test, it closes a stream pytest's capture still owns. Importing it first avoids that.
+import submitit  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 COLICOORDS = Path(os.environ.get("HPC_RETRAIN_COLICOORDS", ROOT.parent / "shared" / "data" / "colicoords"))
 

@@ -205,7 +205,9 @@ def test_sbatch_templates_prepare_train_segment(plate, tmp_path):
     shutil.copytree(plate, seg_plate)
     wells = cli("segment", "--plate", str(seg_plate), "--list-wells").stdout.split()
     assert wells == ["A1", "A2"]
-    p = subprocess.run(["sbatch", "--parsable", "--gres=none", "--mem=4G", f"--array=0-{len(wells) - 1}",
+    # the templates ask for more CPUs than this 2-core node has; the tests ask for one
+    p = subprocess.run(["sbatch", "--parsable", "--gres=none", "--mem=4G", "--cpus-per-task=1",
+                        f"--array=0-{len(wells) - 1}",
                         f"--chdir={tmp_path}", f"--export=ALL,PLATE={seg_plate},MODEL={run}",
                         str(ROOT / "slurm" / "segment.sbatch")], capture_output=True, text=True, env=_env(),
                        check=True)
