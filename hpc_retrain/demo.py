@@ -17,10 +17,11 @@ from hpc_retrain.cli import CliError
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    # 10 x 8 batches of 8 tiles: about 7 minutes on 2 CPU cores, enough for a clear gain over pretrained
+    p.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     p.add_argument("--size", type=int, default=512, help="field size in px (default 512)")
-    p.add_argument("--fields", type=int, default=3, help="fields per well of the training plate (default 3)")
-    p.add_argument("--steps", type=int, default=None, help="cap training batches per epoch (quick runs)")
+    p.add_argument("--fields", type=int, default=2, help="fields per well of the training plate (default 2)")
+    p.add_argument("--steps", type=int, default=8, help="training batches per epoch (default 8; 0: all tiles)")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing output folder")
 
 
@@ -81,6 +82,10 @@ def main(args) -> int:
     return 0
 
 
+def _f1(score: dict) -> float:
+    return next(r["f1"] for r in score["overall"] if r["threshold"] == 0.5)
+
+
 def _summary(scores: dict, timings: dict, total: float) -> str:
     lines = ["hpc-retrain demo: brightfield segmentation of held-out synthetic fields vs their true masks", ""]
     lines.append(f"{'model':<11} {'F1@0.5':>7} {'AP@0.5':>7} {'AP@0.75':>8} {'mean IoU':>9}")
@@ -88,6 +93,9 @@ def _summary(scores: dict, timings: dict, total: float) -> str:
         o = {row["threshold"]: row for row in s["overall"]}
         lines.append(f"{name:<11} {o[0.5]['f1']:>7.3f} {o[0.5]['ap']:>7.3f} {o[0.75]['ap']:>8.3f} "
                      f"{o[0.5]['mean_iou']:>9.3f}")
+    pre, post = (_f1(scores[k]) for k in ("pretrained", "retrained"))
+    verdict = "wins" if post > pre else "does NOT win"
+    lines += ["", f"retraining {verdict}: F1 at IoU 0.5 {pre:.3f} -> {post:.3f} ({post - pre:+.3f})"]
     lines += ["", "time per step (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
               f"total {total:.0f} s"]
     return "\n".join(lines) + "\n"
