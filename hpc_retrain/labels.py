@@ -148,7 +148,7 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
     A large scan goes block by block in two passes: MISIC on each block's tiles gives the stitched
     probability map, kept in a scratch Zarr array (under $TMPDIR, deleted after the field) so no
     prediction is ever recomputed; then label tiles are cut from that map with the margins taken from
-    neighbouring blocks, exactly as ``label_tiles`` does for a whole image. Both passes go region by region (see
+    neighbouring blocks, exactly as ``label_tiles`` does for a whole image. Both passes go strip by strip (see
     ``targets.run_blocks``). (Cells crossing a block edge
     are counted once per block they touch: the cell count of a large scan is approximate.)
     """

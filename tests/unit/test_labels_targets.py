@@ -43,7 +43,7 @@ def test_dask_features_equal_whole_image(field, mean_width, chunk, channel):
 @pytest.mark.parametrize("mean_width,size,margin", [(7.0, 256, 16), (12.0, 64, 8)])
 def test_large_scan_target_tiles_equal_whole_image(mean_width, size, margin, monkeypatch):
     """The block-by-block path for large scans writes the very tiles the in-memory path cuts, also when
-    it goes in regions of 2 x 2 blocks that recompute their shared chunks."""
+    it goes in vertical strips of 2 blocks that recompute their shared chunks."""
     monkeypatch.setattr(TG, "STRIP_PX", 1)
     im = synth.render_field(4, (600, 540), mean_width=7.0).brightfield
     cfg = RunConfig().updated(preprocess__mean_width=mean_width, infer__chunk=256,
@@ -68,7 +68,7 @@ def test_large_scan_switch():
 
 def test_large_scan_labels_equal_whole_image(pretrained_model, monkeypatch):
     """Both passes of the large-scan labels (stitched map per block, then re-cut with neighbours' margins),
-    in regions of 2 x 2 blocks, give the whole-image tiles and QC; a 560 px field with 256 px chunks is 'large'."""
+    in strips of 2 blocks, give the whole-image tiles and QC; a 560 px field with 256 px chunks is 'large'."""
     monkeypatch.setattr(TG, "STRIP_PX", 1)
     calls = []
     predict = L.predict_tiles
@@ -80,7 +80,7 @@ def test_large_scan_labels_equal_whole_image(pretrained_model, monkeypatch):
     pa, la = _tile_array(len(grid), 2, "float16"), _tile_array(len(grid), 2, "uint8")
     g, lazy_stats = L.write_label_tiles(da.from_array(f.fluorescence, chunks=200), pretrained_model, cfg, pa, la, 0)
     assert g == grid and len(grid) == 9 and TG.strip_blocks(cfg) == 2
-    # whole image: 9 tiles in one call; large path: one call per block, none recomputed across regions
+    # whole image: 9 tiles in one call; large path: one call per block, none recomputed across strips
     assert calls[0] == 9 and sorted(calls[1:]) == [1] * 9
     np.testing.assert_allclose(pa[:].astype(np.float32), ptiles.astype(np.float16).astype(np.float32), atol=1e-3)
     assert np.mean(la[:] != ltiles) < 1e-4
