@@ -129,7 +129,7 @@ def test_apptainer_recipe_has_its_sections(singularity):
     assert any("hpc_retrain.healthcheck" in line for line in singularity.install)
     labels = dict(label.split(None, 1) for label in singularity.labels)
     assert labels.get("License") == "GPL-3.0-or-later"
-    assert labels.get("org.opencontainers.image.licenses") == pyproject()["project"]["license"]["text"]
+    assert labels.get("org.opencontainers.image.licenses") == pyproject()["project"]["license"]
 
 
 def test_dockerfile_entrypoint_healthcheck_and_weights_check(docker):
