@@ -147,15 +147,12 @@ def _field_key(well: str, field: str) -> str:
 
 def prediction_fields(path: Path, name: str):
     """(key, image group, labels array, source key) for each field of an OME-Zarr plate with labels ``name``."""
-    import zarr
-
     from hpc_retrain import ngff
 
     try:
-        root = zarr.open_group(str(path), mode="r")
-        entries = ngff.plate_fields(root)
-    except Exception as e:
-        raise EvaluateError(f"{path}: not a readable OME-Zarr plate ({e})") from None
+        root, entries = ngff.open_hcs(path)
+    except ValueError as e:
+        raise EvaluateError(str(e)) from None
     out = []
     for well, idx, gpath in entries:
         grp = root[gpath]

@@ -123,6 +123,15 @@ def plate_fields(root: zarr.Group) -> list[tuple[str, int, str]]:
     return out
 
 
+def open_hcs(path, mode: str = "r") -> tuple[zarr.Group, list[tuple[str, int, str]]]:
+    """Open an HCS plate and list its fields; a ValueError naming ``path`` if it is not one."""
+    try:
+        root = zarr.open_group(str(path), mode=mode)
+        return root, plate_fields(root)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable OME-Zarr HCS plate ({e})") from None
+
+
 def channel_names(field_group: zarr.Group) -> list[str]:
     omero = _ome(field_group).get("omero") or field_group.attrs.get("omero") or {}
     return [c.get("label", str(i)) for i, c in enumerate(omero.get("channels", []))]

@@ -14,7 +14,6 @@ import dask
 import dask.array as da
 import numpy as np
 import tifffile
-import zarr
 
 from hpc_retrain import ngff
 from hpc_retrain.config import PlateConfig
@@ -162,10 +161,9 @@ def read_tiff(path: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- Zarr
 def _open_zarr(root_path: Path) -> Plate:
     try:
-        root = zarr.open_group(str(root_path), mode="r")
-        entries = ngff.plate_fields(root)
-    except Exception as e:
-        raise PlateError(f"{root_path}: not a readable OME-Zarr HCS plate ({e})") from None
+        root, entries = ngff.open_hcs(root_path)
+    except ValueError as e:
+        raise PlateError(str(e)) from None
     fields = []
     for well, idx, gpath in entries:
         grp = root[gpath]
