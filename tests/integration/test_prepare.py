@@ -41,7 +41,11 @@ def built(plate, tmp_path_factory) -> Path:
     return out
 
 
-def _assert_same_store(a: Path, b: Path, prob_atol: float = 0.0, label_tol: float = 0.0) -> None:
+PROB_ATOL = 2e-3  # 4 float16 steps near 1: the store's probabilities across TensorFlow thread counts
+
+
+def _assert_same_store(a: Path, b: Path, prob_atol: float = 0.0, label_tol: float | None = 0.0) -> None:
+    """Bit-identical apart from the given tolerances; ``label_tol=None``: labels checked by the caller."""
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
     for name in ARRAYS:
         x, y = ga[name][:], gb[name][:]
@@ -49,7 +53,7 @@ def _assert_same_store(a: Path, b: Path, prob_atol: float = 0.0, label_tol: floa
         if name == "probabilities":
             np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=prob_atol, err_msg=name)
         elif name == "labels":
-            assert np.mean(x != y) <= label_tol, name
+            assert label_tol is None or np.mean(x != y) <= label_tol, name
         elif name == "field_qc":
             np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4, err_msg=name)
         else:
@@ -259,6 +263,14 @@ def test_two_worker_processes_give_the_same_store(plate, built, tmp_path):
     cfg = RunConfig().updated(plate__path=plate, cluster__workers=2)
     summary = prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
     assert len(summary.rows) == 8 and not summary.flagged
-    # Identical, although each worker runs TensorFlow on 1 thread instead of 2 (oneDNN computes each
-    # output element in one thread); only the per-field finish times differ.
-    _assert_same_store(out, built)
+    # "The same store" (README, Training store): targets, layout and provenance bit-identical; MISIC's
+    # probabilities within PROB_ATOL (TensorFlow's CPU kernels sum in an order that depends on the thread
+    # count, 2 threads in one worker vs 1 in each of two; seen: one float16 step, 4.9e-4, on 0.04 % of
+    # pixels); a label pixel may differ only where its probability lies within PROB_ATOL of the threshold.
+    _assert_same_store(out, built, prob_atol=PROB_ATOL, label_tol=None)
+    a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(built), mode="r")
+    la, lb = a["labels"][:], b["labels"][:]
+    pb = b["probabilities"][:].astype(np.float32)
+    lab = RunConfig().labels
+    near = np.stack([np.abs(pb[..., 0] - lab.body_threshold), np.abs(pb[..., 1] - lab.contour_threshold)], -1)
+    assert not np.any((la != lb) & (near > PROB_ATOL)), "labels differ away from the thresholds"
