@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("hpc_retrain.jobs", "state and latest epoch metrics of a training run"),
     "segment": ("hpc_retrain.infer", "segment a plate with a trained model into OME-Zarr labels"),
     "evaluate": ("hpc_retrain.evaluate", "score segmentations against reference masks"),
+    "crossval": ("hpc_retrain.crossval", "does retraining help on this plate? k-fold by field, scored on held-out fields"),
     "demo": ("hpc_retrain.demo", "synthesize a small plate and run every stage on it"),
 }
 

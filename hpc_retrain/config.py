@@ -61,7 +61,9 @@ class ChannelPrep(_Section):
 
 
 class PreprocessConfig(_Section):
-    mean_width: float = Field(7.0, gt=0, description="mean cell width in pixels; images are scaled by 10/mean_width")
+    mean_width: float | Literal["auto"] = Field(
+        "auto", description="mean cell width in pixels (images are scaled by 10/mean_width), or auto: measured "
+        "from the plate (hpc_retrain.width) before any stage scales an image, and saved as the number")
     sigmas: tuple[float, ...] = Field((1.0, 1.5, 2.0), description="shape index scales")
     brightfield: ChannelPrep = ChannelPrep(gamma=0.41, light_background=True)
     fluorescence: ChannelPrep = ChannelPrep(gamma=1.0, light_background=False)
@@ -73,10 +75,31 @@ class PreprocessConfig(_Section):
             raise ValueError("MISIC takes exactly three positive shape-index scales")
         return v
 
+    @field_validator("mean_width", mode="before")
+    @classmethod
+    def _width_or_auto(cls, v: Any) -> float | str:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        try:
+            w = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a cell width in pixels or 'auto', got {v!r}") from None
+        if not w > 0 or w == float("inf"):  # also refuses NaN
+            raise ValueError(f"must be a positive width in pixels or 'auto', got {v!r}")
+        return w
+
+    @property
+    def width(self) -> float:
+        """The mean width as a number; "auto" must have been measured (``width.resolve_mean_width``) first."""
+        if self.mean_width == "auto":
+            raise ConfigError("preprocess.mean_width is 'auto' and was not measured yet: measure it first "
+                              "(hpc_retrain.width.resolve_mean_width) or give a number, e.g. --mean-width 7")
+        return float(self.mean_width)
+
     @property
     def scale(self) -> float:
         # MISIC rounds the scale to two decimals; keeping that makes our features comparable with its.
-        return round(10.0 / self.mean_width, 2)
+        return round(10.0 / self.width, 2)
 
 
 class LabelConfig(_Section):
@@ -104,11 +127,16 @@ class TrainConfig(_Section):
     val_fraction: float = Field(0.2, ge=0, lt=1, description="fraction of fields held out for validation")
     pos_weight: tuple[float, ...] | None = Field(None, description="positive-class weight per label channel; "
                                                  "default (1-p)/p from the store")
+    pos_weight_power: float = Field(1.0, ge=0, le=1, description="default weights ((1-p)/p)**power: 1 balances "
+                                    "the classes, 0.5 tempers, 0 weighs nothing")
     augment: bool = True
     steps_per_epoch: int | None = Field(None, ge=1, description="cap batches per epoch (for quick runs)")
     mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: mixed_float16 on GPU only")
     keep_checkpoints: int = Field(3, ge=1)
     deterministic: bool = Field(False, description="TensorFlow op determinism (slower; for exact resumes)")
+    patience: int | None = Field(5, ge=1, description="stop after this many epochs without a better validation "
+                                 "instance F1 (none: run every epoch)")
+    calibrate: bool = Field(True, description="fit the post-processing thresholds on the validation fields")
 
 
 class ClusterConfig(_Section):
@@ -130,6 +158,9 @@ class InferConfig(_Section):
     mode: Literal["stitch", "blend"] = Field("stitch", description="MISIC crop-and-stitch or blended overlaps")
     batch_size: int = Field(8, ge=1)
     chunk: int = Field(2048, ge=256, description="scan chunk edge for large fields (pixels at full resolution)")
+    # Post-processing thresholds: MISIC's own values by default; a retrained run stores the ones calibrated
+    # on its validation fields, and ``segment --model RUN`` uses those.
+    body_threshold: float = Field(0.4, gt=0, lt=1, description="cell mask: body probability above this")
     marker_threshold: float = Field(0.95, gt=0, le=1, description="confident body core for watershed markers")
     name: str = Field("misic", description="label image name under each field's labels/ group")
 

@@ -330,17 +330,14 @@ def segment_scan(model, image, cfg: RunConfig, prob_out, labels_out, mode: str |
 
 # ------------------------------------------------------------------------------------------ output
 def resolve_model(path: str | Path | None) -> Path:
-    """The model file ``model.load`` would read for ``path`` (for provenance: its path and sha256)."""
+    """What ``model.load`` would read for ``path`` (for provenance): a model file, or, for a run that is
+    not finished, the checkpoint folder it falls back to (see ``model.resolve``)."""
     from hpc_retrain import model as M
 
-    if path is None:
-        return M.pretrained_path()
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model.keras", "model.h5"):
-            if (path / name).is_file():
-                return path / name
-    return path
+    try:
+        return M.resolve(path).path
+    except M.ModelError:
+        return Path(path)
 
 
 def write_probabilities(field_group, name: str, shape: tuple[int, int], chunk: int, overwrite: bool, **attrs: Any):
@@ -410,6 +407,32 @@ def _output_plate(plate, out: Path | None, fields, chunk: int):
     return out, groups
 
 
+RUN_SETTINGS = ("preprocess", "tiling", "infer.body_threshold", "infer.marker_threshold")
+
+
+def with_run_settings(cfg: RunConfig, run_dir: Path, overrides=()) -> RunConfig:
+    """``cfg`` with what a trained run's model needs: the preprocessing and tiling its tiles were made with
+    and the post-processing thresholds calibrated on its validation fields. Fields given with ``--set``
+    win; a config file does not (a shared run.yaml would otherwise silently undo the calibration)."""
+    run = RunConfig.read_saved(run_dir).to_dict()
+    data = cfg.to_dict()
+    told = [o.split("=", 1)[0].strip() for o in overrides]
+    used = []
+    for key in RUN_SETTINGS:
+        sec, _, name = key.partition(".")
+        if any(t == key or t.startswith(key + ".") or (not name and t.startswith(sec + ".")) for t in told):
+            continue
+        if name:
+            data[sec][name] = run[sec][name]
+        else:
+            data[sec] = run[sec]
+        used.append(key)
+    cfg = RunConfig.from_dict(data, source=f"{run_dir / 'config.yaml'}")
+    log.info("using %s of %s: mean width %s px, body > %s, markers > %s", ", ".join(used), run_dir / "config.yaml",
+             cfg.preprocess.mean_width, cfg.infer.body_threshold, cfg.infer.marker_threshold)
+    return cfg
+
+
 def add_arguments(p: argparse.ArgumentParser, name: str = "segment") -> None:
     p.add_argument("--model", metavar="RUN_OR_MODEL",
                    help="a training run folder or a .keras/.h5 model (default: infer.model, else MISIC's "
@@ -441,13 +464,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, infer__mode=args.mode, infer__batch_size=args.batch_size,
                            infer__name=args.name, infer__chunk=args.chunk, infer__model=args.model,
                            plate__path=args.plate)
-    model_dir = Path(cfg.infer.model) if cfg.infer.model else None
-    own = args.config or any(o.startswith(("preprocess.", "tiling.")) for o in args.overrides)
-    if model_dir is not None and model_dir.is_dir() and (model_dir / "config.yaml").is_file() and not own:
-        # A retrained model only makes sense with the preprocessing it was trained on (unless told otherwise).
-        run = RunConfig.read_saved(model_dir)
-        cfg = cfg.updated(preprocess=run.preprocess.model_dump(mode="json"), tiling=run.tiling.model_dump())
-        log.info("using preprocessing and tiling of %s", model_dir / "config.yaml")
+    model_dir = M.run_folder(cfg.infer.model)  # a run folder, or the run of a checkpoint folder
+    if model_dir is not None:
+        cfg = with_run_settings(cfg, model_dir, args.overrides)
     if cfg.plate.path is None:
         raise CliError("no plate: pass --plate PATH (or set plate.path)")
     plate = PL.open_plate(cfg.plate)
@@ -456,10 +475,13 @@ def main(args: argparse.Namespace) -> int:
         return 0
     channel = getattr(cfg.plate, args.channel)
     plate.require(channel)
+    from hpc_retrain.width import resolve_mean_width  # mean_width "auto": measured on this plate, recorded
+
+    cfg = resolve_mean_width(cfg, plate, channel)
     prep = getattr(cfg.preprocess, args.channel)
     name = cfg.infer.name
-    model_file = resolve_model(cfg.infer.model)
-    model = M.load(cfg.infer.model, cfg.tiling.size)
+    # A run still training (or preempted) gives its best, else latest, checkpoint; a line says which.
+    model, source = M.load_with_source(cfg.infer.model, cfg.tiling.size)
     predict = Predictor(model, cfg.infer.batch_size, cfg.tiling.size)
 
     fields = plate.fields
@@ -491,9 +513,11 @@ def main(args: argparse.Namespace) -> int:
                            f"{f' (and {len(clash) - 1} more)' if len(clash) > 1 else ''}; "
                            f"pass --overwrite to replace them or --name to write beside them")
     out_path, groups = _output_plate(plate, out, fields, cfg.infer.chunk)
-    provenance = {"hpc_retrain": {"version": __version__, "model": str(model_file),
-                                  "model_sha256": M.sha256(model_file), "mode": cfg.infer.mode,
+    provenance = {"hpc_retrain": {"version": __version__, "model": str(source.path),
+                                  "model_sha256": source.sha256, "mode": cfg.infer.mode,
                                   "channel": channel, "config": cfg.to_dict()}}
+    if source.is_checkpoint:  # the folder (best, above all) changes as training goes on: say what it held
+        provenance["hpc_retrain"]["model_checkpoint"] = dict(source.checkpoint, weights="variables.npz")
     tiff_dir = None
     if args.tiff is not None:
         tiff_dir = Path(args.tiff) if args.tiff else plate.path.parent / f"{plate.path.name}_{name}_tiff"

@@ -1,6 +1,6 @@
 """Cell instances from MISIC's (body, contour) probabilities, for a field or a scan of any size.
 
-The recipe is MISIC's ``postprocess_ws`` (misic/extras.py): the cell mask is body > 0.4, markers are the
+The recipe is MISIC's ``postprocess_ws`` (misic/extras.py): the cell mask is body > 0.4 (``infer.body_threshold``), markers are the
 confident body cores lying in troughs of the contour map (its shape index < -0.5), and a watershed grows
 the markers over the mask, splitting touching cells along the contour channel. Two departures: the
 watershed runs on the contour probability, not on the raw image's shape index, so it needs no image and
@@ -38,7 +38,7 @@ def instances(prob: np.ndarray, cfg: RunConfig) -> np.ndarray:
     """Instance labels (H, W) int32, 0 = background, cells 1..n, from probabilities (H, W, >=2)."""
     body = np.asarray(prob[..., 0], np.float32)
     contour = np.asarray(prob[..., 1], np.float32)
-    mask = body > cfg.labels.body_threshold
+    mask = body > cfg.infer.body_threshold
     if not mask.any():
         return np.zeros(body.shape, LABEL_DTYPE)
     with np.errstate(invalid="ignore", divide="ignore"):

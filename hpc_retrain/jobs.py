@@ -14,6 +14,8 @@ TensorFlow is imported only inside the job, so the CLI starts fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -34,6 +36,90 @@ JOB_FILE = "job.json"
 SUBMITIT_DIR = "submitit"
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # a workstation run has no wall-clock limit unless --time asks for one
 SIGNAL_DELAY_S = 120  # time between Slurm's warning signal and the kill: one step plus a checkpoint
+LOCK_FILE = ".lock"  # flock'ed by the process that trains the run, for as long as it trains
+JOB_LOCK_WAIT_S = 60  # a requeued job may start while the previous attempt is still exiting
+# Sections of a run's config that come from its training store (what the tiles were made with).
+STORE_SECTIONS = ("preprocess", "labels", "tiling")
+
+
+class RunBusy(ValueError):
+    """Another process is training this run folder; the message names the folder, the pid and the host."""
+
+
+# ------------------------------------------------------------------------------------------ the lock
+@contextlib.contextmanager
+def run_lock(run_dir: Path, wait_s: float = 0.0):
+    """Hold an exclusive ``flock`` on ``run_dir/.lock`` (created, with the folder, if missing).
+
+    The first thing a training writes, held until it ends (the kernel releases it when the process dies,
+    however it dies). A second training of the same folder gets :class:`RunBusy` after ``wait_s``. On a
+    file system without ``flock`` (some Lustre mounts) the run goes on unlocked, with a warning.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        locked = _acquire(fd, run_dir, wait_s)
+        if locked:  # who holds it, for the message of the one refused
+            me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me.encode(), 0)
+        try:
+            yield
+        finally:
+            if locked:
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _acquire(fd: int, run_dir: Path, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise RunBusy(f"{run_dir}: already training ({_holder(run_dir)})") from None
+            time.sleep(0.5)
+        except OSError as e:
+            log.warning("%s: cannot lock %s (%s); nothing stops a second training of this run",
+                        run_dir, LOCK_FILE, e)
+            return False
+
+
+def _holder(run_dir: Path) -> str:
+    """"pid N on HOST" of the process holding the run's lock (it writes them just after taking it)."""
+    for _ in range(20):
+        try:
+            doc = json.loads((Path(run_dir) / LOCK_FILE).read_text() or "null")
+        except (OSError, ValueError):
+            doc = None
+        if isinstance(doc, dict) and doc.get("pid"):
+            return f"pid {doc['pid']} on {doc.get('host', '?')}"
+        time.sleep(0.1)
+    return "pid unknown"
+
+
+def training_holder(run_dir: Path) -> str | None:
+    """"pid N on HOST" when a process trains ``run_dir`` now, else None (also when locks are unsupported)."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return _holder(run_dir)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -52,7 +138,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                                 datefmt="%H:%M:%S")
         try:
-            return train(RunConfig.from_dict(self.config), Path(self.store), Path(self.run_dir))
+            # One training per run folder: held for the whole attempt, released when the process ends.
+            with run_lock(Path(self.run_dir), wait_s=JOB_LOCK_WAIT_S):
+                return train(RunConfig.from_dict(self.config), Path(self.store), Path(self.run_dir))
         except TrainingInterrupted as e:
             # train() replaced submitit's handler while it ran and has now saved; let submitit checkpoint()
             # and requeue as if the signal had reached it directly (it exits the process).
@@ -119,6 +207,8 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     if name == "status":
         p.add_argument("run", metavar="RUN", help="run folder")
         p.add_argument("--json", action="store_true", help="print the status as JSON")
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.epilog = STATUS_EXIT_CODES
         return
     p.add_argument("--store", help="training store (from `hpc-retrain prepare`); a resumed run remembers it")
     p.add_argument("--run", required=True, metavar="RUN_DIR",
@@ -142,6 +232,12 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     j.add_argument("--container", metavar="IMAGE", help="run the job inside this Apptainer image")
     j.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the job and show its progress (default: wait for local, not for slurm)")
+
+
+STATUS_EXIT_CODES = """exit status:
+  0  finished, running, or pending (submitted; interrupted with its state saved, to resume)
+  1  failed, or stopped (the training process died without reporting: killed, out of memory)
+  2  not a training run (no config.yaml/status.json/job.json), or bad usage"""
 
 
 def main(args: argparse.Namespace) -> int:
@@ -182,16 +278,20 @@ def train_main(args: argparse.Namespace) -> int:
         raise CliError("--store is required for a new run")
     if not store.exists():
         raise CliError(f"{store}: training store not found")
-    if record and run_dir.is_dir():
-        now = run_status(run_dir)
-        if now["state"] == "running" and now.get("host") == socket.gethostname():
-            raise CliError(f"{run_dir}: already training (pid {now.get('pid')}); see `hpc-retrain status {run_dir}`")
     cfg = build_config(args, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir)  # the settings a job starts with are visible before it runs
+    # Every check before any file is written: a refused command leaves the run as it was.
+    check_resume(cfg, run_dir)
 
     if args.executor == "inline":
-        return _train_inline(cfg, store, run_dir)
+        with run_lock(run_dir):  # the first write; a second training of this folder stops here
+            cfg.save(run_dir)
+            return _train_inline(cfg, store, run_dir)
+
+    holder = training_holder(run_dir)
+    if holder:
+        raise RunBusy(f"{run_dir}: already training ({holder})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir)  # the settings a job starts with are visible before it runs
 
     ex = make_executor(cfg, run_dir, store, timeout_min=args.time)
     job = ex.submit(TrainingJob(cfg.to_dict(), str(store.resolve()), str(run_dir.resolve())))
@@ -208,6 +308,65 @@ def train_main(args: argparse.Namespace) -> int:
     if not wait:
         return 0
     return _follow(job, run_dir)
+
+
+def check_resume(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse, with one line and before anything is written, a resume the training would refuse.
+
+    A run that has a checkpoint continues with the settings it started with: the checkpoint's
+    ``train_config`` and ``data_seed`` fix ``train._RESUME_FIXED`` and the seed, and preprocess, labels and
+    tiling came from the training store (the run's config.yaml holds them).
+    """
+    from hpc_retrain.cli import CliError
+    from hpc_retrain.train import _RESUME_FIXED, latest_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        return  # a new run, or one that never reached a checkpoint: any settings
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError):
+        return  # the training itself reports an unreadable checkpoint
+    diffs = []
+    old, now = state.get("train_config"), cfg.train.model_dump(mode="json")
+    if isinstance(old, dict):
+        diffs += [f"train.{k} {_show(now.get(k))} (the run has {_show(old.get(k))})"
+                  for k in _RESUME_FIXED if old.get(k) != now.get(k)]
+    if "data_seed" in state and state["data_seed"] != cfg.seed:
+        diffs.append(f"seed {cfg.seed} (the run has {state['data_seed']})")
+    if diffs:
+        raise CliError(f"{run_dir}: cannot resume with other settings than the run started with: "
+                       f"{'; '.join(diffs)}; leave them out to resume, or train into a new run folder")
+    try:
+        saved = RunConfig.read_saved(run_dir).to_dict()
+    except Exception:
+        return
+    want = cfg.to_dict()
+    for sec in STORE_SECTIONS:
+        a, b = _flat(saved.get(sec, {}), sec), _flat(want.get(sec, {}), sec)
+        for k in sorted(set(a) | set(b)):
+            if k == "preprocess.mean_width" and b.get(k) == "auto":
+                continue  # "auto" asks for the width the store was measured with
+            if a.get(k) != b.get(k):
+                diffs.append(f"{k} {_show(b.get(k))} (the run has {_show(a.get(k))})")
+    if diffs:
+        raise CliError(f"{run_dir}: cannot change {'; '.join(diffs)}: preprocess, labels and tiling come from "
+                       f"the training store the run was started on; prepare a new store and train into a new "
+                       f"run folder")
+
+
+def _flat(d, prefix: str) -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}"))
+    return out
+
+
+def _show(v) -> str:
+    return "none" if v is None else json.dumps(v) if isinstance(v, (list, dict, str)) else str(v)
 
 
 def _train_inline(cfg: RunConfig, store: Path, run_dir: Path) -> int:
@@ -297,16 +456,25 @@ def _alive(pid) -> bool:
         return True
 
 
+RUN_FILES = ("config.yaml", "status.json", JOB_FILE)
+
+
 def status_main(args: argparse.Namespace) -> int:
+    """Print the run's state; exit 0 (finished, running, pending), 1 (failed, stopped), 2 (not a run)."""
     from hpc_retrain.cli import CliError
 
+    run = Path(args.run)
+    if run.is_dir() and not any((run / n).is_file() for n in RUN_FILES):
+        raise CliError(f"{run}: not a training run: no config.yaml/status.json; train with "
+                       f"`hpc-retrain train --store STORE --run {run}`")
     try:
-        s = run_status(Path(args.run))
+        s = run_status(run)
     except FileNotFoundError:
         raise CliError(f"{args.run}: no such run folder") from None
+    code = 1 if s["state"] in ("failed", "stopped") else 0
     if args.json:
         print(json.dumps(s, indent=1))
-        return 0
+        return code
     job = f" ({s['executor']} job {s['job_id']})" if s.get("job_id") else ""
     print(f"run:    {s['run']}")
     print(f"state:  {s['state']}{job}" + (f", scheduler: {s['scheduler_state']}" if "scheduler_state" in s else ""))
@@ -323,7 +491,7 @@ def status_main(args: argparse.Namespace) -> int:
     for k in ("stdout", "stderr"):
         if s.get(k):
             print(f"{k}: {s[k]}")
-    return 0
+    return code
 
 
 def _write_json(path: Path, doc: dict) -> None:

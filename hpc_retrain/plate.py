@@ -85,7 +85,18 @@ def open_plate(cfg: PlateConfig, path: str | Path | None = None) -> Plate:
 
 
 # ---------------------------------------------------------------------------------------------- TIFF
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _is_tiff(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in TIFF_SUFFIXES  # 00001.TIF as well as 00001.tif
+
+
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    # The pattern's extension matches in any case: "{...}.tif" also finds A1_s1_bf.TIF (not .tiff, though).
+    ext = re.search(r"\.tiff?$", pattern, re.IGNORECASE)
+    if ext:
+        pattern = pattern[:ext.start()]
     parts = re.split(r"(\{well\}|\{field\}|\{channel\})", pattern)
     rx = []
     for p in parts:
@@ -97,6 +108,8 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
             rx.append(r"(?P<channel>[^/]+?)")
         else:
             rx.append(re.escape(p))
+    if ext:
+        rx.append(f"(?i:{re.escape(ext.group())})")
     return re.compile("^" + "".join(rx) + "$")
 
 
@@ -112,7 +125,7 @@ def parse_name(pattern: str, name: str) -> dict[str, str] | None:
 
 def _open_tiffs(root: Path, pattern: str) -> Plate:
     found: dict[tuple[str, str], dict[str, Path]] = {}
-    flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in (".tif", ".tiff"))
+    flat = sorted(p for p in root.iterdir() if _is_tiff(p))
     for p in flat:
         d = parse_name(pattern, p.name)
         if d:
@@ -120,42 +133,111 @@ def _open_tiffs(root: Path, pattern: str) -> Plate:
     if not found:
         # The channel-per-folder layout: brightfield/00001.tif, fluorescence/00001.tif, ...
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-            for p in sorted(sub.glob("*.tif*")):
+            for p in sorted(q for q in sub.iterdir() if _is_tiff(q)):
                 m = re.match(r"^(\d+)", p.stem)
                 if m:
                     found.setdefault(("A1", m.group(1)), {})[sub.name] = p
     if not found:
-        raise PlateError(
-            f"{root}: no file matches the pattern {pattern!r} and there are no channel folders "
-            f"(channel/NNNNN.tif); set plate.pattern to your file naming"
-        )
-    fields = [Field(well, fld, {c: _lazy_tiff(p) for c, p in sorted(chans.items())}, str(root / f"{well}_{fld}"))
-              for (well, fld), chans in sorted(found.items(), key=lambda kv: (kv[0][0], int(kv[0][1])))]
-    for f in fields:
-        _check_same_shape(f)
+        raise PlateError(_nothing_found(root, pattern))
+    fields = []
+    for (well, fld), chans in sorted(found.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
+        f = Field(well, fld, {c: _lazy_tiff(p) for c, p in sorted(chans.items())}, str(root / f"{well}_{fld}"))
+        _check_same_shape(f, chans)
+        fields.append(f)
     return Plate(root, "tiff", fields)
+
+
+def _nothing_found(root: Path, pattern: str, sample: int = 5) -> str:
+    """One line: what the folder holds and the two layouts that are expected."""
+
+    def names(items: list[str]) -> str:
+        more = f", ... ({len(items)} in all)" if len(items) > sample else ""
+        return ", ".join(items[:sample]) + more
+
+    entries = sorted(root.iterdir())
+    dirs, files = [p for p in entries if p.is_dir()], [p.name for p in entries if p.is_file()]
+    parts = []
+    for d in dirs[:sample]:
+        inner = sorted(q.name for q in d.iterdir() if q.is_file())
+        parts.append(f"{d.name}/ ({names(inner) if inner else 'no files'})")
+    found = []
+    if dirs:
+        found.append(f"folders {'; '.join(parts)}" + (f"; ... ({len(dirs)} in all)" if len(dirs) > sample else ""))
+    if files:
+        found.append(f"files {names(files)}")
+    example = pattern.replace("{well}", "A1").replace("{field}", "1").replace("{channel}", "brightfield")
+    return (f"{root}: no fields found: no file matches the pattern {pattern!r} (plate.pattern, e.g. {example}) "
+            f"and no folder holds numbered TIFFs of one channel (brightfield/1.tif or brightfield/00001.tif; "
+            f".tif/.tiff in any case); found {' and '.join(found) if found else 'nothing'}; set plate.pattern to "
+            f"your file naming")
+
+
+_ONE_PLANE = ("this tool takes single-plane 2-D images: save a max projection (e.g. Fiji: Image > Stacks > "
+              "Z Project..., Max Intensity) or choose one plane, one file per plane")
+
+
+def _plane_index(path, shape: tuple, axes: str, images: int = 1) -> tuple:
+    """The index that takes the one 2-D plane out of a TIFF series of ``shape``/``axes``, or PlateError.
+
+    Axes of length 1 are dropped; RGB(A) samples give their first channel (as MISIC reads them). Anything
+    else (a z-stack, a time series, several channels as planes, pages of separate images) is refused:
+    reading one page of it silently would segment the wrong image.
+    """
+    shape, axes = tuple(shape), str(axes)
+    index, kept = [], []
+    for a, n in zip(axes, shape):
+        if n == 1:
+            index.append(0)
+        elif a == "S" and n in (3, 4):
+            index.append(0)  # RGB(A): the first channel
+        else:
+            index.append(slice(None))
+            kept.append((a, n))
+    if len(kept) == 2 and images == 1:
+        return tuple(index)
+    if len(kept) > 2:
+        planar = [n for a, n in kept if a not in "YX"] if {"Y", "X"} <= {a for a, _ in kept} else \
+            [n for _, n in kept[:-2]]
+        what = f"a stack of {int(np.prod(planar))} planes (shape {shape}, axes {axes})"
+    elif images > 1:
+        what = f"{images} images (pages) in one file"
+    else:
+        what = f"not a 2-D image (shape {shape}, axes {axes})"
+    raise PlateError(f"{path}: {what}; {_ONE_PLANE}")
 
 
 def _lazy_tiff(path: Path) -> da.Array:
     try:
         with tifffile.TiffFile(path) as tf:
-            page = tf.pages[0]
-            shape, dtype = page.shape, page.dtype
+            series = tf.series[0]
+            shape, dtype, axes = tuple(series.shape), series.dtype, series.axes
+            own = len(series.pages)  # the planes of a stack are pages of its first series
+            # pages outside it are further images, reduced-resolution previews (thumbnails) aside
+            others = 0 if len(tf.pages) <= own else \
+                sum(1 for p in list(tf.pages)[own:] if not getattr(p, "is_reduced", False))
     except Exception as e:
         raise PlateError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from None
-    if len(shape) == 3 and shape[-1] in (3, 4):
-        shape = shape[:2]  # RGB(A) scans: the first channel is read, as MISIC does
-    if len(shape) != 2:
-        raise PlateError(f"{path}: expected a 2-D image, got shape {shape}")
-    return da.from_delayed(dask.delayed(read_tiff)(str(path)), shape=shape, dtype=dtype, name=f"tiff-{path}")
+    if len(shape) != len(axes):
+        raise PlateError(f"{path}: unreadable TIFF (shape {shape} does not match axes {axes})")
+    index = _plane_index(path, shape, axes, 1 + others)
+    shape2d = tuple(n for n, i in zip(shape, index) if isinstance(i, slice))
+    return da.from_delayed(dask.delayed(read_tiff)(str(path), shape2d), shape=shape2d, dtype=dtype,
+                           name=f"tiff-{path}")
 
 
-def read_tiff(path: str) -> np.ndarray:
+def read_tiff(path: str, expected: tuple[int, int] | None = None) -> np.ndarray:
+    """The one 2-D plane of a TIFF (the first channel of RGB); a stack is refused, naming the file."""
     try:
-        im = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            im, axes = series.asarray(), series.axes
     except Exception as e:
         raise PlateError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from None
-    return im[..., 0] if im.ndim == 3 else im
+    im = im[_plane_index(path, im.shape, axes)]
+    if expected is not None and tuple(im.shape) != tuple(expected):
+        raise PlateError(f"{path}: the image is {im.shape}, its header said {tuple(expected)}; was it "
+                         f"replaced while the plate was open?")
+    return im
 
 
 # ---------------------------------------------------------------------------------------------- Zarr
@@ -176,7 +258,10 @@ def _open_zarr(root_path: Path) -> Plate:
     return Plate(root_path, "ome-zarr", fields)
 
 
-def _check_same_shape(f: Field) -> None:
+def _check_same_shape(f: Field, files: dict[str, Path] | None = None) -> None:
     shapes = {c: a.shape for c, a in f.channels.items()}
     if len(set(shapes.values())) > 1:
+        if files:
+            detail = ", ".join(f"{c} {files[c]} is {shapes[c]}" for c in sorted(shapes))
+            raise PlateError(f"{f.source}: channels of field {f.key} differ in size: {detail}")
         raise PlateError(f"{f.source}: channels of field {f.key} differ in size: {shapes}")

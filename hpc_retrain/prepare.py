@@ -53,9 +53,20 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "prepare") -> Non
                         "1 runs in this process)")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="use a running Dask scheduler, e.g. tcp://host:8786 "
                         "(its workers must see the plate and the store at the same paths)")
-    parser.add_argument("--mean-width", type=float, help="mean cell width in pixels (preprocess.mean_width)")
+    parser.add_argument("--mean-width", type=mean_width_arg, metavar="PX|auto",
+                        help="mean cell width in pixels, or auto: measured from the fluorescence and saved in "
+                        "the store (default: preprocess.mean_width, auto unless set)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild the store if it exists with other parameters (otherwise it is refused)")
+
+
+def mean_width_arg(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a width in pixels or 'auto', got {text!r}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -106,6 +117,8 @@ def run(cfg: RunConfig, store_path: str | Path, stages: tuple[str, ...] = ("labe
     plate = open_plate(cfg.plate)
     needs = {"labels": cfg.plate.fluorescence, "targets": cfg.plate.brightfield}
     plate.require(*(needs[s] for s in stages))
+    # Before planning: the plan, every stage and the saved config need the width as a number.
+    cfg = resolve_width(cfg, plate, store_path, overwrite)
     entries = S.plan_fields(plate.fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
     root = open_or_create(store_path, entries, cfg, overwrite)
     cfg.save(store_path)
@@ -124,6 +137,31 @@ def run(cfg: RunConfig, store_path: str | Path, stages: tuple[str, ...] = ("labe
                                                           cfg, stages, threads) for e in todo]
         _compute(tasks, cfg, progress)
     return finalize(store_path, stages)
+
+
+def resolve_width(cfg: RunConfig, plate, store_path: Path, overwrite: bool = False) -> RunConfig:
+    """``cfg`` with a numeric ``preprocess.mean_width``; "auto" is measured on the plate's fluorescence.
+
+    Resuming (or adding a stage to) a store made with "auto" reuses the width it records instead of
+    measuring again: the same store must not be refused over a last-digit difference of a re-measurement.
+    """
+    if cfg.preprocess.mean_width != "auto":
+        return cfg
+    if store_path.exists() and not overwrite:
+        try:
+            made = S.open_store(store_path).attrs.get("config", {})
+        except S.StoreError:
+            made = {}
+        if made.get("plate", {}).get("path") == (str(cfg.plate.path) if cfg.plate.path else None):
+            stored = made.get("preprocess", {}).get("mean_width")
+            if isinstance(stored, (int, float)):
+                log.info("mean width: %s px, measured when %s was made", stored, store_path)
+                return cfg.updated(preprocess__mean_width=stored)
+    from hpc_retrain import labels as L
+    from hpc_retrain import width as W
+
+    # The labelling model: this process's labels stage reuses it, so measuring loads nothing extra.
+    return W.resolve_mean_width(cfg, plate, cfg.plate.fluorescence, model=L.get_model(None))
 
 
 def _compute(tasks, cfg: RunConfig, progress: bool) -> list[Any]:

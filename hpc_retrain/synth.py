@@ -430,7 +430,8 @@ def add_arguments(p) -> None:
     p.add_argument("--fields", type=int, default=2, help="fields per well (default 2)")
     p.add_argument("--size", type=int, nargs="+", default=[512], metavar="PX", help="field size: N or H W")
     p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
-    p.add_argument("--mean-width", type=float, default=None, help="cell width in px (default: the config's)")
+    p.add_argument("--mean-width", type=float, default=None,
+                   help="cell width in px (default: the config's preprocess.mean_width; 7 when that is auto)")
     p.add_argument("--density", type=float, default=0.3, help="fraction of the field covered by cells")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plate at --out")
 
@@ -450,7 +451,10 @@ def main(args) -> int:
     fmt = args.format or ("ome-zarr" if out.suffix == ".zarr" else "tiff")
     shape = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
     wells = [w.strip() for w in args.wells.split(",") if w.strip()]
+    # The width cells are drawn at; a config still on "auto" (it is measured later, from the images) gets
+    # the synthetic default.
+    width = SynthParams.mean_width if cfg.preprocess.mean_width == "auto" else cfg.preprocess.mean_width
     write_plate(out, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, seed=cfg.seed,
-                mean_width=cfg.preprocess.mean_width, density=args.density)
+                mean_width=width, density=args.density)
     print(f"wrote {fmt} plate {out}: {len(wells)} wells x {args.fields} fields of {shape[0]}x{shape[1]} px")
     return 0

@@ -46,11 +46,14 @@ CKPT_DIR = "checkpoints"
 BEST = "best"
 STATUS_FILE = "status.json"
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_iou", "val_dice",
-                   "time_s", "tiles_per_s")
+                   "val_f1", "val_precision", "val_recall", "time_s", "tiles_per_s")
 # Training settings a resume must share with the run it continues; anything else (epochs, how many
 # checkpoints to keep, determinism, precision) may change between attempts.
-_RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight", "augment",
-                 "steps_per_epoch")
+_RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight",
+                 "pos_weight_power", "augment", "steps_per_epoch")
+# Sections of the store's own config that the run (and the model it exports) must carry: a model is only
+# meaningful with the preprocessing, labels and tiling its training tiles were made with.
+STORE_SECTIONS = ("preprocess", "labels", "tiling")
 EPS = 1e-7
 
 
@@ -88,8 +91,8 @@ def field_tiles(root, fields: np.ndarray) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def positive_weights(root, train_fields: np.ndarray, override, source: str) -> np.ndarray:
-    """w_c = (1 - p_c) / p_c from the training fields' positive-pixel fractions, unless given."""
+def positive_weights(root, train_fields: np.ndarray, override, source: str, power: float = 1.0) -> np.ndarray:
+    """w_c = ((1 - p_c) / p_c) ** power from the training fields' positive-pixel fractions, unless given."""
     if override is not None:
         w = np.asarray(override, np.float64)
         if w.shape != (len(st.LABEL_CHANNELS),) or np.any(w <= 0):
@@ -101,7 +104,7 @@ def positive_weights(root, train_fields: np.ndarray, override, source: str) -> n
         if not (0 < pc < 1) or not np.isfinite(pc):
             raise TrainingError(f"{source}: the training fields' {c} labels are {pc:.3g} positive; a weight "
                                 f"(1-p)/p needs 0 < p < 1 (check the labels, or set train.pos_weight)")
-    return (1 - p) / p
+    return ((1 - p) / p) ** power
 
 
 def epoch_plan(train_tiles: np.ndarray, epoch: int, seed: int, batch: int, steps_cap: int | None,
@@ -237,8 +240,9 @@ class Progress:
     seen: int = 0
     elapsed_s: float = 0.0
     history: list | None = None
-    best_val_loss: float | None = None
+    best_score: float | None = None  # validation F1@0.5 (or -loss without validation fields); higher is better
     best_epoch: int | None = None
+    since_best: int = 0  # epochs without a better score (early stopping)
     train_fields: list | None = None
     val_fields: list | None = None
     pos_weight: list | None = None
@@ -317,7 +321,8 @@ def load_checkpoint(path: Path, model, optimizer) -> Progress:
             v.assign(z[f"m{i:04d}"])
         for i, v in enumerate(optimizer.variables):
             v.assign(z[f"o{i:04d}"])
-    return Progress(**state)
+    known = set(Progress.__dataclass_fields__)
+    return Progress(**{k: v for k, v in state.items() if k in known})
 
 
 # --------------------------------------------------------------------------------------- signals
@@ -368,14 +373,18 @@ def plot_curves(run_dir: Path, history: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
+
+    def col(k):
+        return [np.nan if h.get(k) is None else h[k] for h in history]
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [h["loss"] for h in history], "o-", label="loss")
+    a.plot(ep, col("loss"), "o-", label="loss")
     if any(h.get("val_loss") is not None for h in history):
-        a.plot(ep, [h.get("val_loss") for h in history], "o-", label="val loss")
+        a.plot(ep, col("val_loss"), "o-", label="val loss")
     a.set_xlabel("epoch"), a.set_ylabel("weighted BCE"), a.set_title("Model loss"), a.legend()
-    b.plot(ep, [h.get("val_iou") for h in history], "o-", label="val IoU (body)")
-    b.plot(ep, [h.get("val_dice") for h in history], "o-", label="val Dice (body)")
-    b.set_xlabel("epoch"), b.set_ylim(0, 1), b.set_title("Validation overlap"), b.legend()
+    b.plot(ep, col("val_f1"), "o-", label="val instance F1@0.5")
+    b.plot(ep, col("val_iou"), "o-", label="val IoU (body)")
+    b.set_xlabel("epoch (0: the starting model)"), b.set_ylim(0, 1), b.set_title("Validation"), b.legend()
     fig.tight_layout()
     out = run_dir / "training_curves.png"
     fig.savefig(out, dpi=100)
@@ -449,7 +458,8 @@ def make_steps(net, opt, pos_w, size: int):
     """Compiled training and validation steps for (batch, size, size, 3) -> (batch, size, size, 2).
 
     ``val_step`` returns sums (loss * n, accuracy * n, n, body intersection, predicted, true) so metrics
-    over the whole validation set do not depend on the batch size.
+    over the whole validation set do not depend on the batch size, and the batch's probabilities (for
+    the instance F1 of :mod:`validation`).
     """
     import tensorflow as tf
 
@@ -475,17 +485,42 @@ def make_steps(net, opt, pos_w, size: int):
         hit = tf.cast(tf.equal(p >= 0.5, y >= 0.5), tf.float32)
         pb, yb = tf.cast(p[..., 0] >= 0.5, tf.float32), y[..., 0]
         inter, sp, sy = tf.reduce_sum(pb * yb), tf.reduce_sum(pb), tf.reduce_sum(yb)
-        return tf.stack([weighted_bce(y, p, w) * n, tf.reduce_mean(hit) * n, n, inter, sp, sy])
+        return tf.stack([weighted_bce(y, p, w) * n, tf.reduce_mean(hit) * n, n, inter, sp, sy]), p[..., :2]
 
     return train_step, val_step
+
+
+def store_config(cfg: RunConfig, root, store: Path) -> RunConfig:
+    """``cfg`` with the store's preprocessing, label and tiling settings: what the tiles were made with."""
+    saved = root.attrs.get("config") or {}
+    data = cfg.to_dict()
+    changed = []
+    for sec in STORE_SECTIONS:
+        if sec in saved and saved[sec] != data.get(sec):
+            changed.append(sec)
+            data[sec] = saved[sec]
+    if changed:
+        log.info("%s: using the store's %s settings (the tiles were made with them)", store, ", ".join(changed))
+    return RunConfig.from_dict(data, source=f"{store} config")
+
+
+def selection_score(row: dict) -> float:
+    """Higher is better: validation instance F1@0.5, ties broken by body IoU (a few validation cells give
+    a coarse F1, and a plateau of equal F1s would otherwise stop training early); -loss without validation."""
+    if row.get("val_f1") is None:
+        return -row["loss"]
+    return row["val_f1"] + 0.01 * row["val_iou"]
 
 
 def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     import keras
     import tensorflow as tf
 
-    tc = cfg.train
+    from hpc_retrain.validation import FieldValidator
+
     root = st.open_store(store)
+    cfg = store_config(cfg, root, store)
+    tc = cfg.train
     if tc.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(cfg.seed)  # before building: Dropout seed generators draw from it
@@ -508,7 +543,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         if len(usable) == 0:
             raise TrainingError(f"{store}: no finished fields; run `hpc-retrain prepare` first")
         train_fields, val_fields = split_fields(usable, tc.val_fraction, cfg.seed)
-        pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store))
+        pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store), tc.pos_weight_power)
         opt.build(net.trainable_variables)
         prog = Progress(history=[], train_fields=train_fields.tolist(), val_fields=val_fields.tolist(),
                         pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"))
@@ -522,7 +557,8 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
              len(val_fields), np.round(pos_w, 3).tolist(), tc.batch_size, tc.learning_rate, tc.init,
              "mixed_float16" if mixed else "float32")
     if len(val_tiles) == 0:
-        log.warning("no validation fields (need at least 2 usable fields); val metrics will be empty")
+        log.warning("no validation fields (need at least 2 usable fields); the last epoch is exported, "
+                    "thresholds stay MISIC's")
 
     reader = TileReader(store)
     s = reader.size
@@ -532,10 +568,41 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     train_step, val_step = make_steps(net, opt, pos_w, s)
 
     val_ds = make_dataset(reader, val_tiles, np.zeros(len(val_tiles), np.int32), tc.batch_size)
+    validator = FieldValidator(root, val_fields, cfg) if len(val_tiles) else None
     status_extra = {"epochs": tc.epochs, "store": str(store)}
+
+    def validate(row: dict) -> dict:
+        """Loss, pixel and instance metrics of the current weights on the validation fields."""
+        if validator is None:
+            return row
+        vals, probs = np.zeros(6), []
+        for x, y in val_ds:
+            v, p = val_step(x, y)
+            vals += v.numpy()
+            probs.append(p.numpy())
+        inter, sp, sy = vals[3:]
+        sc = validator.score(validator.stitch(np.concatenate(probs)))
+        row.update(val_loss=float(vals[0] / vals[2]), val_accuracy=float(vals[1] / vals[2]),
+                   val_iou=float(inter / (sp + sy - inter)) if sp + sy - inter > 0 else 1.0,
+                   val_dice=float(2 * inter / (sp + sy)) if sp + sy > 0 else 1.0,
+                   val_f1=sc.f1, val_precision=sc.precision, val_recall=sc.recall)
+        return row
+
+    if prog.epoch == 0 and prog.step == 0 and not prog.history:
+        # Epoch 0: the starting model on the validation fields, the baseline every epoch must beat.
+        row = validate({"epoch": 0, "loss": None, "accuracy": None, "time_s": 0.0, "tiles_per_s": None})
+        prog.history.append(row)
+        if row.get("val_f1") is not None:
+            prog.best_score, prog.best_epoch = selection_score(row), 0
+            log.info("epoch 0 (the starting model): val_f1 %.4f val_loss %.4f", row["val_f1"], row["val_loss"])
+            save_checkpoint(run_dir, prog, net, opt, tc.keep_checkpoints, best=True)
 
     with _StopOnSignal() as stop:
         for epoch in range(prog.epoch + 1, tc.epochs + 1):
+            if tc.patience is not None and validator is not None and prog.since_best >= tc.patience:
+                log.info("stopping early: validation F1 has not improved for %d epochs (best %.4f at epoch %d)",
+                         prog.since_best, prog.best_score, prog.best_epoch)
+                break
             order, codes, steps = epoch_plan(train_tiles, epoch, cfg.seed, tc.batch_size, tc.steps_per_epoch,
                                              tc.augment)
             start_step = prog.step
@@ -570,42 +637,37 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                             signal.Signals(stop.signum).name, epoch, step, steps, path.name)
                 raise TrainingInterrupted(stop.signum, path, stop.previous.get(stop.signum))
 
-            vals = np.zeros(6)
-            for x, y in val_ds:
-                vals += val_step(x, y).numpy()
             dt = time.perf_counter() - t0
-            row = {"epoch": epoch, "loss": prog.loss_sum / prog.seen, "accuracy": prog.acc_sum / prog.seen,
-                   "val_loss": None, "val_accuracy": None, "val_iou": None, "val_dice": None,
-                   "time_s": round(dt, 3), "tiles_per_s": round(prog.seen / dt, 3) if dt > 0 else None}
-            if vals[2] > 0:
-                inter, sp, sy = vals[3:]
-                row.update(val_loss=float(vals[0] / vals[2]), val_accuracy=float(vals[1] / vals[2]),
-                           val_iou=float(inter / (sp + sy - inter)) if sp + sy - inter > 0 else 1.0,
-                           val_dice=float(2 * inter / (sp + sy)) if sp + sy > 0 else 1.0)
+            row = validate({"epoch": epoch, "loss": prog.loss_sum / prog.seen, "accuracy": prog.acc_sum / prog.seen,
+                            "time_s": round(dt, 3), "tiles_per_s": round(prog.seen / dt, 3) if dt > 0 else None})
             prog.history.append(row)
-            score = row["val_loss"] if row["val_loss"] is not None else row["loss"]
-            is_best = prog.best_val_loss is None or score < prog.best_val_loss
+            score = selection_score(row)
+            is_best = prog.best_score is None or score > prog.best_score
             if is_best:
-                prog.best_val_loss, prog.best_epoch = score, epoch
+                prog.best_score, prog.best_epoch, prog.since_best = score, epoch, 0
+            else:
+                prog.since_best += 1
             prog.epoch, prog.step, prog.loss_sum, prog.acc_sum, prog.seen, prog.elapsed_s = epoch, 0, 0.0, 0.0, 0, 0.0
             save_checkpoint(run_dir, prog, net, opt, tc.keep_checkpoints, best=is_best)
             write_history(run_dir, prog.history)
             log.info("epoch %d/%d loss %.4f accuracy %.4f%s %.1f s (%.2f tiles/s)%s", epoch, tc.epochs,
                      row["loss"], row["accuracy"],
-                     "" if row["val_loss"] is None else
-                     f" val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f}"
-                     f" val_iou {row['val_iou']:.4f} val_dice {row['val_dice']:.4f}",
+                     "" if row.get("val_loss") is None else
+                     f" val_loss {row['val_loss']:.4f} val_iou {row['val_iou']:.4f} val_f1 {row['val_f1']:.4f}",
                      dt, row["tiles_per_s"] or 0.0, " (best)" if is_best else "")
             if stop.signum is not None:
                 log.warning("%s at the end of epoch %d: checkpoint saved; train again to resume",
                             signal.Signals(stop.signum).name, epoch)
                 raise TrainingInterrupted(stop.signum, latest_checkpoint(run_dir), stop.previous.get(stop.signum))
 
-    return _finish(cfg, run_dir, prog, net, export)
+    return _finish(cfg, run_dir, prog, net, opt, export, validator, val_ds, val_step)
 
 
-def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, export) -> dict:
-    """Export the float32 model, history, curves and final metrics."""
+def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_ds, val_step) -> dict:
+    """Export the best epoch's float32 model with thresholds calibrated on the validation fields."""
+    best = run_dir / CKPT_DIR / BEST
+    if validator is not None and (best / "state.json").is_file():
+        load_checkpoint(best, net, opt)  # the exported model is the best epoch's, not the last one's
     export.set_weights(net.get_weights())
     for name in ("model.keras", "model.h5"):  # via a temporary name: a kill mid-save leaves no torn model
         tmp = run_dir / f".tmp-{os.getpid()}-{name}"
@@ -613,11 +675,24 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, export) -> dict:
         os.replace(tmp, run_dir / name)
     write_history(run_dir, prog.history)
     plot_curves(run_dir, prog.history)
-    last = prog.history[-1] if prog.history else {}
-    metrics = {"epochs": prog.epoch, "final": last, "best_epoch": prog.best_epoch,
-               "best_val_loss": prog.best_val_loss, "pos_weight": prog.pos_weight,
-               "train_fields": prog.train_fields, "val_fields": prog.val_fields}
+    start = next((h for h in prog.history if h["epoch"] == 0), {})
+    chosen = next((h for h in prog.history if h["epoch"] == prog.best_epoch), prog.history[-1] if prog.history else {})
+    metrics = {"epochs": prog.epoch, "final": prog.history[-1] if prog.history else {},
+               "best_epoch": prog.best_epoch, "best_score": prog.best_score, "pos_weight": prog.pos_weight,
+               "train_fields": prog.train_fields, "val_fields": prog.val_fields,
+               "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1")}}
+    if validator is not None and cfg.train.calibrate:
+        probs = []
+        for x, y in val_ds:
+            probs.append(val_step(x, y)[1].numpy())
+        th = validator.calibrate(validator.stitch(np.concatenate(probs)))
+        cfg = cfg.updated(infer__body_threshold=th.body, infer__marker_threshold=th.marker)
+        metrics["validation"].update(calibrated_f1=th.f1, body_threshold=th.body, marker_threshold=th.marker)
+        log.info("post-processing calibrated on the validation fields: body > %.2f, markers > %.2f (F1@0.5 %.4f, "
+                 "%.4f with MISIC's 0.4/0.95)", th.body, th.marker, th.f1, chosen.get("val_f1") or float("nan"))
+    cfg.save(run_dir)  # the run's config carries the store's preprocessing and the calibrated thresholds
     _atomic_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     write_status(run_dir, "finished", epoch=prog.epoch, epochs=cfg.train.epochs)
-    log.info("finished %d epoch(s): model in %s", prog.epoch, run_dir / "model.keras")
+    log.info("finished %d epoch(s): model of epoch %s in %s (validation F1@0.5 %s -> %s)", prog.epoch,
+             prog.best_epoch, run_dir / "model.keras", start.get("val_f1"), chosen.get("val_f1"))
     return metrics

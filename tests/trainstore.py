@@ -26,6 +26,8 @@ _Field = namedtuple("_Field", "well field source shape")
 def build_store(path: Path, n_fields: int = 8, field_px: int = 150, seed: int = 0,
                 cfg: RunConfig | None = None) -> Path:
     cfg = cfg or RunConfig()
+    if cfg.preprocess.mean_width == "auto":  # the rendered cells are 7 px wide: no need to measure them
+        cfg = cfg.updated(preprocess__mean_width=7.0)
     size, margin = cfg.tiling.size, cfg.tiling.margin
     fields = [_Field(f"A{1 + i // 4}", str(i % 4), f"synthetic:{seed}:{i}", (field_px, field_px))
               for i in range(n_fields)]

@@ -15,7 +15,7 @@ from hpc_retrain import cli, infer, synth
 from hpc_retrain.config import RunConfig
 
 COLICOORDS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "colicoords"
-CFG = RunConfig()
+CFG = RunConfig().updated(preprocess__mean_width=7.0)  # the synthetic cells' width
 
 # Import every stage module now, before TensorFlow: submitit's import runs logging.config.dictConfig,
 # which closes existing handlers, absl's among them, and absl's handler closes the stream it holds, which

@@ -52,7 +52,7 @@ def test_cli_local_job_batch_8(store, tmp_path, quiet_env):
                  "config.yaml", "train.log", "metrics.json"):
         assert (run / name).is_file(), name
     hist = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in hist] == [1, 2]
+    assert [h["epoch"] for h in hist] == [0, 1, 2]  # epoch 0: the starting model, validated
     assert hist[-1]["tiles_per_s"] > 0 and 0 <= hist[-1]["val_iou"] <= 1
     header = (run / "history.csv").read_text().splitlines()[0].split(",")
     assert {"epoch", "loss", "val_loss", "accuracy", "val_iou", "val_dice", "time_s"} <= set(header)
@@ -88,7 +88,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(store, tmp_path, quiet_
 
     assert metrics["epochs"] == 3
     hist = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
     text = log.read_text()
     assert "SIGUSR2: saved epoch 2 at step" in text and "resuming from ckpt-e00001-s" in text
     assert "Requeued job" in job.stderr() or "Requeued job" in (job.stdout() or "")

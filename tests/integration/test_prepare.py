@@ -23,6 +23,7 @@ from hpc_retrain.tiling import TileGrid, stitch_tiles
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (256, 256)  # 366 px after scaling by 10/7: 2 x 2 tiles per field
+W = 7.0  # the synthetic cells' width, given: measuring it ("auto") is tested in test_width.py
 ARRAYS = ("targets", "labels", "probabilities", "tile_field", "tile_rc", "field_done", "field_status", "field_qc")
 
 
@@ -36,7 +37,7 @@ def plate(tmp_path_factory) -> Path:
 def built(plate, tmp_path_factory) -> Path:
     """The reference store: one uninterrupted run in this process, one worker."""
     out = tmp_path_factory.mktemp("ref") / "ref.train.zarr"
-    cfg = RunConfig().updated(plate__path=plate)
+    cfg = RunConfig().updated(plate__path=plate, preprocess__mean_width=W)
     prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
     return out
 
@@ -175,6 +176,7 @@ def test_resume_after_sigkill(plate, built, tmp_path):
 
 def test_rerun_skips_and_other_parameters_are_refused(built, plate):
     written = zarr.open_group(str(built), mode="r")["labels_written"][:]
+    # mean width auto (the default) on a store that records one: the store's number, no re-measuring
     argv = ["prepare", "--plate", str(plate), "--out", str(built)]
     assert _cli(argv)[0] == 0
     np.testing.assert_array_equal(zarr.open_group(str(built), mode="r")["labels_written"][:], written)
@@ -185,7 +187,7 @@ def test_rerun_skips_and_other_parameters_are_refused(built, plate):
 def test_targets_then_labels_equal_prepare(plate, built, tmp_path):
     """The stages run as separate commands fill the same store; a field is done only after both."""
     out = tmp_path / "staged.train.zarr"
-    cfg = RunConfig().updated(plate__path=plate)
+    cfg = RunConfig().updated(plate__path=plate, preprocess__mean_width=W)
     prepare.run(cfg, out, prepare.STAGES["targets"], progress=False)
     g = zarr.open_group(str(out), mode="r")
     assert g["targets_done"][:].all() and not g["labels_done"][:].any() and not g["field_done"][:].any()
@@ -215,7 +217,8 @@ def test_bad_fields_are_flagged_not_fatal(tmp_path):
     trunc = folder / "A1_s4_fluorescence.tif"  # header fine, pixel data cut short
     trunc.write_bytes(trunc.read_bytes()[: trunc.stat().st_size // 2])
     out = tmp_path / "bad.train.zarr"
-    summary = prepare.run(RunConfig().updated(plate__path=folder), out, prepare.STAGES["prepare"], progress=False)
+    summary = prepare.run(RunConfig().updated(plate__path=folder, preprocess__mean_width=W), out,
+                          prepare.STAGES["prepare"], progress=False)
     rows = {r["field"]: r for r in summary.rows}
     assert rows["0"]["status"] == "ok" and rows["0"]["error"] == ""
     assert rows["1"]["status"] == "flagged" and "constant image" in rows["1"]["error"]
@@ -237,7 +240,7 @@ def test_every_field_flagged_is_an_error(tmp_path):
     for i in range(2):
         f = synth.render_field(i, SHAPE, density=0.0)
         _tiff_field(folder, f"A1_s{i}", f.brightfield, f.fluorescence)
-    rc, err = _cli(["prepare", "--plate", str(folder), "--out", str(tmp_path / "e.zarr")])
+    rc, err = _cli(["prepare", "--plate", str(folder), "--out", str(tmp_path / "e.zarr"), "--mean-width", "7"])
     assert rc == 2 and "every field was flagged" in err and "no cells" in err
 
 
@@ -260,7 +263,7 @@ def test_unusable_plate_is_a_clear_error(tmp_path, problem):
 # ------------------------------------------------------------------------------------ workers
 def test_two_worker_processes_give_the_same_store(plate, built, tmp_path):
     out = tmp_path / "w2.train.zarr"
-    cfg = RunConfig().updated(plate__path=plate, cluster__workers=2)
+    cfg = RunConfig().updated(plate__path=plate, cluster__workers=2, preprocess__mean_width=W)
     summary = prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
     assert len(summary.rows) == 8 and not summary.flagged
     # "The same store" (README, Training store): targets, layout and provenance bit-identical; MISIC's

@@ -102,7 +102,7 @@ def test_training_job_on_slurm_completes(store, tmp_path):
             "--set", "train.steps_per_epoch=2", "--set", "train.batch_size=2", "--wait")
     assert "submitted slurm job" in p.stdout
     assert (run / "model.keras").is_file() and (run / "model.h5").is_file()
-    assert _history_epochs(run) == [1, 2]
+    assert _history_epochs(run) == [0, 1, 2]
     s = cli("status", str(run)).stdout
     assert "finished" in s and "epoch:  2" in s
 
@@ -113,13 +113,13 @@ def test_requeued_job_resumes_and_runs_every_epoch_once(store, tmp_path):
     p = cli("train", "--store", str(store), "--run", str(run), *SLURM_TRAIN, "--epochs", str(epochs),
             "--set", "train.steps_per_epoch=3", "--set", "train.batch_size=2", "--no-wait")
     job_id = p.stdout.split("submitted slurm job")[1].split()[0]
-    _wait(lambda: len(_history_epochs(run)) >= 1, "the first epoch", job_ids=[job_id])
+    _wait(lambda: len(_history_epochs(run)) >= 2, "the first epoch", job_ids=[job_id])
     # Preemption as a cluster does it: the job is killed and put back in the queue under the same id.
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     _wait(lambda: _job_state(job_id) in ("COMPLETED", "GONE", "FAILED", "CANCELLED"),
           "the requeued job to finish", job_ids=[job_id])
     assert _job_state(job_id) in ("COMPLETED", "GONE"), (run / "submitit").glob("*")
-    assert _history_epochs(run) == list(range(1, epochs + 1))
+    assert _history_epochs(run) == list(range(0, epochs + 1))
     restarts = subprocess.run(["sacct", "-j", job_id, "-n", "-X", "-D", "-o", "State"], capture_output=True,
                               text=True).stdout.split()
     assert len(restarts) >= 2, f"sacct shows no requeue for job {job_id}: {restarts}"
@@ -145,7 +145,7 @@ def test_job_array_of_learning_rates(store, tmp_path):
     for j, r, lr in zip(jobs_, runs, lrs):
         j.result()
         assert RunConfig.read_saved(r).train.learning_rate == lr
-        assert _history_epochs(r) == [1]
+        assert _history_epochs(r) == [0, 1]
 
 
 def test_prepare_on_dask_jobqueue_matches_local(plate, store, tmp_path):
@@ -199,7 +199,7 @@ def test_sbatch_templates_prepare_train_segment(plate, tmp_path):
     j2 = _sbatch("train.sbatch", tmp_path, STORE=str(store), RUN=str(run),
                  EXTRA="--epochs 1 --set train.steps_per_epoch=1 --set train.batch_size=2")
     _wait_jobs([j2], tmp_path)
-    assert _history_epochs(run) == [1] and (run / "model.keras").is_file()
+    assert _history_epochs(run) == [0, 1] and (run / "model.keras").is_file()
 
     seg_plate = tmp_path / "seg.zarr"
     shutil.copytree(plate, seg_plate)

@@ -12,7 +12,21 @@ def test_defaults_are_the_published_recipe():
     assert (cfg.labels.body_threshold, cfg.labels.contour_threshold) == (0.4, 0.1)
     assert (cfg.tiling.size, cfg.tiling.margin) == (256, 16)
     assert cfg.train.learning_rate == 1e-3 and cfg.train.batch_size == 8
-    assert cfg.preprocess.scale == round(10 / 7, 2)
+    assert cfg.preprocess.mean_width == "auto"  # measured from the plate (hpc_retrain.width)
+    assert cfg.updated(preprocess__mean_width=7).preprocess.scale == round(10 / 7, 2)
+
+
+def test_mean_width_auto_must_be_measured_before_scaling(tmp_path):
+    with pytest.raises(ConfigError, match="mean_width is 'auto'.*--mean-width"):
+        RunConfig().preprocess.scale
+    # auto and numbers (old configs) both load and round-trip; case and spaces of auto do not matter
+    for value, want in (("auto", "auto"), (" Auto", "auto"), (12, 12.0), ("9.5", 9.5)):
+        cfg = RunConfig.load(None, [f"preprocess.mean_width={value}"])
+        assert cfg.preprocess.mean_width == want
+        assert RunConfig.read_saved(cfg.save(tmp_path / str(want))) == cfg
+    for bad in ("wide", "0", "nan", "[7]"):
+        with pytest.raises(ConfigError, match="preprocess.mean_width"):
+            RunConfig.load(None, [f"preprocess.mean_width={bad}"])
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -10,7 +10,7 @@ from hpc_retrain.config import RunConfig
 from hpc_retrain.evaluate import match
 from hpc_retrain.synth import render_field
 
-CFG = RunConfig()
+CFG = RunConfig().updated(preprocess__mean_width=7.0)  # the synthetic cells' width
 
 
 def probabilities_from(masks: np.ndarray) -> np.ndarray:

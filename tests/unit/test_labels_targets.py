@@ -173,7 +173,7 @@ def test_qc_flags(stats, expect):
 
 def test_qc_flags_sharp_blurred_and_empty_fluorescence(pretrained_model):
     """The heuristics on rendered fields: in focus passes, a strong defocus and an empty field are flagged."""
-    cfg = RunConfig()
+    cfg = RunConfig().updated(preprocess__mean_width=7.0)
     seen = {}
     for name, kw in (("sharp", {}), ("blurred", {"fl_psf_sigma": 6.0}), ("empty", {"density": 0.0})):
         f = synth.render_field(2, (256, 256), mean_width=7.0, **kw)

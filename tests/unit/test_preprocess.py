@@ -80,7 +80,7 @@ def test_integer_percentiles_are_exact_when_chunked():
     ],
 )
 def test_bad_images_get_clear_errors(image, match):
-    cfg = PreprocessConfig()
+    cfg = PreprocessConfig(mean_width=7.0)
     with pytest.raises(P.ImageError, match=match) as e:
         P.features_np(image, cfg.brightfield, cfg, source="plate/A1_s0_bf.tif")
     assert "A1_s0_bf.tif" in str(e.value)

@@ -171,7 +171,7 @@ def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store
 
     m2 = tr.train(cfg.updated(train__epochs=2), small_store, run)
     hist = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in hist] == [1, 2] and m2["epochs"] == 2
+    assert [h["epoch"] for h in hist] == [0, 1, 2] and m2["epochs"] == 2
     assert "resuming from ckpt-e00001" in (run / "train.log").read_text()
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "ckpt-e00002" in names and "ckpt-e00001" not in names and "best" in names
