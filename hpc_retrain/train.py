@@ -49,8 +49,8 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val
                    "val_f1", "val_precision", "val_recall", "time_s", "tiles_per_s")
 # Training settings a resume must share with the run it continues; anything else (epochs, how many
 # checkpoints to keep, determinism, precision) may change between attempts.
-_RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight",
-                 "pos_weight_power", "augment", "steps_per_epoch")
+_RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight", "augment",
+                 "steps_per_epoch")
 # Sections of the store's own config that the run (and the model it exports) must carry: a model is only
 # meaningful with the preprocessing, labels and tiling its training tiles were made with.
 STORE_SECTIONS = ("preprocess", "labels", "tiling")
@@ -91,8 +91,8 @@ def field_tiles(root, fields: np.ndarray) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def positive_weights(root, train_fields: np.ndarray, override, source: str, power: float = 1.0) -> np.ndarray:
-    """w_c = ((1 - p_c) / p_c) ** power from the training fields' positive-pixel fractions, unless given."""
+def positive_weights(root, train_fields: np.ndarray, override, source: str) -> np.ndarray:
+    """w_c = (1 - p_c) / p_c from the training fields' positive-pixel fractions, unless given."""
     if override is not None:
         w = np.asarray(override, np.float64)
         if w.shape != (len(st.LABEL_CHANNELS),) or np.any(w <= 0):
@@ -104,7 +104,7 @@ def positive_weights(root, train_fields: np.ndarray, override, source: str, powe
         if not (0 < pc < 1) or not np.isfinite(pc):
             raise TrainingError(f"{source}: the training fields' {c} labels are {pc:.3g} positive; a weight "
                                 f"(1-p)/p needs 0 < p < 1 (check the labels, or set train.pos_weight)")
-    return ((1 - p) / p) ** power
+    return (1 - p) / p
 
 
 def epoch_plan(train_tiles: np.ndarray, epoch: int, seed: int, batch: int, steps_cap: int | None,
@@ -543,7 +543,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         if len(usable) == 0:
             raise TrainingError(f"{store}: no finished fields; run `hpc-retrain prepare` first")
         train_fields, val_fields = split_fields(usable, tc.val_fraction, cfg.seed)
-        pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store), tc.pos_weight_power)
+        pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store))
         opt.build(net.trainable_variables)
         prog = Progress(history=[], train_fields=train_fields.tolist(), val_fields=val_fields.tolist(),
                         pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"))

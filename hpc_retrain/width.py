@@ -41,12 +41,14 @@ def cell_widths(labels: np.ndarray, body: np.ndarray | None = None, guess: float
                 confident: float = CONFIDENT) -> np.ndarray:
     """Width (px) of each confident, whole cell of an instance image.
 
-    The width of a cell is 2 * max(EDT) - 1, EDT being each pixel's Euclidean distance to the nearest
+    The width of a cell is 2 * max(EDT) - 0.5, EDT being each pixel's Euclidean distance to the nearest
     pixel outside that cell. For a rod, the largest inscribed disc spans the cylinder, so this is its
     diameter: the edge-to-edge pixel count across the cell, which is what a user measures by hand with a
-    line across a cell and what MISIC's "mean width" means (a strip n px wide has max EDT (n + 1) / 2,
-    the -1 removes that half-pixel at each edge). Unlike the minor axis of the moment ellipse it does not
-    depend on the cell's length (a rectangle's minor axis is 1.15x its width) and is exact for bent rods.
+    line across a cell and what MISIC's "mean width" means. On the pixel grid a strip n px wide has max EDT
+    (n + 1) / 2 when n is odd (a centre pixel) and n / 2 when n is even, so 2 * max(EDT) is n + 1 or n:
+    -0.5 is right on average over where the grid falls (+-0.5 px per cell). Unlike the minor axis of the
+    moment ellipse it does not depend on the cell's length (a rectangle's minor axis is 1.15x its width)
+    and holds for bent rods.
 
     Left out: cells touching the image border (cut, so too narrow or too short), specks smaller than half
     a square of the current guess (a rod is at least about one width long, so a real cell covers at least
@@ -69,7 +71,7 @@ def cell_widths(labels: np.ndarray, body: np.ndarray | None = None, guess: float
             continue
         # Each cell on its own (padded by one background pixel), so touching neighbours bound its EDT.
         cell = np.pad(labels[sl] == i, 1)
-        widths.append(2.0 * ndi.distance_transform_edt(cell).max() - 1.0)
+        widths.append(2.0 * ndi.distance_transform_edt(cell).max() - 0.5)
     return np.asarray(widths)
 
 
@@ -125,7 +127,7 @@ def measure_widths(images: list[np.ndarray], cfg: RunConfig, model=None, prep: C
             measured = None
             break
         # Interquartile mean: robust to merged pairs and fragments like the median, but not stuck on the
-        # few values 2 * sqrt(k) - 1 a pixel grid allows for one cell (5.0, 5.3, 5.5, 6.2, 7.0 ... px).
+        # few values 2 * sqrt(k) - 0.5 a pixel grid allows for one cell (5.5, 5.8, 6.0, 6.7, 7.5 ... px).
         measured = float(stats.trim_mean(found, 0.25))
         history.append({"width": w, "cells": int(len(found)), "measured": round(measured, 2)})
         log.debug("mean width: segmented at %.2f px, %d cells, median width %.2f px", w, len(found), measured)

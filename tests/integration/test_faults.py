@@ -5,7 +5,8 @@
 13 ``status`` exits 2 on a folder that is not a run and 1 on a failed run
 10 a base model with one output channel is refused, naming the file
 2  a refused resume leaves the run's files alone; preprocess/labels/tiling of an existing run cannot change
-9  two ``train`` processes on one run folder: the second exits 2 ("already training (pid N on HOST)")
+9  two ``train`` processes on one run folder: the second exits 2 ("already training (pid N on HOST)");
+   a run killed with SIGKILL leaves no lock behind and resumes
 """
 
 from __future__ import annotations
@@ -243,11 +244,13 @@ def test_refused_resume_changes_no_file(finished_run, store, change, names, exec
     before = _snapshot(finished_run)
     t = time.monotonic()
     out = _cli("train", "--run", finished_run, "--executor", executor, *change)
+    after = _snapshot(finished_run)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, changed  # config.yaml, status.json, job.json, checkpoints: untouched
     assert out.returncode == 2, (out.stdout, out.stderr[-3000:])
     line = _error_line(out, "train")
     assert str(finished_run) in line and all(n in line for n in names), line
     assert "new run folder" in line
-    assert _snapshot(finished_run) == before  # config.yaml, status.json, job.json, checkpoints: untouched
     assert time.monotonic() - t < 120  # refused up front, not after loading TensorFlow and the model
 
 
@@ -302,3 +305,33 @@ def test_local_job_is_refused_while_an_inline_run_trains(store, tmp_path):
         assert out.returncode == 2, out.stderr[-3000:]
         assert f"already training (pid {first.pid} on" in _error_line(out, "train")
         assert not (run / "submitit").exists()
+
+
+def test_train_killed_with_sigkill_resumes_and_its_lock_does_not_block(store, tmp_path):
+    """kill -9 leaves status.json "running" and a .lock naming a dead process: status says "stopped" (exit 1),
+    the kernel has released the lock, and the same command resumes from the last epoch-end checkpoint."""
+    import signal
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hpc_retrain", "train", "--store", str(store), "--run", str(run),
+           "--executor", "inline", "--epochs", "3", "--batch-size", "2", "--set", "train.steps_per_epoch=3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run / "train.log"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "epoch 2/3 started" in log.read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "epoch 2 never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert json.loads((run / "status.json").read_text())["state"] == "running"  # it had no chance to report
+    assert f'"pid": {proc.pid}' in (run / ".lock").read_text()  # stale holder, lock itself released
+
+    st = _cli("status", run)
+    assert st.returncode == 1 and "state:  stopped" in st.stdout, (st.stdout, st.stderr)
+
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from ckpt-e00001" in log.read_text()
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [0, 1, 2, 3]
+    assert _cli("status", run).returncode == 0

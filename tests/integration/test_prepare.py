@@ -141,7 +141,8 @@ def _field_done(store: Path) -> np.ndarray | None:
 
 def test_resume_after_sigkill(plate, built, tmp_path):
     out = tmp_path / "killed.train.zarr"
-    cmd = [sys.executable, "-m", "hpc_retrain", "prepare", "--plate", str(plate), "--out", str(out)]
+    cmd = [sys.executable, "-m", "hpc_retrain", "prepare", "--plate", str(plate), "--out", str(out),
+           "--mean-width", str(W)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
