@@ -93,7 +93,8 @@ class PreprocessConfig(_Section):
         """The mean width as a number; "auto" must have been measured (``width.resolve_mean_width``) first."""
         if self.mean_width == "auto":
             raise ConfigError("preprocess.mean_width is 'auto' and was not measured yet: measure it first "
-                              "(hpc_retrain.width.resolve_mean_width) or give a number, e.g. --mean-width 7")
+                              "(hpc_retrain.width.resolve_mean_width) or give a number: --mean-width PX "
+                              "(prepare) or --set preprocess.mean_width=PX")
         return float(self.mean_width)
 
     @property

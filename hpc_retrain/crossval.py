@@ -69,7 +69,7 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
         from hpc_retrain.width import resolve_mean_width
 
         cfg = resolve_mean_width(cfg, plate)
-    width = float(cfg.preprocess.mean_width)
+    width = cfg.preprocess.width
     fields = plate.fields
     pretrained = M.load(None)
     results = {"plate": str(plate.path), "mean_width": width, "folds": [], "config": cfg.to_dict()}

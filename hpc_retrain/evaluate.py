@@ -145,8 +145,12 @@ def _field_key(well: str, field: str) -> str:
     return f"{well}/{field}"
 
 
-def prediction_fields(path: Path, name: str):
-    """(key, image group, labels array, source key) for each field of an OME-Zarr plate with labels ``name``."""
+def prediction_fields(path: Path, name: str, ref: str | None = None):
+    """(key, image group, labels array, source key) for each field of an OME-Zarr plate with labels ``name``.
+
+    Label images (``name``, and ``ref`` when given) that a killed ``segment`` left unfinished are refused,
+    all named in one line: scoring them would report a recall of 0 for fields that were never segmented.
+    """
     from hpc_retrain import ngff
 
     try:
@@ -154,15 +158,30 @@ def prediction_fields(path: Path, name: str):
     except ValueError as e:
         raise EvaluateError(str(e)) from None
     out = []
+    unfinished: dict[str, list[str]] = {}
+    missing = []
     for well, idx, gpath in entries:
         grp = root[gpath]
         labels = grp.get("labels")
         if labels is None or name not in labels:
-            raise EvaluateError(f"{path}/{gpath}: no label image {name!r} (run hpc-retrain segment, or pick --name)")
+            missing.append(gpath)
+            continue
+        for n in (name, ref):
+            if n is not None and n in labels and not ngff.is_complete(labels[n]):
+                unfinished.setdefault(n, []).append(_field_key(well, str(idx)))
         src = grp.attrs.get("hpc_retrain_source")
         # Fields copied from a TIFF plate keep their original names, so TIFF references can be paired.
         source_key = _field_key(src["well"], src["field"]) if src else _field_key(well, str(idx))
         out.append((_field_key(well, str(idx)), grp, labels[name]["0"], source_key))
+    if unfinished:
+        n, keys = next(iter(unfinished.items()))
+        shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+        none = f" and {len(missing)} field(s) have none yet" if missing and n == name else ""
+        raise EvaluateError(f"{path}: label image {n!r} is incomplete in {len(keys)} field(s) ({shown}){none}: a "
+                            f"segment was stopped before finishing them; run the same segment command again "
+                            f"to finish them, then evaluate")
+    if missing:
+        raise EvaluateError(f"{path}/{missing[0]}: no label image {name!r} (run hpc-retrain segment, or pick --name)")
     return out
 
 
@@ -176,7 +195,7 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
     from hpc_retrain.plate import open_plate
 
     pred_path = Path(pred_path)
-    fields = prediction_fields(pred_path, name)
+    fields = prediction_fields(pred_path, name, ref if ref_plate is None else None)
     refs: dict[str, Any] = {}
     if ref_plate is not None:
         cfg = plate_cfg or PlateConfig()

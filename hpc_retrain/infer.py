@@ -15,13 +15,38 @@ features are written once to a temporary Zarr array; tiles are predicted in bloc
 stride (so every tile is exactly the whole-image tiling's tile, reflect padding at the true image edges
 included); the resize reads windows with the anti-aliasing and interpolation halo; instances are labelled
 per window with a halo and joined across seams. Results go straight into the output Zarr arrays.
+
+The ``segment`` command writes each field's result so that a killed run never leaves one that looks
+finished. The completion marker is the label group's ``hpc_retrain`` attributes (``labels/<name>``):
+set to ``{"complete": false}`` before any array of the result changes, and replaced, as the field's very last
+write, by the provenance (model, its sha256, mode, channel, config), the ``cells`` count and
+``"complete": true`` (the probabilities get their provenance just before). Zarr writes a group's attributes
+in one atomic file replacement, so a field is either marked finished or it is not; ``ngff.is_complete``
+reads the marker, a rerun redoes unfinished fields without ``--overwrite`` ("redoing N incomplete
+field(s)") and ``evaluate`` refuses them. A rerun with the same settings keeps finished fields; with other
+settings it refuses unless ``--overwrite`` (or another ``--name``).
+
+Fields that cannot be segmented (unreadable, NaN pixels, constant such as all zeros) are skipped with one
+line each, like ``prepare`` flags them; the run exits 0 when other fields were segmented, else 1. With
+``--wells`` (one well per job-array task) only the fields asked for are checked and written, and a TIFF
+plate's output OME-Zarr plate is made once, for every field, atomically (built under a temporary name,
+renamed into place under a lock of its folder). Temporary folders are named
+``hpc-retrain-infer-<pid>@<host>-*``; a later run removes those whose process is dead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import json
 import logging
 import math
+import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -355,9 +380,10 @@ def write_probabilities(field_group, name: str, shape: tuple[int, int], chunk: i
 
 
 def existing_results(field_group, name: str) -> list[str]:
+    """What of result ``name`` a field holds, finished or not: ``labels/<name>``, ``probabilities/<name>``."""
     found = []
     labels = field_group.get("labels")
-    if labels is not None and (name in labels or name in labels.attrs.get("ome", {}).get("labels", [])):
+    if labels is not None and name in labels:
         found.append("labels/" + name)
     probs = field_group.get(PROB_GROUP)
     if probs is not None and name in probs:
@@ -365,46 +391,300 @@ def existing_results(field_group, name: str) -> list[str]:
     return found
 
 
+def result_state(field_group, name: str) -> str | None:
+    """``"complete"``, ``"incomplete"`` (a segment stopped before its last write: the field is redone) or
+    None (nothing of that name). The completion marker is the label group's ``hpc_retrain`` attributes
+    (``ngff.is_complete``)."""
+    found = existing_results(field_group, name)
+    if not found:
+        return None
+    if "labels/" + name in found and ngff.is_complete(field_group["labels"][name]):
+        return "complete"
+    return "incomplete"
+
+
+def _begin_result(field_group, name: str) -> None:
+    """Mark ``labels/<name>`` then ``probabilities/<name>`` unfinished before any of their arrays changes (a
+    new group is created with the mark in one metadata write)."""
+    mark = {"complete": False}
+    for parent in ("labels", PROB_GROUP):
+        grp = field_group.require_group(parent)
+        if name in grp:
+            grp[name].attrs[ngff.PROVENANCE] = mark
+        else:
+            grp.create_group(name, attributes={ngff.PROVENANCE: mark})
+
+
+def _finish_result(field_group, name: str, provenance: dict, cells: int) -> None:
+    """Provenance of the probabilities, then of the labels with the cell count and ``complete``: the last write."""
+    field_group[PROB_GROUP][name].attrs[ngff.PROVENANCE] = {**provenance, "complete": True}
+    field_group["labels"][name].attrs[ngff.PROVENANCE] = {**provenance, "cells": int(cells), "complete": True}
+
+
+def _remove_result(field_group, name: str) -> None:
+    """Remove result ``name`` of a field (a skipped field keeps nothing of it)."""
+    labels = field_group.get("labels")
+    if labels is not None:
+        ome = dict(labels.attrs.get("ome", {}))
+        if name in ome.get("labels", []):
+            ome["labels"] = [n for n in ome["labels"] if n != name]
+            labels.attrs["ome"] = ome
+        if name in labels:
+            del labels[name]
+    probs = field_group.get(PROB_GROUP)
+    if probs is not None and name in probs:
+        del probs[name]
+
+
+# Settings that do not change a result: a rerun with other values of these still finds its fields done.
+_NOT_RESULT_SETTINGS = ("infer.batch_size", "infer.chunk", "infer.model", "infer.name")
+
+
+def _result_settings(prov) -> dict[str, Any]:
+    """What a result depends on, flattened: the model's weights, mode, channel, preprocessing, tiling and the
+    post-processing thresholds."""
+    out = {k: prov.get(k) for k in ("model_sha256", "channel")}  # the mode: infer.mode
+
+    def flat(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                flat(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in _NOT_RESULT_SETTINGS:
+                out[f"{prefix}{k}"] = v
+
+    cfg = prov.get("config") or {}
+    for sec in ("preprocess", "tiling", "infer"):
+        flat(cfg.get(sec) or {}, f"{sec}.")
+    return json.loads(json.dumps(out, default=str))
+
+
+def _settings_differ(old_prov, new: dict[str, Any]) -> list[str]:
+    if not isinstance(old_prov, dict) or "config" not in old_prov:
+        return ["not written by hpc-retrain segment"]
+    old = _result_settings(old_prov)
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+# ------------------------------------------------------------------------------------------ temporary data
+# Temporary folders of a segment (a large field's features and scaled probabilities; an output plate being
+# built) are named hpc-retrain-infer-<pid>@<host>-<random> beside the output, so a later run can tell that
+# their owner died (kill -9, out of memory, a node lost) and remove them.
+TEMP_PREFIX = "hpc-retrain-infer-"
+_TEMP_OWNER = re.compile(r"^hpc-retrain-infer-(\d+)@(.+)-[A-Za-z0-9_]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
+
+
+def temp_folder(parent: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}@{_host()}-", dir=parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp(parent: Path) -> tuple[list[Path], list[Path]]:
+    """Remove ``hpc-retrain-infer-*`` folders in ``parent`` whose owner, a process on this host, is dead.
+
+    Returns (removed, unknown): ``unknown`` are folders of processes on other hosts, or of versions that did
+    not record their owner; those are left alone (their owner may still run)."""
+    removed, unknown = [], []
+    try:
+        entries = sorted(p for p in Path(parent).iterdir() if p.name.startswith(TEMP_PREFIX) and p.is_dir())
+    except OSError:
+        return removed, unknown
+    for p in entries:
+        m = _TEMP_OWNER.match(p.name)
+        if not m or m.group(2) != _host():
+            unknown.append(p)
+            continue
+        if _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        (unknown if p.exists() else removed).append(p)
+    return removed, unknown
+
+
+# ------------------------------------------------------------------------------------------ output plate
+def default_output(plate_path: Path) -> Path:
+    return Path(str(plate_path).rstrip("/") + ".ome.zarr")
+
+
 def _output_plate(plate, out: Path | None, fields, chunk: int):
-    """The Zarr plate results go into, and each field's group in it (images copied when it is new)."""
+    """The Zarr plate results go into, and the group of each of ``fields`` in it.
+
+    An OME-Zarr input without ``--out`` is written in place. Otherwise the output plate holds every field of
+    the plate (images copied), whichever fields this run segments, so that tasks of a job array given one
+    well each all find their fields in it. It is created by the first task (see :func:`_create_output`).
+    """
     import zarr
 
     if out is None and plate.layout == "ome-zarr":
         root = zarr.open_group(str(plate.path), mode="r+")
-        groups = {(w, str(i)): root[g] for w, i, g in ngff.plate_fields(root)}
-        return plate.path, [groups[(f.well, f.field)] for f in fields]
-    out = Path(out) if out else Path(str(plate.path).rstrip("/") + ".ome.zarr")
-    per_well: dict[str, list] = {}
-    for f in fields:
-        per_well.setdefault(f.well, []).append(f)
-    if out.exists():
-        try:
-            root = zarr.open_group(str(out), mode="r+")
-            listed = {(w, i): g for w, i, g in ngff.plate_fields(root)}
-        except Exception as e:
-            raise InferError(f"{out}: exists and is not an OME-Zarr plate ({e}); choose another --out") from None
-        groups = []
-        for well, fs in per_well.items():
-            for i, f in enumerate(fs):
-                key = ("".join(ngff.split_well(well)), i)
-                if key not in listed:
-                    raise InferError(f"{out}: exists but holds no field {f.key}; choose another --out")
-                groups.append(root[listed[key]])
-        return out, groups
-    root = ngff.create_plate(out, list(per_well), max(len(v) for v in per_well.values()),
-                             name=Path(plate.path).name)
+        groups = {(w, str(i)): g for w, i, g in ngff.plate_fields(root)}
+        return plate.path, [root[groups[(f.well, f.field)]] for f in fields]
+    out = Path(out) if out else default_output(plate.path)
+    if not out.exists():
+        _create_output(plate, out, chunk)
+    try:
+        root = zarr.open_group(str(out), mode="r+")
+        listed = {(w, i): g for w, i, g in ngff.plate_fields(root)}
+    except Exception as e:
+        raise InferError(f"{out}: exists and is not an OME-Zarr plate ({e}); choose another --out") from None
+    position = _positions(plate.fields)
     groups = []
+    for f in fields:
+        gpath = listed.get(position[(f.well, f.field)])
+        if gpath is None:
+            raise InferError(f"{out}: exists but holds no field {f.key}; choose another --out")
+        try:
+            grp = root[gpath]
+        except KeyError:
+            raise InferError(f"{out}: lists field {gpath} but it was never written (left by a segment that "
+                             f"failed while creating the plate); remove {out} and run again") from None
+        src = grp.attrs.get("hpc_retrain_source")
+        if isinstance(src, dict) and (src.get("well"), str(src.get("field"))) != (f.well, f.field):
+            raise InferError(f"{out}: field {gpath} holds {src.get('well')}/{src.get('field')} of another plate, "
+                             f"not {f.key}; choose another --out")
+        groups.append(grp)
+    return out, groups
+
+
+def _positions(fields) -> dict[tuple[str, str], tuple[str, int]]:
+    """(well, field) -> (NGFF well, field index) in the output plate: fields numbered in plate order per well."""
+    count: dict[str, int] = {}
+    pos = {}
+    for f in fields:
+        well = "".join(ngff.split_well(f.well))
+        pos[(f.well, f.field)] = (well, count.get(well, 0))
+        count[well] = count.get(well, 0) + 1
+    return pos
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive flock on ``folder`` (no lock file left behind); a no-op where the file system has none."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no flock here (some network file systems): the atomic rename alone keeps creation safe
+        yield
+    finally:
+        os.close(fd)
+
+
+def _create_output(plate, out: Path, chunk: int) -> None:
+    """Build the output plate of every field of ``plate`` under a temporary name and rename it into place.
+
+    The plate appears whole or not at all: reading every image while copying validates the inputs first (an
+    unreadable file stops the run with nothing created, and the rerun starts afresh), and of tasks racing to
+    create it (a job array) one renames its copy into place while the others, waiting on a lock of the
+    parent folder, then find it made.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(out.parent):
+        if out.exists():
+            return
+        tmp = temp_folder(out.parent)
+        try:
+            log.info("copying %d field(s) of %s into %s", len(plate.fields), plate.path, out)
+            _copy_plate(plate, tmp, chunk)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not out.exists():
+                    raise  # else another task (without a lock) made it first: use its plate
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_plate(plate, path: Path, chunk: int) -> None:
+    import dask.array as da
+
+    per_well: dict[str, list] = {}
+    for f in plate.fields:
+        per_well.setdefault(f.well, []).append(f)
+    root = ngff.create_plate(path, list(per_well), max(len(v) for v in per_well.values()),
+                             name=Path(plate.path).name)
     for well, fs in per_well.items():
         r, c = ngff.split_well(well)
         root[f"{r}/{c}"].attrs["ome"] = {"version": ngff.NGFF_VERSION,
                                          "well": {"images": [{"path": str(i)} for i in range(len(fs))]}}
         for i, f in enumerate(fs):
             names = sorted(f.channels)
-            img = np.stack([np.asarray(f.channels[n]) for n in names])
+            img = da.stack([f.channels[n] for n in names])
+            if max(f.shape) <= chunk:
+                img = np.asarray(img)  # read now: an unreadable file stops here, naming itself
             grp = ngff.write_field(root, well, i, img, names, chunk=chunk)
             grp.attrs["hpc_retrain_source"] = {"well": f.well, "field": f.field, "source": f.source}
-            groups.append(grp)
-    return out, groups
+
+
+# ------------------------------------------------------------------------------------------ file system faults
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _fs_problem(e: OSError, where: Path, out_given: bool) -> str | None:
+    """One line for a read-only or full output, or None for other errors."""
+    detail = f" ({e.filename}: {e.strerror})" if e.filename else f" ({e.strerror})"
+    elsewhere = "choose another --out" if out_given else "pass --out PATH to write the results elsewhere"
+    if e.errno in _READ_ONLY:
+        return f"{where} is read-only{detail}: {elsewhere}"
+    if e.errno in _FULL:
+        return (f"{where}: no space left on the device{detail}; free space there or "
+                f"{'choose an --out' if out_given else 'pass --out PATH'} on another file system, then run the "
+                f"same command again (finished fields are kept)")
+    return None
+
+
+def _probe_writable(folder: Path) -> OSError | None:
+    """Create and remove a file in ``folder``: the error a write there gives, if any (root ignores permission
+    bits, so asking os.access would not do)."""
+    probe = folder / f".hpc-retrain-write-test-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return OSError(e.errno, e.strerror)  # without the probe's own name
+    return None
+
+
+def _bad_field(f, channel: str, prep: ChannelPrep) -> str | None:
+    """Why field ``f`` cannot be segmented (unreadable, NaN pixels, constant...), or None; reads it."""
+    from hpc_retrain.plate import PlateError
+
+    source = f"{f.source} ({channel})"
+    try:
+        im = np.asarray(f.channel(channel))
+    except PlateError as e:
+        return str(e)
+    except Exception as e:  # a damaged chunk or file
+        return f"{source}: pixels unreadable ({type(e).__name__}: {e})"
+    try:
+        P.check_image(im, source)
+        P.intensity_range(im, prep.percentiles, source)
+    except P.ImageError as e:
+        return str(e)
+    return None
 
 
 RUN_SETTINGS = ("preprocess", "tiling", "infer.body_threshold", "infer.marker_threshold")
@@ -475,6 +755,31 @@ def main(args: argparse.Namespace) -> int:
         return 0
     channel = getattr(cfg.plate, args.channel)
     plate.require(channel)
+
+    fields = plate.fields
+    if args.wells:
+        wanted = [w.strip() for w in args.wells.split(",") if w.strip()]
+        unknown = sorted(set(wanted) - {f.well for f in fields})
+        if unknown:
+            raise CliError(f"{plate.path}: no well(s) {unknown}; `--list-wells` shows the plate's wells")
+        fields = [f for f in fields if f.well in wanted]
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and plate.layout == "ome-zarr" and out.resolve() == plate.path.resolve():
+        out = None
+    in_place = out is None and plate.layout == "ome-zarr"
+    target = plate.path if in_place else (out or default_output(plate.path))
+    # A read-only (or full) output: one line before any work.
+    probe = target if target.exists() else target.parent
+    if probe.is_dir() and (err := _probe_writable(probe)) is not None and _fs_problem(err, target, bool(args.out)):
+        raise CliError(_fs_problem(err, plate.path if in_place else probe, bool(args.out)))
+    # Temporary data of segments killed before they could clean up (their pid in the folder name).
+    removed, unknown = remove_stale_temp(target.parent)
+    if removed:
+        print(f"removed {len(removed)} stale temporary folder(s) of killed segment runs: "
+              f"{', '.join(p.name for p in removed)}")
+    for p in unknown:
+        log.warning("%s: temporary folder of another host's or an older segment; remove it when none runs", p)
+
     from hpc_retrain.width import resolve_mean_width  # mean_width "auto": measured on this plate, recorded
 
     cfg = resolve_mean_width(cfg, plate, channel)
@@ -483,49 +788,70 @@ def main(args: argparse.Namespace) -> int:
     # A run still training (or preempted) gives its best, else latest, checkpoint; a line says which.
     model, source = M.load_with_source(cfg.infer.model, cfg.tiling.size)
     predict = Predictor(model, cfg.infer.batch_size, cfg.tiling.size)
-
-    fields = plate.fields
-    if args.wells:
-        wanted = [w.strip() for w in args.wells.split(",") if w.strip()]
-        unknown = sorted(set(wanted) - {f.well for f in fields})
-        if unknown:
-            raise CliError(f"{plate.path}: no well(s) {unknown}; `--list-wells` shows the plate's wells")
-        if plate.layout != "ome-zarr" and not args.out:
-            # Tasks of a job array would each create the TIFF plate's output plate: one at a time only.
-            log.warning("--wells on a TIFF plate: run the tasks one after the other, or segment an OME-Zarr plate")
-        fields = [f for f in fields if f.well in wanted]
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and plate.layout == "ome-zarr" and out.resolve() == plate.path.resolve():
-        out = None
-    # Refuse before writing anything: results of this name anywhere in the output stop the run.
-    target = out or (plate.path if plate.layout == "ome-zarr" else Path(str(plate.path).rstrip("/") + ".ome.zarr"))
-    if target.exists() and not args.overwrite:
-        import zarr
-
-        try:
-            root = zarr.open_group(str(target), mode="r")
-            clash = [f"{target}/{g}/{r}" for _, _, g in ngff.plate_fields(root)
-                     for r in existing_results(root[g], name)]
-        except Exception:
-            clash = []
-        if clash:
-            raise CliError(f"{clash[0]} already holds results"
-                           f"{f' (and {len(clash) - 1} more)' if len(clash) > 1 else ''}; "
-                           f"pass --overwrite to replace them or --name to write beside them")
-    out_path, groups = _output_plate(plate, out, fields, cfg.infer.chunk)
-    provenance = {"hpc_retrain": {"version": __version__, "model": str(source.path),
-                                  "model_sha256": source.sha256, "mode": cfg.infer.mode,
-                                  "channel": channel, "config": cfg.to_dict()}}
+    provenance = {"version": __version__, "model": str(source.path), "model_sha256": source.sha256,
+                  "mode": cfg.infer.mode, "channel": channel, "config": cfg.to_dict()}
     if source.is_checkpoint:  # the folder (best, above all) changes as training goes on: say what it held
-        provenance["hpc_retrain"]["model_checkpoint"] = dict(source.checkpoint, weights="variables.npz")
+        provenance["model_checkpoint"] = dict(source.checkpoint, weights="variables.npz")
+    settings = _result_settings(provenance)
+    try:
+        return _segment(args, plate, fields, out, channel, prep, cfg, predict, provenance, settings, name)
+    except OSError as e:
+        problem = _fs_problem(e, target, bool(args.out))
+        if problem is None:
+            raise
+        raise CliError(problem) from None
+
+
+def _segment(args, plate, fields, out, channel, prep, cfg, predict, provenance, settings, name) -> int:
+    from hpc_retrain.cli import CliError
+    from hpc_retrain.plate import PlateError
+
+    out_path, groups = _output_plate(plate, out, fields, cfg.infer.chunk)
+    # Only the fields asked for count: finished ones made with these settings are kept, finished ones made
+    # otherwise refuse the run (before any write) unless --overwrite, unfinished ones are redone.
+    todo, kept, clash, redo = [], [], [], []
+    for f, grp in zip(fields, groups):
+        state = result_state(grp, name)
+        if state == "complete" and not args.overwrite:
+            diff = _settings_differ(grp["labels"][name].attrs.get(ngff.PROVENANCE), settings)
+            if diff:
+                clash.append((f"{out_path}/{grp.path}/labels/{name}", diff))
+            else:
+                kept.append(f)
+            continue
+        if state == "incomplete":
+            redo.append(f.key)
+        todo.append((f, grp))
+    if clash:
+        where, diff = clash[0]
+        more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+        raise CliError(f"{where} already holds results{more} made with other settings ({'; '.join(diff[:3])}); "
+                       f"pass --overwrite to replace them or --name to write beside them")
+    if kept:
+        print(f"{len(kept)} field(s) already segmented with these settings, kept (--overwrite redoes them)")
+    if redo:
+        print(f"redoing {len(redo)} incomplete field(s) (a segment stopped before finishing them): "
+              f"{', '.join(redo[:10])}{' ...' if len(redo) > 10 else ''}")
     tiff_dir = None
     if args.tiff is not None:
         tiff_dir = Path(args.tiff) if args.tiff else plate.path.parent / f"{plate.path.name}_{name}_tiff"
         tiff_dir.mkdir(parents=True, exist_ok=True)
 
-    def write(f, grp, prob, labels, n) -> None:
-        grp["labels"][name].attrs["hpc_retrain"] = {**provenance["hpc_retrain"], "cells": n}
-        counts[f.key] = n
+    counts: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+
+    def skip(f, reason: str) -> None:
+        skipped[f.key] = reason
+        bar.write(f"hpc-retrain segment: skipped field {f.key}: {reason}")
+        bar(f"{f.key}: skipped")
+
+    def begin(f, grp):
+        shape = tuple(f.shape)
+        _begin_result(grp, name)  # marked unfinished before any array changes
+        return (write_probabilities(grp, name, shape, cfg.infer.chunk, True),
+                ngff.create_label(grp, name, shape, I.LABEL_DTYPE, chunk=cfg.infer.chunk, overwrite=True))
+
+    def finish(f, grp, prob, labels, n) -> None:
         if tiff_dir is not None:
             import tifffile
 
@@ -533,34 +859,54 @@ def main(args: argparse.Namespace) -> int:
             p = prob if prob is not None else np.asarray(grp[PROB_GROUP][name]["0"][...])
             tifffile.imwrite(tiff_dir / f"{f.well}_s{f.field}_{name}.tif", lab, compression="zlib")
             tifffile.imwrite(tiff_dir / f"{f.well}_s{f.field}_{name}_prob.tif", p, compression="zlib")
+        _finish_result(grp, name, provenance, n)  # the completion marker: the field's last write
+        counts[f.key] = n
         bar(f"{f.key}: {n} cells")
 
-    def arrays(f, grp):
-        shape = tuple(f.shape)
-        return (write_probabilities(grp, name, shape, cfg.infer.chunk, True, **provenance),
-                ngff.create_label(grp, name, shape, I.LABEL_DTYPE, chunk=cfg.infer.chunk, overwrite=True,
-                                  **provenance))
-
-    counts: dict[str, int] = {}
-    pairs = list(zip(fields, groups))
-    small = [(f, g) for f, g in pairs if max(f.shape) <= cfg.infer.chunk]
-    large = [(f, g) for f, g in pairs if max(f.shape) > cfg.infer.chunk]
-    with _progress(len(fields), "segment") as bar:
-        # Fields that fit in memory go through the pipelined path; larger ones chunk by chunk.
-        images = (f.channel(channel) for f, _ in small)
-        results = segment_fields(predict, images, cfg, prep=prep, sources=[f.source for f, _ in small])
-        for (f, grp), (prob, labels) in zip(small, results):
-            prob_arr, lab_arr = arrays(f, grp)
-            prob_arr[...] = np.moveaxis(prob, -1, 0)
-            lab_arr[...] = labels
-            write(f, grp, np.moveaxis(prob, -1, 0), labels, int(labels.max()))
-        for f, grp in large:
-            prob_arr, lab_arr = arrays(f, grp)
-            n = segment_scan(predict, f.channel(channel), cfg, prob_arr, lab_arr, prep=prep,
-                             tmpdir=out_path.parent, source=f.source)
-            write(f, grp, None, None, n)
-    print(f"segmented {len(fields)} field(s), {sum(counts.values())} cells -> {out_path} "
-          f"(labels/{name}, {PROB_GROUP}/{name})")
+    small = [(f, g) for f, g in todo if max(f.shape) <= cfg.infer.chunk]
+    large = [(f, g) for f, g in todo if max(f.shape) > cfg.infer.chunk]
+    tmp = None
+    try:
+        with _progress(len(todo), "segment") as bar:
+            # Fields that fit in memory go through the pipelined path, a batch at a time, each field checked
+            # first (a constant, NaN or unreadable field is skipped, not fatal); larger ones chunk by chunk.
+            for b in range(0, len(small), 16):
+                batch = []
+                for f, grp in small[b:b + 16]:
+                    reason = _bad_field(f, channel, prep)
+                    if reason:
+                        skip(f, reason)
+                    else:
+                        batch.append((f, grp))
+                images = (f.channel(channel) for f, _ in batch)
+                results = segment_fields(predict, images, cfg, prep=prep, sources=[f.source for f, _ in batch])
+                for (f, grp), (prob, labels) in zip(batch, results):
+                    prob_arr, lab_arr = begin(f, grp)
+                    prob_arr[...] = np.moveaxis(prob, -1, 0)
+                    lab_arr[...] = labels
+                    finish(f, grp, np.moveaxis(prob, -1, 0), labels, int(labels.max()))
+            for f, grp in large:
+                if tmp is None:
+                    tmp = temp_folder(out_path.parent)
+                prob_arr, lab_arr = begin(f, grp)
+                try:
+                    n = segment_scan(predict, f.channel(channel), cfg, prob_arr, lab_arr, prep=prep, tmpdir=tmp,
+                                     source=f"{f.source} ({channel})")
+                except (P.ImageError, PlateError) as e:
+                    _remove_result(grp, name)
+                    skip(f, str(e))
+                    continue
+                finish(f, grp, None, None, n)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    note = f"; skipped {len(skipped)} field(s): {', '.join(skipped)}" if skipped else ""
+    print(f"segmented {len(counts)} field(s), {sum(counts.values())} cells -> {out_path} "
+          f"(labels/{name}, {PROB_GROUP}/{name}){note}")
+    if skipped and not counts and not kept:
+        print(f"hpc-retrain segment: no field was segmented: all {len(skipped)} field(s) skipped (see above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -582,6 +928,13 @@ class _progress:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
+
+    def write(self, line: str) -> None:
+        """A line on stderr of its own, the bar redrawn below it."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
     def __call__(self, msg: str = "") -> None:
         self.n += 1

@@ -31,7 +31,7 @@ _TROUGH = -0.5  # shape index below this: a trough (cup/rut) of the contour map,
 
 def min_area(cfg: RunConfig) -> int:
     # A quarter of a cell-width square: smaller specks are noise, not cells.
-    return max(int(0.25 * cfg.preprocess.mean_width ** 2), 4)
+    return max(int(0.25 * cfg.preprocess.width ** 2), 4)
 
 
 def instances(prob: np.ndarray, cfg: RunConfig) -> np.ndarray:
@@ -79,7 +79,7 @@ def _drop_small(labels: np.ndarray, area: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ scans
 def halo(cfg: RunConfig) -> int:
     """Context around each window: a long cell (8 widths), so both windows see a seam cell the same way."""
-    return max(48, int(round(8 * cfg.preprocess.mean_width)))
+    return max(48, int(round(8 * cfg.preprocess.width)))
 
 
 def blocks(shape: tuple[int, int], chunk: int) -> Iterator[tuple[int, int, int, int]]:

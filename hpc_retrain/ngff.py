@@ -72,15 +72,24 @@ _CYX = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name
 _YX = _CYX[1:]
 
 
-def write_field(plate: zarr.Group, well: str, field: int, image: np.ndarray, channel_names: list[str],
+def write_field(plate: zarr.Group, well: str, field: int, image, channel_names: list[str],
                 chunk: int = 1024) -> zarr.Group:
-    """Write one field's (C, Y, X) image with channel labels; returns the field's image group."""
+    """Write one field's (C, Y, X) image (NumPy, or Dask for a scan of any size) with channel labels;
+    returns the field's image group."""
     if image.ndim != 3 or image.shape[0] != len(channel_names):
         raise ValueError(f"well {well} field {field}: image {image.shape} does not match channels {channel_names}")
     r, c = split_well(well)
     grp = plate.require_group(f"{r}/{c}/{field}")
-    grp.create_array("0", data=image, chunks=(1, min(chunk, image.shape[1]), min(chunk, image.shape[2])),
-                     overwrite=True)
+    chunks = (1, min(chunk, image.shape[1]), min(chunk, image.shape[2]))
+    if isinstance(image, np.ndarray):
+        grp.create_array("0", data=image, chunks=chunks, overwrite=True)
+    else:  # a Dask array (a scan larger than memory): copied chunk by chunk
+        import dask
+        import dask.array as da
+
+        arr = grp.create_array("0", shape=image.shape, dtype=image.dtype, chunks=chunks, overwrite=True)
+        with dask.config.set(scheduler="threads"):
+            da.store(image.rechunk(chunks), arr, lock=False)
     _set_ome(grp, multiscales=_multiscales(_CYX, f"{well}/{field}"),
              omero={"channels": [{"label": n} for n in channel_names]})
     return grp
@@ -101,6 +110,24 @@ def create_label(field_group: zarr.Group, name: str, shape: tuple[int, int], dty
     if attrs:
         grp.attrs.update(attrs)
     return arr
+
+
+# hpc_retrain's own attributes on a label image (and its probabilities): the provenance of the result and
+# whether it was finished. ``segment`` sets {"complete": false} before it changes any array of the result and
+# replaces it with the provenance, the cell count and "complete": true as its very last write.
+PROVENANCE = "hpc_retrain"
+
+
+def is_complete(group: zarr.Group) -> bool:
+    """False for a result hpc_retrain started and did not finish (a killed ``segment``): ``complete`` is false,
+    or, as written before that marker existed, provenance without the ``cells`` count. Label images that
+    other tools wrote (no such attributes) count as complete."""
+    prov = group.attrs.get(PROVENANCE)
+    if not isinstance(prov, dict):
+        return True
+    if "complete" in prov:
+        return prov["complete"] is True
+    return "cells" in prov
 
 
 def write_labels(field_group: zarr.Group, name: str, labels: np.ndarray, **attrs: Any) -> zarr.Array:

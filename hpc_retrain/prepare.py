@@ -161,7 +161,7 @@ def resolve_width(cfg: RunConfig, plate, store_path: Path, overwrite: bool = Fal
     from hpc_retrain import width as W
 
     # The labelling model: this process's labels stage reuses it, so measuring loads nothing extra.
-    return W.resolve_mean_width(cfg, plate, cfg.plate.fluorescence, model=L.get_model(None))
+    return W.resolve_mean_width(cfg, plate, model=L.get_model(None))
 
 
 def _compute(tasks, cfg: RunConfig, progress: bool) -> list[Any]:

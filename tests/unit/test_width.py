@@ -99,3 +99,20 @@ def test_colicoords_width_is_that_of_e_coli(colicoords, pretrained_model, ds):
     # median is 20). 20, not 18, on purpose: ds1 measures 19.2 px and brightfield F1 vs the teacher peaks
     # at a fixed 19 px there (0.494; 0.452 at 18, 0.371 at 20), so 19 is what segmentation wants.
     assert 12 <= width <= 20
+
+
+def test_segment_measures_auto_width_from_brightfield_when_there_is_no_fluorescence(tmp_path, pretrained_model,
+                                                                                    caplog):
+    from hpc_retrain import cli, infer
+
+    tiffs = synth.write_plate(tmp_path / "bf", fmt="tiff", wells=["A1"], fields_per_well=2, shape=(256, 256),
+                              seed=5)
+    for p in tiffs.glob("*fluorescence*"):
+        p.unlink()
+    args = cli.build_parser().parse_args(["segment", "--plate", str(tiffs)])
+    with caplog.at_level(logging.INFO, logger="hpc_retrain"):
+        assert infer.main(args) == 0
+    assert "no fluorescence channel" in caplog.text
+    prov = zarr.open_group(str(tmp_path / "bf.ome.zarr"), mode="r")["A/1/0/labels/misic"].attrs["hpc_retrain"]
+    width = prov["config"]["preprocess"]["mean_width"]  # the results record the number used
+    assert abs(width - TRUE_WIDTH) <= 0.15 * TRUE_WIDTH
