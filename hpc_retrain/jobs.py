@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import shlex
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +47,18 @@ STORE_SECTIONS = ("preprocess", "labels", "tiling")
 
 class RunBusy(ValueError):
     """Another process is training this run folder; the message names the folder, the pid and the host."""
+
+
+class TrainFailed(ValueError):
+    """A training that failed for a reason given in one line (a damaged store, a full disk...)."""
+
+
+class RunFileError(ValueError):
+    """A run file (status.json) that cannot be read; the message names it."""
+
+
+class SlurmRequestError(ValueError):
+    """A job request no node of the partition can satisfy: it would pend forever."""
 
 
 # ------------------------------------------------------------------------------------------ the lock
@@ -137,16 +152,23 @@ class TrainingJob(submitit.helpers.Checkpointable):
         if not logging.getLogger().handlers:  # in a job process: progress goes to submitit's log too
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                                 datefmt="%H:%M:%S")
+        cfg = RunConfig.from_dict(self.config)
         try:
             # One training per run folder: held for the whole attempt, released when the process ends.
             with run_lock(Path(self.run_dir), wait_s=JOB_LOCK_WAIT_S):
-                return train(RunConfig.from_dict(self.config), Path(self.store), Path(self.run_dir))
+                return train(cfg, Path(self.store), Path(self.run_dir))
         except TrainingInterrupted as e:
             # train() replaced submitit's handler while it ran and has now saved; let submitit checkpoint()
             # and requeue as if the signal had reached it directly (it exits the process).
             if callable(e.previous_handler):
                 e.previous_handler(e.signum, None)
             raise
+        except Exception as e:
+            line = failure_line(e, Path(self.run_dir))
+            if line is None:
+                raise
+            record_failure(Path(self.run_dir), line, cfg.train.epochs)
+            raise TrainFailed(line) from None
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # The training state is already on disk (train() saves on the signal and at every epoch end) under
@@ -290,6 +312,8 @@ def train_main(args: argparse.Namespace) -> int:
     holder = training_holder(run_dir)
     if holder:
         raise RunBusy(f"{run_dir}: already training ({holder})")
+    if cfg.cluster.executor == "slurm":
+        check_slurm_request(cfg, args.time or cfg.cluster.time_min)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir)  # the settings a job starts with are visible before it runs
 
@@ -308,6 +332,95 @@ def train_main(args: argparse.Namespace) -> int:
     if not wait:
         return 0
     return _follow(job, run_dir)
+
+
+def _sinfo(timeout_s: float = 10.0) -> list[dict] | None:
+    """Node groups as ``sinfo`` reports them: partition, CPUs, memory (MB), GPUs, time limit (minutes, None
+    for none), default partition; None when sinfo is missing or does not answer."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%c|%m|%G|%l"], capture_output=True, text=True,
+                             timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    rows = []
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 5:
+            continue
+        part, cpus, mem, gres, limit = parts
+        try:
+            rows.append({"partition": part.rstrip("*"), "default": part.endswith("*"),
+                         "cpus": int(cpus.rstrip("+")), "mem_mb": int(mem.rstrip("+")),
+                         "gpus": _gres_gpus(gres), "time_min": _slurm_minutes(limit)})
+        except ValueError:
+            continue
+    return rows
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs per node in a ``%G`` field such as ``gpu:4``, ``gpu:a100:4(S:0-1)`` or ``(null)``."""
+    n = 0
+    for item in gres.split(","):
+        item = item.split("(")[0]
+        if item.startswith("gpu"):
+            last = item.rsplit(":", 1)[-1]
+            n += int(last) if last.isdigit() else 1
+    return n
+
+
+def _slurm_minutes(limit: str) -> int | None:
+    """Minutes of a Slurm time limit (``infinite``, ``30:00``, ``2:00:00``, ``1-12:00:00``); None: no limit."""
+    limit = limit.strip()
+    if limit in ("infinite", "UNLIMITED", "n/a", ""):
+        return None
+    days, _, rest = limit.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    h, m = (0, parts[0]) if len(parts) == 1 else (parts[-3] if len(parts) == 3 else 0, parts[-2])
+    return int(days or 0) * 1440 + h * 60 + m
+
+
+def check_slurm_request(cfg: RunConfig, time_min: int) -> None:
+    """Refuse, before anything is submitted, a job no node of the partition can ever run: Slurm would
+    accept it and keep it PENDING (reason PartitionConfig / PartitionTimeLimit) forever."""
+    c = cfg.cluster
+    rows = _sinfo()
+    if not rows:
+        return  # no sinfo here (submitting from a login node without it?): sbatch itself decides
+    part = c.partition or next((r["partition"] for r in rows if r["default"]), None)
+    nodes = [r for r in rows if r["partition"] == part]
+    if not nodes:
+        names = ", ".join(sorted({r["partition"] for r in rows}))
+        what = f"partition {part!r} does not exist" if part else "Slurm has no default partition"
+        raise SlurmRequestError(f"{what} (partitions: {names}); choose one with --partition")
+    mem_mb = c.mem_gb * 1024
+    fits = [r for r in nodes if r["cpus"] >= c.cpus and r["mem_mb"] >= mem_mb and r["gpus"] >= c.gpus]
+    limits = [r["time_min"] for r in nodes]
+    longest = None if any(t is None for t in limits) else max(limits)
+    if fits and (longest is None or time_min <= longest):
+        return
+    ask = f"{c.cpus} CPUs, {c.mem_gb:g} GB, {c.gpus} GPU(s), {time_min} min"
+    if fits:  # only the time limit is in the way
+        raise SlurmRequestError(f"partition {part} cannot run this job: it asks for {time_min} min, the "
+                                f"partition's limit is {longest} min; lower --time (to at most {longest}), or "
+                                f"choose another --partition")
+    big = {"cpus": max(r["cpus"] for r in nodes), "mem_mb": max(r["mem_mb"] for r in nodes),
+           "gpus": max(r["gpus"] for r in nodes)}
+    fixes = []
+    if c.cpus > big["cpus"]:
+        fixes.append(f"--cpus {big['cpus']} or fewer")
+    if mem_mb > big["mem_mb"]:
+        fixes.append(f"--mem {big['mem_mb'] // 1024} or less")
+    if c.gpus > big["gpus"]:
+        fixes.append(f"--gpus {big['gpus']}" + (" (this partition has no GPU)" if not big["gpus"] else ""))
+    if not fixes:  # each alone exists, never together on one node
+        fixes.append("a smaller combination of --cpus, --mem and --gpus")
+    offer = "; ".join(f"{r['cpus']} CPUs, {r['mem_mb'] / 1024:.1f} GB, {r['gpus']} GPU(s)" for r in
+                      sorted(nodes, key=lambda r: (r["cpus"], r["mem_mb"], r["gpus"]), reverse=True)[:3])
+    raise SlurmRequestError(f"partition {part} cannot run this job: it asks for {ask}, the largest node offers "
+                            f"{offer}; Slurm would keep it pending forever: use {', '.join(fixes)}, or choose "
+                            f"another --partition")
 
 
 def check_resume(cfg: RunConfig, run_dir: Path) -> None:
@@ -379,8 +492,68 @@ def _train_inline(cfg: RunConfig, store: Path, run_dir: Path) -> int:
     except TrainingInterrupted as e:
         print(f"hpc-retrain train: {e}; run the same command to resume", file=sys.stderr)
         return 128 + e.signum
+    except Exception as e:
+        line = failure_line(e, run_dir)
+        if line is None:
+            raise
+        record_failure(run_dir, line, cfg.train.epochs)
+        raise TrainFailed(line) from None
     print(json.dumps(metrics.get("final", {})))
     return 0
+
+
+def failure_line(e: BaseException, run_dir: Path) -> str | None:
+    """One line for a failure that would otherwise be a traceback (or a traceback in status.json): a tile
+    TensorFlow's input pipeline could not read, or the file system (disk full, read-only...); else None."""
+    from hpc_retrain.store import ENVIRONMENT_ERRORS, environment_error
+    from hpc_retrain.train import TileReader
+
+    if type(e).__module__.startswith("tensorflow") and TileReader.failure:
+        return TileReader.failure
+    env = environment_error(e)
+    if env is None:
+        return None
+    what, fix = ENVIRONMENT_ERRORS[env.errno]
+    path = Path(env.filename) if env.filename else None
+    mine = path is None or Path(run_dir).resolve() in (path.resolve(), *path.resolve().parents)
+    where = f"writing {path or run_dir}" if mine else f"at {path}"
+    return f"{what} {where}: {fix} there and rerun the same command to resume from the last checkpoint"
+
+
+def record_failure(run_dir: Path, error: str, epochs) -> None:
+    """status.json says "failed" with ``error``, also on a full disk: this process's own temporary files
+    (a half-written checkpoint) are removed first if the write fails, and as a last resort the file is
+    overwritten in place, which needs no new space."""
+    from hpc_retrain.train import STATUS_FILE, write_status
+
+    run_dir = Path(run_dir)
+    for attempt in range(2):
+        try:
+            write_status(run_dir, "failed", error=error, epochs=epochs)
+            return
+        except OSError:
+            if attempt == 0:
+                _remove_own_temporaries(run_dir)
+    doc = json.dumps({"state": "failed", "pid": os.getpid(), "host": socket.gethostname(), "error": error})
+    try:
+        with open(run_dir / STATUS_FILE, "r+") as f:
+            f.write(doc)
+            f.truncate()
+    except OSError as e:
+        log.warning("%s: could not record the failure in %s (%s)", run_dir, STATUS_FILE, e)
+
+
+def _remove_own_temporaries(run_dir: Path) -> None:
+    """The temporary files and folders this process was writing in ``run_dir`` when it failed."""
+    from hpc_retrain.train import CKPT_DIR
+
+    pid = os.getpid()
+    for p in [*run_dir.glob(f".tmp-{pid}-*"), *run_dir.glob("*.tmp"), *(run_dir / CKPT_DIR).glob(f".tmp-*-{pid}")]:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def _follow(job, run_dir: Path) -> int:
@@ -428,7 +601,14 @@ def run_status(run_dir: Path) -> dict:
         raise FileNotFoundError(run_dir)
     job = read_job(run_dir)
     st_path = run_dir / STATUS_FILE
-    status = json.loads(st_path.read_text()) if st_path.is_file() else {}
+    try:
+        status = json.loads(st_path.read_text()) if st_path.is_file() else {}
+        if not isinstance(status, dict):
+            raise ValueError(f"a JSON {type(status).__name__}, not an object")
+    except ValueError as e:  # also UnicodeDecodeError: binary garbage
+        raise RunFileError(f"{st_path} is corrupt: {' '.join(str(e).split())[:200]}; the training rewrites it: "
+                           f"rerun the `hpc-retrain train` command of this run to resume (or delete the file)") \
+            from None
     state = status.get("state", "submitted" if job else "unknown")
     if state == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
         state = "stopped"  # killed without a chance to report (SIGKILL, out of memory)
@@ -441,9 +621,45 @@ def run_status(run_dir: Path) -> dict:
             out["scheduler_state"] = submitit.SlurmJob(folder=job["submitit_folder"], job_id=job["job_id"]).state
         except Exception as e:  # no scheduler reachable from here: the run's own files still answer
             out["scheduler_state"] = f"unknown ({type(e).__name__})"
+        reason = _pending_reason(job["job_id"])
+        if reason:
+            out["scheduler_state"] = "PENDING"  # squeue knows now; sacct may not have the job yet
+            out["scheduler_reason"] = reason
     hist = read_history(run_dir)
     out["latest"] = hist[-1] if hist else None
     return out
+
+
+# Reasons a pending job gives that it will not start by itself, and what to do.
+NEVER_STARTS = {
+    "PartitionConfig": "no node of the partition has what the job asks for; it will never start: scancel {id} "
+                       "and submit again with fewer --cpus/--mem/--gpus or another --partition",
+    "PartitionTimeLimit": "--time is over the partition's limit; it will never start: scancel {id} and submit "
+                          "again with a shorter --time",
+    "PartitionNodeLimit": "the partition does not allow the nodes asked for; scancel {id} and submit again",
+    "PartitionDown": "the partition is down; it starts once an administrator brings it up",
+    "ReqNodeNotAvail": "the nodes the job can use are down or drained",
+    "InvalidAccount": "the account is not valid; scancel {id} and submit again with another --account",
+    "InvalidQOS": "the QOS is not valid; scancel {id} and submit again with another --qos",
+}
+
+
+def _pending_reason(job_id: str, timeout_s: float = 10.0) -> str | None:
+    """Why Slurm keeps the job pending (``squeue -o %r``), with what to do when it will not start by
+    itself; None when the job is not pending (or squeue does not answer)."""
+    jid = str(job_id).split("_")[0]
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T|%r"], capture_output=True, text=True,
+                             timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines():
+        state, _, reason = line.strip().partition("|")
+        if state == "PENDING" and reason:
+            key = reason.split(",")[0].split("(")[0].strip()
+            hint = NEVER_STARTS.get(key)
+            return f"{reason}: {hint.format(id=jid)}" if hint else reason
+    return None
 
 
 def _alive(pid) -> bool:
@@ -477,7 +693,8 @@ def status_main(args: argparse.Namespace) -> int:
         return code
     job = f" ({s['executor']} job {s['job_id']})" if s.get("job_id") else ""
     print(f"run:    {s['run']}")
-    print(f"state:  {s['state']}{job}" + (f", scheduler: {s['scheduler_state']}" if "scheduler_state" in s else ""))
+    print(f"state:  {s['state']}{job}" + (f", scheduler: {s['scheduler_state']}" if "scheduler_state" in s else "")
+          + (f" ({s['scheduler_reason']})" if s.get("scheduler_reason") else ""))
     if s.get("error"):
         print(f"error:  {s['error']}")
     h = s["latest"]

@@ -4,7 +4,10 @@ Each task reads its field, computes its stage(s), writes its own tiles (one tile
 share a chunk), its QC and its error text, and only then marks the stage done; ``field_done`` is set once
 both stages are. A killed run is resumed by rerunning the same command: finished stages are skipped, a
 half-written field is simply rewritten. A bad field (constant or NaN image, unreadable file, no cells...)
-is FLAGGED in the QC table with the reason instead of stopping the run.
+is FLAGGED in the QC table with the reason instead of stopping the run. A fault of the machine (disk full,
+quota, read-only or unreadable file system, permission denied) is never a bad field: the run stops with one
+line naming the path, the field stays not done, and rerunning the same command once it is fixed finishes it.
+A rerun also redoes finished fields whose tiles lost chunk files (``store.missing_tiles``).
 
 Next to ``store.py``'s arrays the store holds, per stage (``labels``, ``targets``), arrays of shape (F,):
 ``<stage>_done`` uint8, ``<stage>_error`` str (empty when fine) and ``<stage>_written`` float64 (Unix time
@@ -18,6 +21,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +43,32 @@ STAGE_QC = {"labels": S.QC_COLUMNS[:7], "targets": S.QC_COLUMNS[7:]}
 
 class PrepareError(ValueError):
     """A run that cannot go on (every field flagged, a store made with other parameters...)."""
+
+
+def environment_problem(e: BaseException, store_path: Path, plate_path=None) -> PrepareError | None:
+    """One line for a fault of the machine behind ``e`` (disk full, quota, read-only, permission, I/O
+    error), naming the path and the fix; None for anything else."""
+    env = S.environment_error(e)
+    if env is None:
+        return None
+    what, fix = S.ENVIRONMENT_ERRORS[env.errno]
+    store_path = Path(store_path).resolve()
+    path = Path(env.filename).resolve() if env.filename else None
+
+    def under(folder) -> bool:
+        return path is not None and folder is not None and Path(folder).resolve() in (path, *path.parents)
+
+    if path is None or under(store_path) or under(store_path.parent) and store_path.name in path.name:
+        where = f"writing {store_path}"
+    elif under(plate_path):
+        where = f"reading {path}"
+    else:
+        where = f"at {path}"
+    return PrepareError(f"{what} {where}: {fix} and rerun the same command")
+
+
+# What an earlier version stored as a field's error when the machine failed (the field must be redone).
+_ENVIRONMENT_TEXT = re.compile(r"\[Errno (%s)\]" % "|".join(str(n) for n in S.ENVIRONMENT_ERRORS))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -108,12 +138,27 @@ class _FieldRef:
 
 def run(cfg: RunConfig, store_path: str | Path, stages: tuple[str, ...] = ("labels", "targets"),
         overwrite: bool = False, progress: bool = True) -> "Summary":
-    """Fill ``store_path`` with ``stages`` for every field of ``cfg.plate`` not done yet."""
+    """Fill ``store_path`` with ``stages`` for every field of ``cfg.plate`` not done yet.
+
+    A fault of the machine (see :func:`environment_problem`) stops the run with a one-line PrepareError.
+    """
+    store_path = Path(store_path).resolve()  # workers may run elsewhere (another cwd or host)
+    try:
+        return _run(cfg, store_path, stages, overwrite, progress)
+    except PrepareError:
+        raise
+    except Exception as e:
+        problem = environment_problem(e, store_path, cfg.plate.path)
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: bool, progress: bool) -> "Summary":
     import dask
 
     from hpc_retrain.plate import open_plate
 
-    store_path = Path(store_path).resolve()  # workers may run elsewhere (another cwd or host)
     plate = open_plate(cfg.plate)
     needs = {"labels": cfg.plate.fluorescence, "targets": cfg.plate.brightfield}
     plate.require(*(needs[s] for s in stages))
@@ -122,6 +167,7 @@ def run(cfg: RunConfig, store_path: str | Path, stages: tuple[str, ...] = ("labe
     entries = S.plan_fields(plate.fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
     root = open_or_create(store_path, entries, cfg, overwrite)
     cfg.save(store_path)
+    redo_damaged(root, store_path)
 
     done = {s: root[f"{s}_done"][:].astype(bool) for s in STAGES["prepare"]}
     # A field also needs its task when both stages are done but the run died before ``field_done``.
@@ -203,6 +249,11 @@ def open_or_create(path: Path, entries: list[S.FieldEntry], cfg: RunConfig, over
     if path.exists():
         try:
             root = S.open_store(path, mode="r+")
+        except S.DamagedStore as e:
+            if not overwrite:
+                raise
+            log.warning("rebuilding (--overwrite): %s", e)
+            root = None
         except S.StoreError:
             if any(path.iterdir()) if path.is_dir() else True:
                 raise S.StoreError(f"{path}: exists and is not a training store; choose another --out") from None
@@ -237,6 +288,38 @@ def _differences(old: dict, new: dict, old_fields: list[dict], entries: list[S.F
     return diffs
 
 
+def redo_damaged(root, store_path: Path) -> dict[int, dict[str, list[int]]]:
+    """Mark not done the stages of fields that cannot be trained on as stored: finished tiles whose chunk
+    files are missing (they would read as zeros), or a "flag" an earlier version recorded for a full disk
+    or another fault of the machine. The run then redoes them. Returns the missing tiles found."""
+    found: dict[int, dict[str, list[int]]] = {}
+    redo: dict[int, list[str]] = {}
+    for stage in STAGES["prepare"]:
+        done = root[f"{stage}_done"][:].astype(bool)
+        errors = [str(x) for x in root[f"{stage}_error"][:]]
+        fine = [i for i in np.flatnonzero(done) if not errors[i]]
+        for i, tiles in S.missing_tiles(root, fine, S.STAGE_TILES[stage]).items():
+            found.setdefault(i, {}).update(tiles)
+            redo.setdefault(i, []).append(stage)
+        for i in np.flatnonzero(done):
+            if _ENVIRONMENT_TEXT.search(errors[i]):
+                redo.setdefault(int(i), []).append(stage)
+    if found:
+        log.warning("%s: redoing %d finished field(s) whose tile chunks are missing (%s)", store_path, len(found),
+                    S.describe_missing(root, found))
+    others = sorted(set(redo) - set(found))
+    if others:
+        log.warning("%s: redoing %d field(s) flagged for a fault of the machine, not of the data", store_path,
+                    len(others))
+    for i, stages in redo.items():
+        for stage in stages:
+            root[f"{stage}_done"][i] = 0
+            root[f"{stage}_error"][i] = ""
+        root["field_done"][i] = 0
+        root["field_status"][i] = S.PENDING
+    return found
+
+
 def _ensure_stage_arrays(root, nf: int) -> None:
     for stage in STAGES["prepare"]:
         if f"{stage}_done" not in root:
@@ -248,14 +331,30 @@ def _ensure_stage_arrays(root, nf: int) -> None:
 # ------------------------------------------------------------------------------------------ a field
 def process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: RunConfig,
                   stages: tuple[str, ...], threads: int | None = None) -> dict[str, str]:
-    """One Dask task: every requested, unfinished stage of one field, written into the store."""
+    """One Dask task: every requested, unfinished stage of one field, written into the store.
+
+    A fault of the machine raises a one-line :class:`PrepareError` (the stage stays not done)."""
+    try:
+        return _process_field(ref, entry, store_path, cfg, stages, threads)
+    except PrepareError:
+        raise
+    except Exception as e:
+        problem = environment_problem(e, Path(store_path), cfg.plate.path)
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def _process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: RunConfig,
+                   stages: tuple[str, ...], threads: int | None = None) -> dict[str, str]:
     import dask
     import zarr
 
     root = zarr.open_group(store_path, mode="r+")
     i, errors = entry.index, {}
-    # Whatever runs inside this task (a large scan's chunks) stays in this worker thread.
-    with dask.config.set(scheduler="synchronous"):
+    # Whatever runs inside this task (a large scan's chunks) stays in this worker thread; all-zero tiles get
+    # chunk files too (arrays opened in here keep that setting), so a missing one means damage, not zeros.
+    with dask.config.set(scheduler="synchronous"), S.writing_every_chunk():
         for stage in stages:
             if root[f"{stage}_done"][i]:
                 continue
@@ -293,6 +392,8 @@ def _run_stage(stage: str, field, entry: S.FieldEntry, root, cfg: RunConfig, thr
             grid, qc = TG.write_target_tiles(im, cfg, root["targets"], entry.first_tile, source)
             reasons = []
     except (ImageError, PlateError, OSError) as e:
+        if S.environment_error(e) is not None:
+            raise  # the machine, not the field: never flagged (process_field stops the run)
         return {}, str(e)
     if len(grid) != entry.n_tiles:  # the plan and the pixels disagree: never store misaligned tiles
         return qc, f"{source}: {len(grid)} tiles computed but {entry.n_tiles} planned; image size changed?"
@@ -312,6 +413,8 @@ def _read(field, channel: str, cfg: RunConfig, source: str):
     except PlateError:
         raise
     except Exception as e:  # a damaged chunk or file: name it, flag the field
+        if S.environment_error(e) is not None:
+            raise  # disk, permission or I/O errors are the machine's, not the field's
         raise PlateError(f"{source}: pixels unreadable ({type(e).__name__}: {e})") from None
 
 

@@ -13,10 +13,19 @@ Layout (N tiles from F fields; every field's tiles are a contiguous block fixed 
 
 Chunks hold one tile, so fields never share a chunk: parallel writers cannot race, and a field killed
 half-way is simply rewritten because ``field_done`` is set last.
+
+Every tile of ``targets``, ``labels`` and ``probabilities`` has its chunk file, even an all-zero one (stores
+carrying ``attrs["every_tile_chunk"]``; ``prepare`` writes inside :func:`writing_every_chunk`), so a chunk
+file that is missing means damage, not zeros: :func:`missing_tiles` finds them from a listing of the chunk
+keys, without reading a chunk. Older stores skipped all-zero chunks; for them only ``targets`` is checked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +40,41 @@ LABEL_CHANNELS = ("body", "contour")
 QC_COLUMNS = ("body_q1", "body_q2", "body_q3", "body_q4", "positive_body", "positive_contour", "cells",
               "target_mean", "target_std")
 PENDING, OK, FLAGGED = 0, 1, 2
+EVERY_CHUNK = "every_tile_chunk"  # attrs flag: all-zero tiles have chunk files too (a missing one is damage)
+# Arrays a training store cannot do without (``probabilities`` is optional: validation falls back to labels).
+REQUIRED_ARRAYS = ("targets", "labels", "tile_field", "tile_rc", "field_done", "field_status", "field_qc")
+# The tile arrays of each prepare stage.
+STAGE_TILES = {"labels": ("labels", "probabilities"), "targets": ("targets",)}
 
 
 class StoreError(ValueError):
     """A store that cannot be used as asked; the message names it and what to do."""
+
+
+class DamagedStore(StoreError):
+    """A training store whose own metadata is missing or unreadable; ``prepare --overwrite`` rebuilds it."""
+
+
+# Errors of the machine, not of the data (never a reason to flag a field): what happened, what to do.
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space (or raise the quota)"),
+    errno.EROFS: ("read-only file system", "make it writable"),
+    errno.EACCES: ("permission denied", "fix the permissions"),
+    errno.EIO: ("input/output error", "check the disk"),
+}
+
+
+def environment_error(e: BaseException | None) -> OSError | None:
+    """The OSError of :data:`ENVIRONMENT_ERRORS` behind ``e``: ``e`` itself, or what it was raised from or
+    while handling (a PlateError raised from a "permission denied")."""
+    for _ in range(10):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRORS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 @dataclass(frozen=True)
@@ -67,8 +107,26 @@ def plan_fields(fields, scale: float, size: int, margin: int) -> list[FieldEntry
 
 
 def create(path: str | Path, entries: list[FieldEntry], config: dict[str, Any], size: int) -> zarr.Group:
-    """A new, empty store; refuses to replace an existing one made with other parameters."""
+    """A new, empty store at ``path`` (replacing whatever is there).
+
+    Built under a temporary name beside ``path`` and renamed into place once complete, so a store that was
+    being created when the disk filled up (or the process died) is either whole or absent.
+    """
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _create(tmp, entries, config, size)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return zarr.open_group(str(path), mode="r+")
+
+
+def _create(path: Path, entries: list[FieldEntry], config: dict[str, Any], size: int) -> None:
     n, nf = sum(e.n_tiles for e in entries), len(entries)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     t = (1, size, size)
@@ -93,11 +151,19 @@ def create(path: str | Path, entries: list[FieldEntry], config: dict[str, Any], 
         "label_channels": list(LABEL_CHANNELS),
         "qc_columns": list(QC_COLUMNS),
         "tile_size": size,
+        EVERY_CHUNK: True,
     })
-    return root
+
+
+def writing_every_chunk():
+    """Arrays opened inside this context write all-zero tiles as chunk files too (zarr skips them by
+    default), so that a chunk file missing later means damage, never "all zeros"."""
+    return zarr.config.set({"array.write_empty_chunks": True})
 
 
 def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
+    """The training store at ``path``; :class:`DamagedStore` when one of its arrays' metadata is missing or
+    unreadable (say a deleted ``targets/zarr.json``), naming it and how to rebuild the store."""
     path = Path(path)
     try:
         root = zarr.open_group(str(path), mode=mode)
@@ -105,7 +171,108 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         raise StoreError(f"{path}: not a readable Zarr store ({type(e).__name__}: {e})") from None
     if root.attrs.get("hpc_retrain", {}).get("kind") != "training-store":
         raise StoreError(f"{path}: not an hpc-retrain training store (build one with `hpc-retrain prepare`)")
+    for name in REQUIRED_ARRAYS:
+        try:
+            root[name]
+        except KeyError:
+            problem = f"array {name} is missing (no {path / name / 'zarr.json'})"
+        except Exception as e:
+            problem = f"the metadata of array {name} is unreadable ({path / name / 'zarr.json'}: {_short(e)})"
+        else:
+            continue
+        raise DamagedStore(f"{path}: the store is damaged: {problem}; rebuild it with "
+                           f"`{prepare_command(root, path)} --overwrite`")
     return root
+
+
+def prepare_command(root: zarr.Group, path: str | Path) -> str:
+    """The ``hpc-retrain prepare`` command that (re)fills the store at ``path``."""
+    plate = (root.attrs.get("config") or {}).get("plate", {}).get("path") or "PLATE"
+    return f"hpc-retrain prepare --plate {plate} --out {path}"
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------- chunks
+def tile_arrays(root: zarr.Group, arrays=("targets", "labels", "probabilities")) -> tuple[str, ...]:
+    """Those of ``arrays`` whose chunk files must all exist: every one in stores that write all-zero tiles,
+    else only ``targets`` (an all-zero label tile of an older store has no chunk file)."""
+    every = bool(root.attrs.get(EVERY_CHUNK))
+    return tuple(a for a in arrays if a in root and (every or a == "targets"))
+
+
+def chunk_file(root: zarr.Group, path: str | Path, name: str, tile: int) -> Path:
+    arr = root[name]
+    return Path(path) / name / arr.metadata.encode_chunk_key((int(tile),) + (0,) * (arr.ndim - 1))
+
+
+def _chunk_keys(root: zarr.Group, name: str) -> set[str]:
+    """Keys of the chunks ``name`` has in the store (one listing, nothing read)."""
+    from zarr.core.sync import sync
+
+    prefix = f"{root.path}/{name}/" if root.path else f"{name}/"
+
+    async def collect():
+        return {k[len(prefix):] async for k in root.store.list_prefix(prefix)}
+
+    return sync(collect())
+
+
+def missing_tiles(root: zarr.Group, fields,
+                  arrays=("targets", "labels", "probabilities")) -> dict[int, dict[str, list[int]]]:
+    """{field: {array: [tile, ...]}} for the tiles of ``fields`` whose chunk file is missing."""
+    ent = entries(root)
+    out: dict[int, dict[str, list[int]]] = {}
+    for name in tile_arrays(root, arrays):
+        arr = root[name]
+        have = _chunk_keys(root, name)
+        rest = (0,) * (arr.ndim - 1)
+        for f in fields:
+            e = ent[int(f)]
+            gone = [t for t in range(e.first_tile, e.first_tile + e.n_tiles)
+                    if arr.metadata.encode_chunk_key((t,) + rest) not in have]
+            if gone:
+                out.setdefault(int(f), {})[name] = gone
+    return out
+
+
+def describe_missing(root: zarr.Group, missing: dict[int, dict[str, list[int]]], limit: int = 4) -> str:
+    """"A1/0: targets tiles 0-3; A2/1: labels tile 5" (the first ``limit`` fields, then how many more)."""
+    ent = entries(root)
+    parts = []
+    for f in sorted(missing)[:limit]:
+        arrays = ", ".join(f"{name} tile{'s' if len(t) > 1 else ''} {_ranges(t)}" for name, t in missing[f].items())
+        parts.append(f"{ent[f].well}/{ent[f].field}: {arrays}")
+    if len(missing) > limit:
+        parts.append(f"and {len(missing) - limit} more field(s)")
+    return "; ".join(parts)
+
+
+def _ranges(tiles: list[int]) -> str:
+    out, start = [], None
+    for i, t in enumerate(tiles):
+        if start is None:
+            start = t
+        if i + 1 == len(tiles) or tiles[i + 1] != t + 1:
+            out.append(str(start) if start == t else f"{start}-{t}")
+            start = None
+    return ", ".join(out)
+
+
+def check_tiles(root: zarr.Group, path: str | Path, fields=None) -> None:
+    """Refuse (:class:`StoreError`, one line) when a tile of ``fields`` (default: the usable ones) has no
+    chunk file in ``targets`` or ``labels``: zarr would read it as zeros and train on blank tiles."""
+    fields = done_fields(root) if fields is None else fields
+    missing = missing_tiles(root, fields, ("targets", "labels"))
+    if missing:
+        n = sum(len(t) for m in missing.values() for t in m.values())
+        raise StoreError(f"{path}: {n} tile chunk(s) of {len(missing)} finished field(s) are missing "
+                         f"({describe_missing(root, missing)}); they would train as blank tiles: rerun "
+                         f"`{prepare_command(root, path)}` (with the options the store was made with), which "
+                         f"redoes fields with missing chunks")
 
 
 def entries(root: zarr.Group) -> list[FieldEntry]:

@@ -125,16 +125,53 @@ def epoch_plan(train_tiles: np.ndarray, epoch: int, seed: int, batch: int, steps
 
 # ------------------------------------------------------------------------------------------ TF parts
 class TileReader:
-    """Random access to one tile's (target, label) in the Zarr store."""
+    """Random access to one tile's (target, label) in the Zarr store.
+
+    Opening checks, from a listing of chunk keys (nothing read), that every tile of the usable fields has
+    its ``targets`` and ``labels`` chunk files: zarr reads a missing one as zeros. A chunk that exists but
+    cannot be decoded (truncated, overwritten) fails ``read`` with one line naming the file; as that happens
+    inside TensorFlow's input pipeline, the line is also kept in ``TileReader.failure`` for the caller.
+    """
+
+    failure: str | None = None  # the last unreadable tile's message, in this process
 
     def __init__(self, path: Path):
-        root = st.open_store(path)
+        self.path = Path(path)
+        root = st.open_store(path)  # a deleted or garbled array metadata: StoreError, one line
+        st.check_tiles(root, self.path)
+        self.root = root
         self.targets, self.labels = root["targets"], root["labels"]
         self.size = int(self.targets.shape[1])
 
     def read(self, i) -> tuple[np.ndarray, np.ndarray]:
         i = int(i)
-        return np.asarray(self.targets[i], np.float32), np.asarray(self.labels[i], np.uint8)
+        try:
+            return np.asarray(self.targets[i], np.float32), np.asarray(self.labels[i], np.uint8)
+        except Exception as e:
+            TileReader.failure = _unreadable_tile(self, i, e)
+            raise st.StoreError(TileReader.failure) from None
+
+
+def _unreadable_tile(reader: TileReader, i: int, e: Exception) -> str:
+    """One line: the store, the tile's field, the chunk file that fails, the decoder's complaint, the fix."""
+    root = reader.root
+    try:
+        field = st.entries(root)[int(root["tile_field"][i])]
+        where = f" (field {field.well}/{field.field})"
+    except Exception:
+        where = ""
+    files = []
+    for name in ("targets", "labels"):
+        try:
+            root[name][i]
+        except Exception:
+            files.append(str(st.chunk_file(root, reader.path, name, i)))
+    files = files or [f"{reader.path}/targets|labels chunk of tile {i}"]
+    text = " ".join(str(e).split())[:200]
+    return (f"{reader.path}: tile {i}{where} is unreadable ({type(e).__name__}: {text}): chunk file "
+            f"{' and '.join(files)} is truncated or corrupt; delete it and rerun "
+            f"`{st.prepare_command(root, reader.path)}` (with the options the store was made with), which redoes "
+            f"fields with missing chunks")
 
 
 def make_dataset(reader: TileReader, tiles: np.ndarray, codes: np.ndarray, batch: int):

@@ -32,7 +32,14 @@ def build_store(path: Path, n_fields: int = 8, field_px: int = 150, seed: int = 
     fields = [_Field(f"A{1 + i // 4}", str(i % 4), f"synthetic:{seed}:{i}", (field_px, field_px))
               for i in range(n_fields)]
     entries = st.plan_fields(fields, cfg.preprocess.scale, size, margin)
-    root = st.create(path, entries, cfg.to_dict(), size)
+    with st.writing_every_chunk():  # as prepare writes: every tile has its chunk file, even an all-zero one
+        root = st.create(path, entries, cfg.to_dict(), size)
+        _fill(root, entries, cfg, field_px, seed)
+    return Path(path)
+
+
+def _fill(root, entries, cfg: RunConfig, field_px: int, seed: int) -> None:
+    size, margin = cfg.tiling.size, cfg.tiling.margin
     body_col, cont_col = st.QC_COLUMNS.index("positive_body"), st.QC_COLUMNS.index("positive_contour")
     for e in entries:
         f = render_field(seed * 1000 + e.index, (field_px, field_px))
@@ -50,4 +57,3 @@ def build_store(path: Path, n_fields: int = 8, field_px: int = 150, seed: int = 
         root["field_qc"][e.index] = qc
         root["field_status"][e.index] = st.OK
         root["field_done"][e.index] = 1
-    return Path(path)

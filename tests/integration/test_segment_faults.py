@@ -150,9 +150,10 @@ def killed(tmp_path_factory):
     deadline = time.monotonic() + 600
     while True:
         marks = [_marker(f) for f in fields]
-        if (any(m and m.get("complete") is True for m in marks)
-                and any(m is not None and m.get("complete") is not True for m in marks)
-                and _temp_size(root) > 1_000_000):  # in the middle of a field's scan
+        # one field finished (it has its cell count), another one being written (a label group, no count
+        # yet: how the fault looked before the completion marker too), in the middle of its scan
+        if (any(m and "cells" in m for m in marks) and any(m is not None and "cells" not in m for m in marks)
+                and _temp_size(root) > 1_000_000):
             break
         assert proc.poll() is None, f"segment ended before it could be killed: {proc.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, "no field finished in time"
@@ -161,7 +162,7 @@ def killed(tmp_path_factory):
     proc.communicate(timeout=60)
     marks = [_marker(f) for f in fields]
     temps = {p.name: _temp_size(p) for p in _temp_folders(root)}
-    done = [i for i, m in enumerate(marks) if m and m.get("complete") is True]
+    done = [i for i, m in enumerate(marks) if m and "cells" in m]
     before = {i: zarr.open_group(str(plate), mode="r")[f"A/1/{i}/labels/misic/0"][...] for i in done}
     evaluate = ("evaluate", "--pred", plate, "--ref", "truth", "--overlays", "0")
     ev_killed = _cli(*evaluate)
@@ -173,12 +174,12 @@ def killed(tmp_path_factory):
 def test_killed_segment_leaves_incomplete_fields_that_evaluate_refuses_and_a_rerun_redoes(killed):
     # At the kill: finished fields carry the marker with the provenance; the field being written carries
     # only {"complete": false} (it used to carry the full provenance over all-zero labels).
-    incomplete = [i for i, m in enumerate(killed.marks) if m is not None and m.get("complete") is not True]
+    incomplete = [i for i, m in enumerate(killed.marks) if m is not None and "cells" not in m]
     assert killed.done and incomplete, killed.marks
     for i in incomplete:
         assert killed.marks[i] == {"complete": False}
     for i in killed.done:
-        assert killed.marks[i]["cells"] > 0 and killed.marks[i]["model_sha256"]
+        assert killed.marks[i]["complete"] is True and killed.marks[i]["cells"] > 0 and killed.marks[i]["model_sha256"]
 
     # evaluate refuses, naming the unfinished fields (it used to score them: recall 0, exit 0)
     assert killed.ev_killed.returncode == 2, killed.ev_killed.stderr[-3000:]
@@ -203,10 +204,11 @@ def test_killed_segment_temporary_folders_are_removed_by_the_rerun(killed):
     # kill -9 during a large field leaves its temporary data (features, scaled probabilities) behind ...
     assert len(killed.temps) == 1, killed.temps
     (name, size), = killed.temps.items()
-    assert name.startswith(f"hpc-retrain-infer-{killed.pid}@") and size > 1_000_000
-    # ... and the next segment beside it removes it, saying so, since its process is dead
-    assert f"removed 1 stale temporary folder(s) of killed segment runs: {name}" in killed.rerun.stdout
+    assert size > 1_000_000
+    # ... and the next segment beside it removes it, saying so, since its process (pid in the name) is dead
     assert not _temp_folders(killed.root)
+    assert name.startswith(f"hpc-retrain-infer-{killed.pid}@")
+    assert f"removed 1 stale temporary folder(s) of killed segment runs: {name}" in killed.rerun.stdout
 
 
 # ------------------------------------------------------------ 7: a failure while building the output
