@@ -777,8 +777,9 @@ def main(args: argparse.Namespace) -> int:
     if removed:
         print(f"removed {len(removed)} stale temporary folder(s) of killed segment runs: "
               f"{', '.join(p.name for p in removed)}")
-    for p in unknown:
-        log.warning("%s: temporary folder of another host's or an older segment; remove it when none runs", p)
+    if unknown:  # a job array's tasks on other nodes write theirs beside ours: one line, not one each
+        log.info("left %d temporary folder(s) of segments on other hosts (or of older versions) alone, e.g. %s; "
+                 "remove those of segments no longer running", len(unknown), unknown[0])
 
     from hpc_retrain.width import resolve_mean_width  # mean_width "auto": measured on this plate, recorded
 

@@ -164,7 +164,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 e.previous_handler(e.signum, None)
             raise
         except Exception as e:
-            line = failure_line(e, Path(self.run_dir))
+            line = failure_line(e, Path(self.run_dir), Path(self.store))
             if line is None:
                 raise
             record_failure(Path(self.run_dir), line, cfg.train.epochs)
@@ -400,7 +400,7 @@ def check_slurm_request(cfg: RunConfig, time_min: int) -> None:
     longest = None if any(t is None for t in limits) else max(limits)
     if fits and (longest is None or time_min <= longest):
         return
-    ask = f"{c.cpus} CPUs, {c.mem_gb:g} GB, {c.gpus} GPU(s), {time_min} min"
+    ask = f"{c.cpus} CPU(s), {c.mem_gb:g} GB, {c.gpus} GPU(s), {time_min} min"
     if fits:  # only the time limit is in the way
         raise SlurmRequestError(f"partition {part} cannot run this job: it asks for {time_min} min, the "
                                 f"partition's limit is {longest} min; lower --time (to at most {longest}), or "
@@ -416,7 +416,7 @@ def check_slurm_request(cfg: RunConfig, time_min: int) -> None:
         fixes.append(f"--gpus {big['gpus']}" + (" (this partition has no GPU)" if not big["gpus"] else ""))
     if not fixes:  # each alone exists, never together on one node
         fixes.append("a smaller combination of --cpus, --mem and --gpus")
-    offer = "; ".join(f"{r['cpus']} CPUs, {r['mem_mb'] / 1024:.1f} GB, {r['gpus']} GPU(s)" for r in
+    offer = "; ".join(f"{r['cpus']} CPU(s), {r['mem_mb'] / 1024:.1f} GB, {r['gpus']} GPU(s)" for r in
                       sorted(nodes, key=lambda r: (r["cpus"], r["mem_mb"], r["gpus"]), reverse=True)[:3])
     raise SlurmRequestError(f"partition {part} cannot run this job: it asks for {ask}, the largest node offers "
                             f"{offer}; Slurm would keep it pending forever: use {', '.join(fixes)}, or choose "
@@ -493,7 +493,7 @@ def _train_inline(cfg: RunConfig, store: Path, run_dir: Path) -> int:
         print(f"hpc-retrain train: {e}; run the same command to resume", file=sys.stderr)
         return 128 + e.signum
     except Exception as e:
-        line = failure_line(e, run_dir)
+        line = failure_line(e, run_dir, store)
         if line is None:
             raise
         record_failure(run_dir, line, cfg.train.epochs)
@@ -502,9 +502,10 @@ def _train_inline(cfg: RunConfig, store: Path, run_dir: Path) -> int:
     return 0
 
 
-def failure_line(e: BaseException, run_dir: Path) -> str | None:
+def failure_line(e: BaseException, run_dir: Path, store: Path | None = None) -> str | None:
     """One line for a failure that would otherwise be a traceback (or a traceback in status.json): a tile
-    TensorFlow's input pipeline could not read, or the file system (disk full, read-only...); else None."""
+    TensorFlow's input pipeline could not read, another store chunk that does not decode (the validation
+    fields' probabilities), or the file system (disk full, read-only...); else None."""
     from hpc_retrain.store import ENVIRONMENT_ERRORS, environment_error
     from hpc_retrain.train import TileReader
 
@@ -512,7 +513,7 @@ def failure_line(e: BaseException, run_dir: Path) -> str | None:
         return TileReader.failure
     env = environment_error(e)
     if env is None:
-        return None
+        return _damaged_chunks(e, store) if store is not None and _raised_in_zarr(e) else None
     what, fix = ENVIRONMENT_ERRORS[env.errno]
     path = Path(env.filename) if env.filename else None
     mine = path is None or Path(run_dir).resolve() in (path.resolve(), *path.resolve().parents)
@@ -520,20 +521,47 @@ def failure_line(e: BaseException, run_dir: Path) -> str | None:
     return f"{what} {where}: {fix} there and rerun the same command to resume from the last checkpoint"
 
 
+def _raised_in_zarr(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "/zarr/" in name or "numcodecs" in name:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _damaged_chunks(e: BaseException, store: Path) -> str | None:
+    """"STORE: chunk file(s) ... are truncated or corrupt ..." when reading the store's tiles fails; None
+    when every tile reads (then ``e`` is something else and keeps its traceback)."""
+    from hpc_retrain import store as st
+
+    try:
+        root = st.open_store(store)
+        bad = st.unreadable_chunks(root, store)
+    except Exception:
+        return None
+    if not bad:
+        return None
+    files = ", ".join(str(f) for f, _ in bad) + (" (and maybe more)" if len(bad) >= 5 else "")
+    return (f"{store}: chunk file(s) {files} are truncated or corrupt ({bad[0][1]}); delete them and rerun "
+            f"`{st.prepare_command(root, store)}` (with the options the store was made with), which redoes fields "
+            f"with missing chunks")
+
+
 def record_failure(run_dir: Path, error: str, epochs) -> None:
     """status.json says "failed" with ``error``, also on a full disk: this process's own temporary files
-    (a half-written checkpoint) are removed first if the write fails, and as a last resort the file is
-    overwritten in place, which needs no new space."""
+    (a half-written checkpoint) are removed first, and as a last resort the file is overwritten in place,
+    which needs no new space."""
     from hpc_retrain.train import STATUS_FILE, write_status
 
     run_dir = Path(run_dir)
-    for attempt in range(2):
-        try:
-            write_status(run_dir, "failed", error=error, epochs=epochs)
-            return
-        except OSError:
-            if attempt == 0:
-                _remove_own_temporaries(run_dir)
+    _remove_own_temporaries(run_dir)
+    try:
+        write_status(run_dir, "failed", error=error, epochs=epochs)
+        return
+    except OSError:
+        pass
     doc = json.dumps({"state": "failed", "pid": os.getpid(), "host": socket.gethostname(), "error": error})
     try:
         with open(run_dir / STATUS_FILE, "r+") as f:
@@ -644,6 +672,11 @@ NEVER_STARTS = {
 }
 
 
+# ... and reasons that only mean "wait".
+WAITING = {"Resources": "waiting for a node with the CPUs/memory/GPUs asked for to free up",
+           "Priority": "waiting behind jobs of higher priority"}
+
+
 def _pending_reason(job_id: str, timeout_s: float = 10.0) -> str | None:
     """Why Slurm keeps the job pending (``squeue -o %r``), with what to do when it will not start by
     itself; None when the job is not pending (or squeue does not answer)."""
@@ -657,7 +690,7 @@ def _pending_reason(job_id: str, timeout_s: float = 10.0) -> str | None:
         state, _, reason = line.strip().partition("|")
         if state == "PENDING" and reason:
             key = reason.split(",")[0].split("(")[0].strip()
-            hint = NEVER_STARTS.get(key)
+            hint = NEVER_STARTS.get(key) or WAITING.get(key)
             return f"{reason}: {hint.format(id=jid)}" if hint else reason
     return None
 

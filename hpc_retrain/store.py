@@ -262,6 +262,26 @@ def _ranges(tiles: list[int]) -> str:
     return ", ".join(out)
 
 
+def unreadable_chunks(root: zarr.Group, path: str | Path, fields=None, limit: int = 5,
+                      arrays=("targets", "labels", "probabilities")) -> list[tuple[Path, str]]:
+    """(chunk file, why) for up to ``limit`` tiles of ``fields`` (default: the usable ones) that exist but do
+    not decode (truncated, overwritten). Reads every tile: for naming the damage once something failed."""
+    fields = done_fields(root) if fields is None else fields
+    ent = entries(root)
+    out = []
+    for name in (a for a in arrays if a in root):
+        arr = root[name]
+        for f in fields:
+            for t in range(ent[int(f)].first_tile, ent[int(f)].first_tile + ent[int(f)].n_tiles):
+                try:
+                    arr[t]
+                except Exception as e:
+                    out.append((chunk_file(root, path, name, t), _short(e)))
+                    if len(out) >= limit:
+                        return out
+    return out
+
+
 def check_tiles(root: zarr.Group, path: str | Path, fields=None) -> None:
     """Refuse (:class:`StoreError`, one line) when a tile of ``fields`` (default: the usable ones) has no
     chunk file in ``targets`` or ``labels``: zarr would read it as zeros and train on blank tiles."""

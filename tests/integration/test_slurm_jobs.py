@@ -8,6 +8,7 @@ Waits are bounded; on a timeout the jobs are cancelled and their logs shown.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -216,3 +217,102 @@ def test_sbatch_templates_prepare_train_segment(plate, tmp_path):
     for w in ("A/1", "A/2"):
         lab = root[f"{w}/0/labels/misic/0"][:]
         assert lab.dtype.kind in "iu" and lab.max() > 0, f"well {w} was not segmented"
+
+
+# ---------------------------------------------------------------------- 15: a job no node can run
+def _node() -> tuple[int, int]:
+    """CPUs and memory (MB) of the largest node of partition debug."""
+    out = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%c %m"], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    return max(tuple(int(x.rstrip("+")) for x in line.split()) for line in out if line.strip())
+
+
+def _pending(job_id: str, timeout: float = 60) -> str:
+    """squeue's reason once the job is pending with one."""
+    reason = ""
+
+    def pending():
+        nonlocal reason
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout
+        state, _, reason = out.strip().partition(" ")
+        return state == "PENDING" and reason not in ("", "None")
+
+    _wait(pending, f"job {job_id} pending with a reason", timeout=timeout, job_ids=[job_id])
+    return reason
+
+
+def test_job_no_node_can_run_is_refused_and_status_shows_why_a_job_pends(tmp_path):
+    """Fault 15: with the defaults (4 CPUs, 16 GB) on this 2-CPU partition, ``train --executor slurm`` said
+    "submitted" and ``status`` showed PENDING forever, never Slurm's reason (PartitionConfig). Now the request is
+    checked against the partition's nodes before anything is submitted, and ``status`` shows a pending job's
+    reason, with what to do when it will never start."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from trainstore import build_store
+
+    cpus, mem_mb = _node()
+    store = build_store(tmp_path / "store.zarr", n_fields=2)
+    run = tmp_path / "run"
+    queued = lambda: subprocess.run(["squeue", "-h", "-n", f"hpc-retrain-{run.name}", "-o", "%i"],  # noqa: E731
+                                    capture_output=True, text=True).stdout.split()
+    before = queued()
+    gb = mem_mb // 1024
+    cases = {  # options -> (what the largest node offers, the option to change)
+        ("--cpus", str(cpus + 2), "--mem", "1"): (f"the largest node offers {cpus} CPU(s)", f"--cpus {cpus} or fewer"),
+        ("--cpus", "1", "--mem", str(gb + 8)): (f"{mem_mb / 1024:.1f} GB", f"--mem {gb} or less"),
+        ("--cpus", "1", "--mem", "1", "--gpus", "1"): ("0 GPU(s)", "--gpus 0 (this partition has no GPU)"),
+    }
+    for options, (offer, fix) in cases.items():
+        gpus = () if "--gpus" in options else ("--gpus", "0")
+        p = cli("train", "--store", str(store), "--run", str(run), "--executor", "slurm", "--partition", "debug",
+                *gpus, *options, "--no-wait", check=False)
+        assert p.returncode == 2, (p.stdout, p.stderr)
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("hpc-retrain train:")]
+        assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+        assert lines[0].startswith("hpc-retrain train: partition debug cannot run this job"), lines[0]
+        assert offer in lines[0] and fix in lines[0], lines[0]
+        assert "submitted" not in p.stdout and not run.exists()
+    # the defaults (4 CPUs, 16 GB) on a node with fewer CPUs: what the issue saw
+    if cpus < 4:
+        p = cli("train", "--store", str(store), "--run", str(run), "--executor", "slurm", "--gpus", "0",
+                check=False)
+        assert p.returncode == 2 and "--cpus" in p.stderr and not run.exists(), p.stderr
+    p = cli("train", "--store", str(store), "--run", str(run), "--executor", "slurm", "--partition", "nosuch",
+            "--gpus", "0", "--cpus", "1", "--mem", "1", check=False)
+    assert p.returncode == 2 and "partition 'nosuch' does not exist (partitions: debug" in p.stderr, p.stderr
+    assert queued() == before  # nothing was submitted
+
+    # status: a job that waits for the node (every CPU taken by another job) says why
+    blocker = subprocess.run(["sbatch", "--parsable", "--gres=none", "--mem=1G", f"--cpus-per-task={cpus}",
+                              f"--chdir={tmp_path}", "--wrap", "sleep 300"], capture_output=True, text=True,
+                             env=_env(), check=True).stdout.strip().split(";")[0]
+    ids = [blocker]
+    try:
+        _wait(lambda: _job_state(blocker) == "RUNNING", "the blocking job to start", timeout=60, job_ids=ids)
+        p = cli("train", "--store", str(store), "--run", str(run), "--executor", "slurm", "--partition", "debug",
+                "--gpus", "0", "--cpus", "1", "--mem", "1", "--epochs", "1", "--no-wait")
+        job = p.stdout.split("submitted slurm job")[1].split()[0]
+        ids.append(job)
+        reason = _pending(job)
+        s = cli("status", str(run))
+        assert s.returncode == 0, s.stderr
+        assert f"scheduler: PENDING ({reason}" in s.stdout, s.stdout
+        if reason == "Resources":
+            assert "waiting for a node with the CPUs/memory/GPUs asked for to free up" in s.stdout
+
+        # a run submitted before this check (by an earlier version, or sbatch by hand) that can never start
+        never = subprocess.run(["sbatch", "--parsable", "--gres=none", "--mem=1G", f"--cpus-per-task={cpus + 2}",
+                                f"--chdir={tmp_path}", "--wrap", "true"], capture_output=True, text=True,
+                               env=_env(), check=True).stdout.strip().split(";")[0]
+        ids.append(never)
+        assert _pending(never) == "PartitionConfig"
+        old = tmp_path / "old-run"
+        old.mkdir()
+        (old / "job.json").write_text(json.dumps({"executor": "slurm", "job_id": never,
+                                                  "submitit_folder": str(old / "submitit")}))
+        s = cli("status", str(old))
+        assert s.returncode == 0, s.stderr
+        assert (f"scheduler: PENDING (PartitionConfig: no node of the partition has what the job asks for; it "
+                f"will never start: scancel {never} and submit again with fewer --cpus/--mem/--gpus") in s.stdout
+        assert json.loads(cli("status", str(old), "--json").stdout)["scheduler_reason"].startswith("PartitionConfig")
+    finally:
+        subprocess.run(["scancel", *ids], check=False)
