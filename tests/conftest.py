@@ -30,3 +30,17 @@ def pretrained_model():
     from hpc_retrain import model
 
     return model.load()
+
+
+@pytest.fixture(autouse=True)
+def _logging_handlers_stay_with_their_test():
+    # cli.main's logging.basicConfig binds a handler to the stderr capsys lends a test; once that stream
+    # is closed, later log records (TensorFlow's included) would write to it and break pytest's capture.
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for h in root.handlers[:]:
+        if h not in before:
+            root.removeHandler(h)

@@ -4,7 +4,6 @@ scores add up to the teacher's cells on those fields."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
@@ -13,14 +12,6 @@ from hpc_retrain import cli, crossval, synth
 cli.build_parser()  # import every stage before TensorFlow (see test_infer.py)
 
 
-@pytest.fixture(autouse=True)
-def _logging_handlers_stay_with_their_test():
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for h in root.handlers[:]:
-        if h not in before:
-            root.removeHandler(h)
 
 
 def test_folds_partition_the_fields():

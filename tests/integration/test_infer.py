@@ -23,16 +23,6 @@ CFG = RunConfig().updated(preprocess__mean_width=7.0)  # the synthetic cells' wi
 cli.build_parser()
 
 
-@pytest.fixture(autouse=True)
-def _logging_handlers_stay_with_their_test():
-    # cli.main's logging.basicConfig binds a handler to the stderr capsys lends a test; once that stream
-    # is closed, later log records (TensorFlow's included) would write to it and break pytest's capture.
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for h in root.handlers[:]:
-        if h not in before:
-            root.removeHandler(h)
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,6 @@ from trainstore import build_store  # noqa: E402
 cli.build_parser()  # import every stage module before TensorFlow (see test_infer.py)
 
 
-@pytest.fixture(autouse=True)
-def _logging_handlers_stay_with_their_test():
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for h in root.handlers[:]:
-        if h not in before:
-            root.removeHandler(h)
 
 
 def run_cli(*argv) -> tuple[int, str]:

@@ -21,14 +21,6 @@ cli.build_parser()  # import every stage before TensorFlow (see test_infer.py)
 CFG = RunConfig().updated(preprocess__mean_width=7)
 
 
-@pytest.fixture(autouse=True)
-def _logging_handlers_stay_with_their_test():
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for h in root.handlers[:]:
-        if h not in before:
-            root.removeHandler(h)
 
 
 @pytest.fixture(scope="module")
