@@ -3,7 +3,6 @@ whole fields, and the segment command writing NGFF labels, refusing to overwrite
 
 import contextlib
 import io
-import logging
 from pathlib import Path
 
 import numpy as np
