@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -411,7 +410,8 @@ def check_slurm_request(cfg: RunConfig, time_min: int) -> None:
     if c.cpus > big["cpus"]:
         fixes.append(f"--cpus {big['cpus']} or fewer")
     if mem_mb > big["mem_mb"]:
-        fixes.append(f"--mem {big['mem_mb'] // 1024} or less")
+        gb = big["mem_mb"] // 1024 if big["mem_mb"] >= 1024 else round(big["mem_mb"] / 1024, 2)
+        fixes.append(f"--mem {gb} or less")
     if c.gpus > big["gpus"]:
         fixes.append(f"--gpus {big['gpus']}" + (" (this partition has no GPU)" if not big["gpus"] else ""))
     if not fixes:  # each alone exists, never together on one node

@@ -136,6 +136,7 @@ class TileReader:
     failure: str | None = None  # the last unreadable tile's message, in this process
 
     def __init__(self, path: Path):
+        TileReader.failure = None  # a failure of an earlier training in this process is not this one's
         self.path = Path(path)
         root = st.open_store(path)  # a deleted or garbled array metadata: StoreError, one line
         st.check_tiles(root, self.path)
