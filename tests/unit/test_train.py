@@ -159,10 +159,11 @@ def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store
     assert RunConfig.read_saved(run).train.batch_size == 8
     assert "epoch 1/1 loss" in (run / "train.log").read_text()
 
-    # The encoder was frozen: its weights are the pretrained ones, the decoder's are not.
+    # The encoder was frozen: its weights are the pretrained ones, the decoder's are not (the epoch's
+    # checkpoint: the exported model is the best epoch by validation F1, which may be epoch 0).
     from hpc_retrain import model
 
-    pre, got = model.load(), model.load(run)
+    pre, got = model.load(), model.load(run / "checkpoints" / "ckpt-e00001")
     n_enc = len(tr.encoder_layers(pre))
     for a, b in zip(pre.layers[:n_enc], got.layers[:n_enc]):
         for wa, wb in zip(a.get_weights(), b.get_weights()):
