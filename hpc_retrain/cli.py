@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from hpc_retrain import __version__
@@ -38,6 +39,15 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="run configuration (defaults apply to what it omits)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one configuration field, e.g. --set train.epochs=5 (repeatable)")
+    # Also accepted after the subcommand; SUPPRESS keeps the top-level value when not given here.
+    _add_verbosity(p, default=argparse.SUPPRESS)
+
+
+def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="debug logging, TensorFlow's own messages included")
+    g.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
 
 
 def config_from_args(args: argparse.Namespace, **fields) -> RunConfig:
@@ -54,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fluorescence, targets from brightfield, training, and tiled inference, locally or on Slurm.",
     )
     parser.add_argument("--version", action="version", version=f"hpc-retrain {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (modname, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -75,10 +85,32 @@ def _takes_name(fn) -> bool:
     return fn.__code__.co_argcount >= 2
 
 
+def _quiet_tensorflow(verbose: bool) -> None:
+    """Less TensorFlow start-up chatter unless -v; must run before any stage imports TensorFlow.
+
+    A TF_CPP_MIN_LOG_LEVEL the user exported is kept. (TensorFlow 2.21 still prints its native device-probing
+    lines, cuInit and oneDNN, before absl's logging is set up, whatever this level says: tensorflow#100442.)
+    """
+    if verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    verbose, quiet = bool(getattr(args, "verbose", False)), bool(getattr(args, "quiet", False))
+    if verbose and quiet:
+        parser.error("-v/--verbose and -q/--quiet are mutually exclusive")
+    _quiet_tensorflow(verbose)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.command:
         parser.print_help()

@@ -912,14 +912,17 @@ def _segment(args, plate, fields, out, channel, prep, cfg, predict, provenance, 
 
 
 class _progress:
-    """A tqdm bar when tqdm is installed, log lines otherwise."""
+    """A tqdm bar on stderr when it is a terminal and tqdm is installed; an INFO log line per field otherwise
+    (a Slurm log file gets plain lines, not carriage-return redraws)."""
 
     def __init__(self, total: int, desc: str):
         self.total, self.desc, self.n, self.bar = total, desc, 0, None
+        if not sys.stderr.isatty():
+            return
         try:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="field")
+            self.bar = tqdm(total=total, desc=desc, unit="field", file=sys.stderr)
         except ImportError:
             pass
 

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -226,17 +227,19 @@ def _compute(tasks, cfg: RunConfig, progress: bool) -> list[Any]:
             client = Client(cluster)
         try:
             futures = client.compute(tasks)
-            if progress:
+            if progress and sys.stderr.isatty():
                 dprogress(futures)
             return client.gather(futures)
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
-    if progress:
+    # A bar only on a terminal, and on stderr: stdout keeps the summary; a Slurm log file gets the per-field
+    # log lines instead of carriage-return redraws.
+    if progress and sys.stderr.isatty():
         from dask.diagnostics import ProgressBar
 
-        with ProgressBar(minimum=1.0, dt=0.5):
+        with ProgressBar(minimum=1.0, dt=0.5, out=sys.stderr):
             return list(dask.compute(*tasks, scheduler="synchronous"))
     return list(dask.compute(*tasks, scheduler="synchronous"))
 
