@@ -17,8 +17,8 @@ from hpc_retrain.cli import CliError
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    # 4 x 8 batches of 8 tiles (plus a validation pass per epoch): sized so that the whole demo takes about
-    # 8 minutes on 2 CPU cores; more epochs train further (the best epoch by validation F1 is exported)
+    # 4 x 8 batches of 8 tiles (plus a validation pass per epoch): the whole demo takes about 4 minutes on 2
+    # quiet CPU cores; more epochs train further (the best epoch by validation F1 is exported)
     p.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
     p.add_argument("--size", type=int, default=512, help="field size in px (default 512)")
     p.add_argument("--fields", type=int, default=2, help="fields per well of the training plate (default 2)")
