@@ -78,7 +78,8 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     t_start = time.perf_counter()
     for i, test in enumerate(folds(len(fields), k)):
         fold_dir = out / f"fold{i + 1}"
-        train_fields = [f for j, f in enumerate(fields) if j not in set(test)]
+        held_out = set(test.tolist())
+        train_fields = [f for j, f in enumerate(fields) if j not in held_out]
         view = _write_plate(train_fields, [pc.brightfield, pc.fluorescence], fold_dir / "train_plate")
         fcfg = cfg.updated(plate__path=str(view), plate__layout="tiff")
         store = fold_dir / "train.zarr"

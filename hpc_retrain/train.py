@@ -609,17 +609,22 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     validator = FieldValidator(root, val_fields, cfg) if len(val_tiles) else None
     status_extra = {"epochs": tc.epochs, "store": str(store)}
 
-    def validate(row: dict) -> dict:
-        """Loss, pixel and instance metrics of the current weights on the validation fields."""
-        if validator is None:
-            return row
+    def val_pass() -> tuple[np.ndarray, list[np.ndarray]]:
+        """The validation sums of ``val_step`` and each validation field's stitched probabilities."""
         vals, probs = np.zeros(6), []
         for x, y in val_ds:
             v, p = val_step(x, y)
             vals += v.numpy()
             probs.append(p.numpy())
+        return vals, validator.stitch(np.concatenate(probs))
+
+    def validate(row: dict) -> dict:
+        """Loss, pixel and instance metrics of the current weights on the validation fields."""
+        if validator is None:
+            return row
+        vals, probs = val_pass()
         inter, sp, sy = vals[3:]
-        sc = validator.score(validator.stitch(np.concatenate(probs)))
+        sc = validator.score(probs)
         row.update(val_loss=float(vals[0] / vals[2]), val_accuracy=float(vals[1] / vals[2]),
                    val_iou=float(inter / (sp + sy - inter)) if sp + sy - inter > 0 else 1.0,
                    val_dice=float(2 * inter / (sp + sy)) if sp + sy > 0 else 1.0,
@@ -698,10 +703,10 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                             signal.Signals(stop.signum).name, epoch)
                 raise TrainingInterrupted(stop.signum, latest_checkpoint(run_dir), stop.previous.get(stop.signum))
 
-    return _finish(cfg, run_dir, prog, net, opt, export, validator, val_ds, val_step)
+    return _finish(cfg, run_dir, prog, net, opt, export, validator, val_pass)
 
 
-def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_ds, val_step) -> dict:
+def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_pass) -> dict:
     """Export the best epoch's float32 model with thresholds calibrated on the validation fields."""
     best = run_dir / CKPT_DIR / BEST
     if validator is not None and (best / "state.json").is_file():
@@ -720,10 +725,7 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
                "train_fields": prog.train_fields, "val_fields": prog.val_fields,
                "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1")}}
     if validator is not None and cfg.train.calibrate:
-        probs = []
-        for x, y in val_ds:
-            probs.append(val_step(x, y)[1].numpy())
-        th = validator.calibrate(validator.stitch(np.concatenate(probs)))
+        th = validator.calibrate(val_pass()[1])
         cfg = cfg.updated(infer__body_threshold=th.body, infer__marker_threshold=th.marker)
         metrics["validation"].update(calibrated_f1=th.f1, body_threshold=th.body, marker_threshold=th.marker)
         log.info("post-processing calibrated on the validation fields: body > %.2f, markers > %.2f (F1@0.5 %.4f, "
