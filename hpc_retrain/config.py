@@ -106,6 +106,11 @@ class PreprocessConfig(_Section):
 class LabelConfig(_Section):
     body_threshold: float = Field(0.4, ge=0, le=1, description="cell body label: probability >= this")
     contour_threshold: float = Field(0.1, ge=0, le=1, description="contour label: probability > this")
+    # Pretrained MISIC on fluorescence also outlines blobs of background noise (no cell under them, in any
+    # channel): their median intensity is 0.6-4.5 robust noise s.d. above background on ColiCoords, real
+    # cells 4.6 and up. Such objects, and specks, are taken out of the labels (labels.clean).
+    min_snr: float | None = Field(4.0, ge=0, description="a labelled cell's median fluorescence must exceed "
+                                  "the background by this many robust noise s.d. (none: keep every object)")
 
 
 class TilingConfig(_Section):
@@ -132,6 +137,10 @@ class TrainConfig(_Section):
                                                  "default (1-p)/p from the store")
     augment: bool = True
     steps_per_epoch: int | None = Field(None, ge=1, description="cap batches per epoch (for quick runs)")
+    # A lab's few fields make few tiles (ColiCoords: 6 fields, 24 tiles, 3 batches an epoch): an epoch then
+    # goes round them again, each time in a new order with new flips and turns, up to this many tiles.
+    tiles_per_epoch: int | None = Field(None, ge=1, description="at least this many tiles an epoch (tiles repeat, "
+                                        "augmented anew); none: each tile once")
     mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: mixed_float16 on GPU only")
     keep_checkpoints: int = Field(3, ge=1)
     deterministic: bool = Field(False, description="TensorFlow op determinism (slower; for exact resumes)")

@@ -5,8 +5,9 @@ targets from brightfield) and train a run (``train``, the configured recipe); th
 model never saw, are then segmented from brightfield by the pretrained and by the retrained model, exactly
 as ``segment`` does, and both are scored against the same references:
 
-* ``teacher``: pretrained MISIC on the same fields' fluorescence (the source of the training labels), with
-  fluorescent specks removed (objects smaller than one cell-width square, ``validation.drop_specks``);
+* ``teacher``: pretrained MISIC on the same fields' fluorescence (the source of the training labels), less
+  the objects the labels leave out too (``labels.real_cells``: specks under half a cell-width square, and
+  blobs not ``labels.min_snr`` noise s.d. brighter than the background);
 * the plate's reference channel (``plate.reference``, e.g. hand-made masks) when it has one: recall only,
   since such masks are often partial.
 
@@ -58,7 +59,7 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     from hpc_retrain import model as M
     from hpc_retrain import prepare, train
     from hpc_retrain.plate import open_plate
-    from hpc_retrain.validation import drop_specks
+    from hpc_retrain.labels import real_cells
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
             fluo = np.asarray(f.channel(pc.fluorescence))
             bf = np.asarray(f.channel(pc.brightfield))
             _, teacher = infer.segment_field(pretrained, fluo, cfg, prep=cfg.preprocess.fluorescence)
-            teacher = drop_specks(teacher, width)
+            teacher = real_cells(teacher, fluo, cfg, width)
             _, pre = infer.segment_field(pretrained, bf, cfg)
             _, post = infer.segment_field(retrained, bf, run_cfg)
             row = {"teacher_cells": int(len(np.unique(teacher)) - 1)}

@@ -26,6 +26,10 @@ MAX_POSITIVE_BODY = 0.9  # above: "saturated" (the whole field reads as cell bod
 # with 4-6 px (cells 7 px wide), and also rises when the mean width is badly off.
 MAX_UNCERTAIN_SHARE = 0.45
 
+SPECK_AREA = 0.5  # teacher objects smaller than this many cell-width squares are specks
+SCALED_WIDTH = 10.0  # MISIC rescales every image so that cells are this wide
+_CLEAR = 3  # px (scaled) around a dropped object whose labels go too: its contour ring
+
 _MODELS: dict[str, Any] = {}
 
 
@@ -67,6 +71,107 @@ def binarize(prob: np.ndarray, cfg: RunConfig) -> np.ndarray:
     return lab
 
 
+# ----------------------------------------------------------------------------------- teacher cells
+def drop_specks(labels: np.ndarray, width: float) -> np.ndarray:
+    """Objects smaller than half a square of one cell width are specks, not cells.
+
+    The smallest newborn rod (length ~2 w) covers ~1.8 w^2, and its body mask (inside MISIC's contour)
+    still about w^2; fluorescent specks are round and at most about a cell width across.
+    """
+    sizes = np.bincount(labels.ravel())
+    small = sizes < SPECK_AREA * width ** 2
+    small[0] = False
+    if not small.any():
+        return labels
+    out = labels.copy()
+    out[small[labels]] = 0
+    return out
+
+
+def dim_objects(cells: np.ndarray, intensity: np.ndarray, min_snr: float, width: float) -> np.ndarray:
+    """Ids of objects whose median intensity is less than ``min_snr`` robust noise s.d. above background.
+
+    Background: the pixels more than one cell width away from every object; its median and 1.4826 * MAD
+    (the s.d. of Gaussian noise, unmoved by the odd unlabelled cell). A fluorescent cell stands out of it;
+    an object MISIC drew on background texture does not (ColiCoords: 0.6-4.5 s.d., cells 4.6 and up).
+    """
+    n = int(cells.max())
+    if n == 0:
+        return np.zeros(0, np.int64)
+    far = ~ndi.binary_dilation(cells > 0, iterations=max(int(round(width)), 1))
+    bg = intensity[far] if far.sum() >= 100 else intensity[cells == 0]
+    if bg.size == 0:
+        return np.zeros(0, np.int64)
+    level = float(np.median(bg))
+    noise = 1.4826 * float(np.median(np.abs(bg - level)))
+    if noise <= 0:
+        noise = float(bg.std()) or 1.0
+    ids = np.arange(1, n + 1)
+    med = np.asarray(ndi.median(intensity, cells, ids), np.float64)
+    present = np.bincount(cells.ravel(), minlength=n + 1)[1:] > 0
+    return ids[present & ((med - level) / noise < min_snr)]
+
+
+def teacher_cells(prob: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig, width: float = SCALED_WIDTH
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(cells kept, mask of the objects dropped) from MISIC's probabilities of a fluorescence image.
+
+    The cells are MISIC's own post-processing of ``prob`` (body ``labels.body_threshold``, markers 0.95)
+    without specks and, given the image ``intensity`` on the same grid, without objects too dim to be
+    fluorescent cells (``labels.min_snr``). ``width``: the cell width in this image's pixels.
+    """
+    from hpc_retrain import instances as I
+
+    icfg = cfg.updated(preprocess__mean_width=width, infer__body_threshold=cfg.labels.body_threshold,
+                       infer__marker_threshold=RunConfig().infer.marker_threshold)
+    cells = I.instances(prob, icfg)
+    kept = real_cells(cells, intensity, cfg, width)
+    # dropped: every body-label pixel outside a kept cell (also objects too small to become instances)
+    return kept, (prob[..., 0] >= cfg.labels.body_threshold) & (kept == 0)
+
+
+def real_cells(cells: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig, width: float) -> np.ndarray:
+    """``cells`` (instances of a fluorescence image) without specks and, given the image, dim objects."""
+    kept = drop_specks(cells, width)
+    if intensity is not None and cfg.labels.min_snr is not None:
+        dim = dim_objects(kept, np.asarray(intensity, np.float64), cfg.labels.min_snr, width)
+        if dim.size:
+            kept = np.where(np.isin(kept, dim), 0, kept).astype(cells.dtype)
+    return kept
+
+
+def clean(prob: np.ndarray, labels: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig,
+          window: bool = False) -> tuple[np.ndarray, int]:
+    """``labels`` with dropped objects (specks, dim blobs: ``teacher_cells``) and their contour rings set to
+    background; and how many objects were dropped. Rings are cleared up to ``_CLEAR`` px from a dropped
+    object but never within 2 px of a kept cell, so a neighbour keeps its own contour.
+
+    ``window``: the arrays are a window of a larger scan; objects touching its edge may be cut, so they
+    are kept (the large-scan path judges each object in the windows that hold it whole).
+    """
+    kept, dropped = teacher_cells(prob, intensity, cfg)
+    if window and dropped.any():
+        parts, n = ndi.label(dropped)
+        edge = np.unique(np.concatenate([parts[0], parts[-1], parts[:, 0], parts[:, -1]]))
+        dropped &= ~np.isin(parts, edge[edge > 0])
+    if not dropped.any():
+        return labels, 0
+    n = int(ndi.label(dropped)[1])
+    square = np.ones((3, 3), bool)  # a square reach, so the ring's corners go too
+    clear = (ndi.binary_dilation(dropped, square, iterations=_CLEAR)
+             & ~ndi.binary_dilation(kept > 0, square, iterations=2))
+    out = labels.copy()
+    out[clear] = 0
+    return out, n
+
+
+def scaled_intensity(fluo: np.ndarray, cfg: RunConfig, source: str = "image") -> np.ndarray:
+    """The fluorescence normalized and rescaled like MISIC's input, without gamma: the linear signal whose
+    noise ``dim_objects`` measures."""
+    prep = cfg.preprocess.fluorescence.model_copy(update={"gamma": 1.0})
+    return P.prepare_np(fluo, prep, cfg.preprocess.scale, source)
+
+
 def field_probabilities(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
                         ) -> tuple[np.ndarray, T.TileGrid]:
     """Stitched MISIC probabilities (H', W', 2) float32 at the rescaled resolution, and their tile grid."""
@@ -80,7 +185,7 @@ def field_probabilities(fluo: np.ndarray, model, cfg: RunConfig, source: str = "
 def label_field(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (H', W', 2) float32, labels (H', W', 2) uint8) of one in-memory fluorescence image."""
     prob, _ = field_probabilities(fluo, model, cfg, source)
-    return prob, binarize(prob, cfg)
+    return prob, clean(prob, binarize(prob, cfg), scaled_intensity(fluo, cfg, source), cfg)[0]
 
 
 def label_tiles(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
@@ -88,9 +193,13 @@ def label_tiles(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
     """What the store holds for one field: probability tiles (N, S, S, 2) float32, label tiles uint8,
     the grid (identical to the target tiles' grid) and the field's QC statistics."""
     prob, grid = field_probabilities(fluo, model, cfg, source)
+    labels, dropped = clean(prob, binarize(prob, cfg), scaled_intensity(fluo, cfg, source), cfg)
     ptiles, _ = T.extract_tiles(prob, cfg.tiling.size, cfg.tiling.margin)
-    ltiles = binarize(ptiles, cfg)
-    return ptiles, ltiles, grid, label_stats(prob, binarize(prob, cfg), ltiles)
+    # Label tiles are cut from the cleaned field (its tile margins reflect like the probabilities').
+    ltiles, _ = T.extract_tiles(labels, cfg.tiling.size, cfg.tiling.margin)
+    parts = stats_parts(prob, labels, ltiles)
+    parts["dropped"] = dropped
+    return ptiles, ltiles.astype(np.uint8), grid, stats_from_parts([parts])
 
 
 # ----------------------------------------------------------------------------------------------- QC
@@ -110,7 +219,7 @@ def stats_from_parts(parts: list[dict[str, Any]]) -> dict[str, float]:
     pos = sum(p["positive"] for p in parts) / max(sum(p["tile_pixels"] for p in parts), 1)
     out = {f"body_q{i + 1}": float(h) / max(pixels, 1) for i, h in enumerate(hist)}
     out.update(positive_body=float(pos[0]), positive_contour=float(pos[1]),
-               cells=float(sum(p["cells"] for p in parts)))
+               cells=float(sum(p["cells"] for p in parts)), dropped=float(sum(p.get("dropped", 0) for p in parts)))
     return out
 
 
@@ -127,16 +236,17 @@ def label_stats(prob: np.ndarray, labels: np.ndarray, label_tiles: np.ndarray | 
 def qc_flags(stats: dict[str, float]) -> list[str]:
     """Reasons to keep a field out of training; empty when it looks usable."""
     reasons = []
-    if stats["cells"] == 0 or stats["positive_body"] < MIN_POSITIVE_BODY:
+    above = stats["body_q2"] + stats["body_q3"] + stats["body_q4"]
+    uncertain = (stats["body_q2"] + stats["body_q3"]) / above if above > 0 else 1.0
+    # Judged on the probabilities first: a blurred field's objects may all be cleaned out of its labels,
+    # and "out of focus" tells the user more than "no cells".
+    if above >= MIN_POSITIVE_BODY and stats["positive_body"] <= MAX_POSITIVE_BODY and uncertain > MAX_UNCERTAIN_SHARE:
+        reasons.append(f"out of focus, low contrast or wrong mean width ({uncertain:.0%} of candidate cell pixels "
+                       f"uncertain)")
+    elif stats["cells"] == 0 or stats["positive_body"] < MIN_POSITIVE_BODY:
         reasons.append(f"no cells (body fraction {stats['positive_body']:.2g}, {int(stats['cells'])} regions)")
     elif stats["positive_body"] > MAX_POSITIVE_BODY:
         reasons.append(f"saturated (body fraction {stats['positive_body']:.2f})")
-    else:
-        above = stats["body_q2"] + stats["body_q3"] + stats["body_q4"]
-        uncertain = (stats["body_q2"] + stats["body_q3"]) / above if above > 0 else 1.0
-        if uncertain > MAX_UNCERTAIN_SHARE:
-            reasons.append(f"out of focus, low contrast or wrong mean width ({uncertain:.0%} of candidate cell pixels "
-                           f"uncertain)")
     return reasons
 
 
@@ -181,15 +291,27 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
 
         TG.run_blocks(TG.lazy_canvas(feats, grid), grid, k, predict_block, strip)
         prob = da.from_zarr(stitched)[:h, :w]
+        # The linear intensity rides along as a third channel, so each window is cleaned (``clean``) with the
+        # fluorescence under it; a dropped object's fate is decided per window (the window holds it whole
+        # unless it crosses the window's edge).
+        im = fluo if isinstance(fluo, da.Array) else da.from_array(fluo, chunks=cfg.infer.chunk)
+        plin = cfg.preprocess.fluorescence.model_copy(update={"gamma": 1.0})
+        lo, hi = P.intensity_range(im, plin.percentiles, source)
+        x = P.rescale(P.normalize(im, lo, hi), cfg.preprocess.scale, chunk=k * s)
+        both = da.concatenate([prob, x.rechunk(prob.chunks[:2])[..., None].astype(np.float32)], axis=-1)
 
         def write(win: np.ndarray, b: TG.Block) -> dict[str, Any]:
-            ptiles = TG.cut(win, grid, b)
-            ltiles = binarize(ptiles, cfg)
+            pwin = win[..., :2]
+            lwin, dropped = clean(pwin, binarize(pwin, cfg), win[..., 2], cfg, window=True)
+            ptiles = TG.cut(pwin, grid, b)
+            ltiles = TG.cut(lwin, grid, b)
             TG.write_block(prob_arr, first_tile, grid, b, ptiles)
             TG.write_block(label_arr, first_tile, grid, b, ltiles)
             # the block's own part of the field (no margins, no padding) for the histogram and cell count
-            centre = win[m: m + min(b.r1 * s, h) - b.r0 * s, m: m + min(b.c1 * s, w) - b.c0 * s]
-            return stats_parts(centre, binarize(centre, cfg), ltiles)
+            rows, cols = slice(m, m + min(b.r1 * s, h) - b.r0 * s), slice(m, m + min(b.c1 * s, w) - b.c0 * s)
+            parts = stats_parts(pwin[rows, cols], lwin[rows, cols], ltiles)
+            parts["dropped"] = dropped
+            return parts
 
-        parts = TG.run_blocks(TG.lazy_canvas(prob, grid), grid, k, write, strip)
+        parts = TG.run_blocks(TG.lazy_canvas(both, grid), grid, k, write, strip)
     return grid, stats_from_parts(parts)

@@ -39,7 +39,7 @@ STAGES: dict[str, tuple[str, ...]] = {"labels": ("labels",), "targets": ("target
                                       "prepare": ("labels", "targets")}
 # Sections whose values change what is stored; a store made with other values is refused.
 COMPARED = ("plate", "preprocess", "labels", "tiling")
-STAGE_QC = {"labels": S.QC_COLUMNS[:7], "targets": S.QC_COLUMNS[7:]}
+STAGE_QC = {"labels": S.QC_COLUMNS[:8], "targets": S.QC_COLUMNS[8:]}
 
 
 class PrepareError(ValueError):

@@ -37,7 +37,8 @@ from hpc_retrain import __version__
 from hpc_retrain.tiling import TileGrid
 
 LABEL_CHANNELS = ("body", "contour")
-QC_COLUMNS = ("body_q1", "body_q2", "body_q3", "body_q4", "positive_body", "positive_contour", "cells",
+# "dropped": objects of MISIC's fluorescence segmentation taken out of the labels (specks, dim blobs).
+QC_COLUMNS = ("body_q1", "body_q2", "body_q3", "body_q4", "positive_body", "positive_contour", "cells", "dropped",
               "target_mean", "target_std")
 PENDING, OK, FLAGGED = 0, 1, 2
 EVERY_CHUNK = "every_tile_chunk"  # attrs flag: all-zero tiles have chunk files too (a missing one is damage)

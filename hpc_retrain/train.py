@@ -50,7 +50,7 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val
 # Training settings a resume must share with the run it continues; anything else (epochs, how many
 # checkpoints to keep, determinism, precision) may change between attempts.
 _RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight", "augment",
-                 "steps_per_epoch")
+                 "steps_per_epoch", "tiles_per_epoch")
 # Sections of the store's own config that the run (and the model it exports) must carry: a model is only
 # meaningful with the preprocessing, labels and tiling its training tiles were made with.
 STORE_SECTIONS = ("preprocess", "labels", "tiling")
@@ -108,13 +108,15 @@ def positive_weights(root, train_fields: np.ndarray, override, source: str) -> n
 
 
 def epoch_plan(train_tiles: np.ndarray, epoch: int, seed: int, batch: int, steps_cap: int | None,
-               augment: bool) -> tuple[np.ndarray, np.ndarray, int]:
+               augment: bool, min_tiles: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Tile order, augmentation codes (0-7: k = code % 4 quarter turns, flipped when code >= 4), steps.
 
+    With ``min_tiles`` the tiles go round in fresh permutations until at least that many are planned.
     A pure function of (seed, epoch): a resumed run sees exactly the order the interrupted one would.
     """
     rng = np.random.default_rng([seed, 0xDA7A, epoch])
-    order = rng.permutation(train_tiles)
+    rounds = max(1, math.ceil((min_tiles or 0) / len(train_tiles))) if len(train_tiles) else 1
+    order = np.concatenate([rng.permutation(train_tiles) for _ in range(rounds)])
     codes = rng.integers(0, 8, len(order)) if augment else np.zeros(len(order), np.int64)
     steps = math.ceil(len(order) / batch)
     if steps_cap is not None:
@@ -647,7 +649,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                          prog.since_best, prog.best_score, prog.best_epoch)
                 break
             order, codes, steps = epoch_plan(train_tiles, epoch, cfg.seed, tc.batch_size, tc.steps_per_epoch,
-                                             tc.augment)
+                                             tc.augment, tc.tiles_per_epoch)
             start_step = prog.step
             ds = make_dataset(reader, order[start_step * tc.batch_size:], codes[start_step * tc.batch_size:],
                               tc.batch_size)

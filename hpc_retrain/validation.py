@@ -8,8 +8,9 @@ instance pipeline (``instances.instances``), against the teacher's cells:
 * everything happens in the store's rescaled space (cells 10 px wide), from the stored tiles, so no image
   is read again; predicted tiles are stitched back with MISIC's crop-and-stitch;
 * the teacher's cells are ``instances`` of the stored MISIC probabilities of the fluorescence (the source
-  of the labels) under MISIC's own post-processing (body 0.4, markers 0.95); fluorescent specks are dropped
-  (objects under half a cell-width square, :func:`drop_specks`), so a student that rightly ignores them is not penalised;
+  of the labels) under MISIC's own post-processing (body 0.4, markers 0.95), less the objects
+  ``labels.clean`` took out of the labels (specks, blobs too dim to be cells), so a student that rightly
+  ignores them is not penalised;
 * :meth:`FieldValidator.calibrate` picks the body and marker thresholds that maximise F1@0.5 on these
   fields: the class weighting shifts a retrained model's probabilities, so MISIC's 0.4/0.95 need not fit.
 """
@@ -25,28 +26,11 @@ from hpc_retrain import evaluate as E
 from hpc_retrain import instances as I
 from hpc_retrain import store as st
 from hpc_retrain.config import RunConfig
+from hpc_retrain.labels import SCALED_WIDTH, drop_specks
 from hpc_retrain.tiling import TileGrid, stitch_tiles
 
-SCALED_WIDTH = 10.0  # MISIC rescales every image so that cells are this wide
-SPECK_AREA = 0.5  # teacher objects smaller than this many cell-width squares are specks
 BODY_GRID = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2))
 MARKER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-
-
-def drop_specks(labels: np.ndarray, width: float) -> np.ndarray:
-    """Objects smaller than half a square of one cell width are specks, not cells.
-
-    The smallest newborn rod (length ~2 w) covers ~1.8 w^2, and its body mask (inside MISIC's contour)
-    still about w^2; fluorescent specks are round and at most about a cell width across.
-    """
-    sizes = np.bincount(labels.ravel())
-    small = sizes < SPECK_AREA * width ** 2
-    small[0] = False
-    if not small.any():
-        return labels
-    out = labels.copy()
-    out[small[labels]] = 0
-    return out
 
 
 @dataclass(frozen=True)
@@ -71,10 +55,13 @@ class FieldValidator:
         self.teacher = []
         for e, grid in zip(self.fields, self.grids):
             prob = stitch_tiles(np.asarray(root["probabilities"][e.tiles], np.float32), grid)
+            body = stitch_tiles(np.asarray(root["labels"][e.tiles]), grid)[..., 0]
             if prob.any():
+                # MISIC's cells, less the objects ``labels.clean`` took out of the labels (no body label left)
                 cells = I.instances(prob, teacher_cfg)
+                gone = np.unique(cells[(cells > 0) & (body == 0)])
+                cells[np.isin(cells, gone)] = 0
             else:  # a store without MISIC's probabilities (made by hand): the body label's regions
-                body = stitch_tiles(np.asarray(root["labels"][e.tiles]), grid)[..., 0]
                 cells = ndi.label(body)[0].astype(I.LABEL_DTYPE)
             self.teacher.append(drop_specks(cells, SCALED_WIDTH))
 
