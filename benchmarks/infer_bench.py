@@ -1,6 +1,6 @@
 """Inference on CPU, ours vs the MISIC reference path, side by side: speed and peak memory.
 
-    python -m benchmarks.infer_bench --quick      # 8-11 minutes on 2 shared cores (--sizes to trim)
+    python -m benchmarks.infer_bench --quick      # ~3 minutes on 2 loaded cores (one 4096 px scan)
     python -m benchmarks.infer_bench              # cells 7 px wide: scans of up to ~11,000 tiles (hours)
 
 Reference ("what a user does today"): the whole-image shape index in float64 (as MISIC's
@@ -12,6 +12,13 @@ the same features and the same model, so the probabilities agree (the table show
 Speed: megapixels (of the original images) per second to segment a small plate (probabilities and
 instances), median of the repetitions, both sides in this process, alternating; ours runs the plate through
 ``infer.segment_fields`` (next field's features and last field's instances overlap the model).
+
+Engines (``infer.engine``): the bare model (``infer.Predictor`` on a stack of tiles, nothing else) on
+TensorFlow and on OpenVINO, tiles/s on the same tiles (each plate's own), alternating; their ratio is
+``cpu_engine_speedup`` in the JSON. ``fraction_of_model`` (per plate): segment's end-to-end rate (ours, on the
+engine ``auto`` picks) as a fraction of that engine's bare rate on the plate's tiles, i.e. the bare model's
+time over segment's time; 1.0 would mean features, stitching, resizing and instances cost nothing.
+--quick segments cells 14 px wide (scale 0.71, 49 tiles per 2048 px field) once.
 
 Memory: peak RSS of a fresh process segmenting one square scan, ours from an OME-Zarr array into Zarr
 outputs, the reference from a TIFF into memory; the reference is run only while its estimated peak fits
@@ -80,23 +87,42 @@ def _timed(fn, *a):
 
 
 # ------------------------------------------------------------------------------------------ speed
-def speed(plates: dict[int, tuple[int, int]], seed: int = 0) -> list[dict]:
-    """``plates``: field size -> (fields on the plate, repetitions). Segments the plate both ways."""
+def plate_tiles(images: list[np.ndarray], cfg) -> np.ndarray:
+    """The model's input for a plate: every field's tiles, as ``segment`` cuts them (stitch mode)."""
+    from hpc_retrain import infer
+    from hpc_retrain import tiling as T
+
+    return np.concatenate([T.extract_tiles(infer.field_features(im, cfg), cfg.tiling.size, cfg.tiling.margin)[0]
+                           for im in images])
+
+
+def speed(plates: dict[int, tuple[int, int]], seed: int = 0, mean_width: float = 7.0) -> tuple[list[dict], dict]:
+    """``plates``: field size -> (fields on the plate, repetitions). Segments the plate both ways, and runs
+    the bare model on the plate's tiles on each engine; returns the plate rows and the engines' summary."""
+    from hpc_retrain import engine as E
     from hpc_retrain import infer, synth
     from hpc_retrain import model as M
 
-    cfg = _cfg()
+    cfg = _cfg(mean_width)
     model = M.load()
-    predictor = infer.Predictor(model, cfg.infer.batch_size)
+    predictor = infer.Predictor(model, cfg.infer.batch_size)  # infer.engine=auto, as segment runs
+    engines = ["tensorflow"] + (["openvino"] if E.openvino_version() is not None else [])
+    bare = {e: infer.Predictor(model, cfg.infer.batch_size, engine=e) for e in engines}
+    print(f"  segment runs on {predictor.engine} (infer.engine=auto); bare model on {', '.join(engines)}",
+          flush=True)
     warm = synth.render_field(seed, (256, 256)).brightfield
     list(infer.segment_fields(predictor, [warm], cfg))  # trace both sides once, outside the timings
     reference_probabilities(model, warm, cfg)
+    for b in bare.values():
+        b(plate_tiles([warm], cfg))
     rows = []
     for n, (count, reps) in plates.items():
-        images = [synth.render_field(seed + n + i, (n, n)).brightfield for i in range(count)]
-        t: dict[str, list[float]] = {"ours": [], "ref": [], "ref_prob": []}
-        diff = 0.0
-        for _ in range(reps):  # alternating, so a change in machine load hits both sides
+        images = [synth.render_field(seed + n + i, (n, n), mean_width=mean_width).brightfield
+                  for i in range(count)]
+        tiles = plate_tiles(images, cfg)
+        t: dict[str, list[float]] = {"ours": [], "ref": [], "ref_prob": [], **{f"bare_{e}": [] for e in engines}}
+        diff, ediff = 0.0, 0.0
+        for r in range(reps):  # alternating, so a change in machine load hits every side
             start, ref_probs, t_prob = time.perf_counter(), [], 0.0
             for im in images:
                 p, dt = _timed(reference_probabilities, model, im, cfg)
@@ -107,18 +133,36 @@ def speed(plates: dict[int, tuple[int, int]], seed: int = 0) -> list[dict]:
             t["ref_prob"].append(t_prob)
             ours, dt = _timed(lambda: list(infer.segment_fields(predictor, images, cfg, "stitch")))
             t["ours"].append(dt)
-            diff = max(diff, max(float(np.abs(o[0] - r[..., :2]).max()) for o, r in zip(ours, ref_probs)))
+            diff = max(diff, max(float(np.abs(o[0] - r_[..., :2]).max()) for o, r_ in zip(ours, ref_probs)))
             del ours, ref_probs
+            outs = {}
+            for e in (engines if r % 2 == 0 else engines[::-1]):
+                outs[e], dt = _timed(bare[e], tiles)
+                t[f"bare_{e}"].append(dt)
+            ediff = max(ediff, float(np.abs(outs[engines[-1]] - outs[engines[0]]).max()))
+            del outs
         med = {k: float(np.median(v)) for k, v in t.items()}
         mp = count * n * n / 1e6
-        row = {"size": n, "fields": count, "reps": reps, "megapixels": mp, "max_abs_diff": diff,
-               "seconds": med, "raw_seconds": t,
-               "mp_s": {"ours": mp / med["ours"], "ref": mp / med["ref"], "ref_prob_only": mp / med["ref_prob"]}}
+        row = {"size": n, "fields": count, "reps": reps, "megapixels": mp, "tiles": int(len(tiles)),
+               "mean_width": mean_width, "max_abs_diff": diff, "engine": predictor.engine,
+               "max_abs_diff_engines": ediff, "seconds": med, "raw_seconds": t,
+               "mp_s": {"ours": mp / med["ours"], "ref": mp / med["ref"], "ref_prob_only": mp / med["ref_prob"]},
+               "bare_tiles_s": {e: len(tiles) / med[f"bare_{e}"] for e in engines}}
         row["ratio"] = row["mp_s"]["ours"] / row["mp_s"]["ref"]
+        # segment's MP/s over the bare model's MP/s on the same engine and tiles = bare time / segment time
+        row["fraction_of_model"] = med[f"bare_{predictor.engine}"] / med["ours"]
         rows.append(row)
+        bare_txt = ", ".join(f"{e} {v:.2f}" for e, v in row["bare_tiles_s"].items())
         print(f"  {count} x {n} px: ours {row['mp_s']['ours']:.4f} MP/s, reference {row['mp_s']['ref']:.4f} MP/s "
-              f"(x{row['ratio']:.2f}), max |diff| {diff:.1e}", flush=True)
-    return rows
+              f"(x{row['ratio']:.2f}), max |diff| {diff:.1e}; bare model tiles/s: {bare_txt}; segment at "
+              f"{row['fraction_of_model']:.2f} of its engine's bare rate", flush=True)
+    total = sum(r["tiles"] for r in rows)
+    summary = {"tiles": total, "batch_size": cfg.infer.batch_size, "segment_engine": predictor.engine,
+               "openvino": E.openvino_version(),
+               "tiles_s": {e: total / sum(r["seconds"][f"bare_{e}"] for r in rows) for e in engines}}
+    if "openvino" in engines:
+        summary["max_abs_diff"] = max(r["max_abs_diff_engines"] for r in rows)
+    return rows, summary
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -214,7 +258,17 @@ def memory(sizes: list[int], mean_width: float, workdir: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ report
 def table(result: dict) -> str:
-    out = ["Segmenting a plate on CPU (probabilities + instances; megapixels of the original images per s,",
+    eng = result.get("engines") or {}
+    out = []
+    if eng:
+        rates = ", ".join(f"{e} {v:.2f}" for e, v in eng["tiles_s"].items())
+        out += [f"Bare model on CPU, same {eng['tiles']} tiles (batch {eng['batch_size']}), tiles/s: {rates}; "
+                f"OpenVINO / TensorFlow = {result['cpu_engine_speedup'] or float('nan'):.2f}"
+                + (f", max |diff| {eng['max_abs_diff']:.1e}" if "max_abs_diff" in eng else ""),
+                f"segment runs on {eng['segment_engine']}; fraction of its bare rate per plate: "
+                + ", ".join(f"{r['fields']} x {r['size']} px {r['fraction_of_model']:.2f}" for r in result["speed"]),
+                ""]
+    out += ["Segmenting a plate on CPU (probabilities + instances; megapixels of the original images per s,",
            "medians; ours: segment_fields pipeline, reference: MISIC path + postprocess_ws per field)",
            f"{'plate':>12} {'ours':>9} {'ref':>9} {'ratio':>6} {'ref prob only':>14} {'max|diff|':>10}"]
     for r in result["speed"]:
@@ -246,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; scans at low magnification")
     ap.add_argument("--json", default=str(HERE / "out" / "infer_bench.json"), help="where the JSON goes")
     ap.add_argument("--skip-memory", action="store_true", help="speed only")
-    ap.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[4096, 8192, 16384],
-                    help="scan sizes for peak RSS (default 4096,8192,16384)")
+    ap.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="scan sizes for peak RSS (default 4096,8192,16384; --quick: 4096)")
     ap.add_argument("--rss-child", choices=("ours", "ref"), help=argparse.SUPPRESS)
     ap.add_argument("--scan", help=argparse.SUPPRESS)
     ap.add_argument("--mean-width", type=float, default=7.0, help=argparse.SUPPRESS)
@@ -259,13 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # --quick: the scans at low magnification (mean cell width 40 px, scale 0.25) keep the model's share
     # small; the full run uses the default 7 px cells (scale 1.43), ~11,000 tiles at 16384 px.
-    plates = {512: (4, 2), 2048: (1, 1)} if args.quick else {512: (8, 3), 2048: (2, 3)}
-    mem_sizes, mem_width = args.sizes, (40.0 if args.quick else 7.0)
+    plates = {512: (4, 1), 2048: (1, 1)} if args.quick else {512: (8, 3), 2048: (2, 3)}
+    speed_width = 14.0 if args.quick else 7.0
+    mem_sizes, mem_width = args.sizes or ([4096] if args.quick else [4096, 8192, 16384]), (40.0 if args.quick else 7.0)
     result = {"command": "python -m benchmarks.infer_bench" + (" --quick" if args.quick else ""),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count()}
     print("speed:", flush=True)
-    result["speed"] = speed(plates)
+    result["speed"], result["engines"] = speed(plates, mean_width=speed_width)
+    rates = result["engines"]["tiles_s"]
+    result["cpu_engine_speedup"] = rates["openvino"] / rates["tensorflow"] if "openvino" in rates else None
     if not args.skip_memory:
         print("memory:", flush=True)
         with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:

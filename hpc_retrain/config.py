@@ -107,8 +107,8 @@ class LabelConfig(_Section):
     body_threshold: float = Field(0.4, ge=0, le=1, description="cell body label: probability >= this")
     contour_threshold: float = Field(0.1, ge=0, le=1, description="contour label: probability > this")
     # Pretrained MISIC on fluorescence also outlines blobs of background noise (no cell under them, in any
-    # channel): their median intensity is 0.6-4.5 robust noise s.d. above background on ColiCoords, real
-    # cells 4.6 and up. Such objects, and specks, are taken out of the labels (labels.clean).
+    # channel): on ColiCoords their median intensity is 0.6-4.5 robust noise s.d. above background, the cells
+    # that ilastik's masks confirm 5.3 and up. Such objects, and specks, are taken out of the labels (labels.clean).
     min_snr: float | None = Field(4.0, ge=0, description="a labelled cell's median fluorescence must exceed "
                                   "the background by this many robust noise s.d. (none: keep every object)")
 
@@ -168,6 +168,9 @@ class InferConfig(_Section):
     mode: Literal["stitch", "blend"] = Field("stitch", description="MISIC crop-and-stitch or blended overlaps")
     batch_size: int = Field(8, ge=1)
     chunk: int = Field(2048, ge=256, description="scan chunk edge for large fields (pixels at full resolution)")
+    engine: Literal["auto", "tensorflow", "openvino"] = Field(
+        "auto", description="what runs the model (segment, and prepare's labels): auto: OpenVINO when installed "
+        "and TensorFlow sees no GPU, else TensorFlow; or force either")
     # Post-processing thresholds: MISIC's own values by default; a retrained run stores the ones calibrated
     # on its validation fields, and ``segment --model RUN`` uses those.
     body_threshold: float = Field(0.4, gt=0, lt=1, description="cell mask: body probability above this")

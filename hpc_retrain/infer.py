@@ -74,12 +74,13 @@ class InferError(ValueError):
 
 # ------------------------------------------------------------------------------------------ model
 class Predictor:
-    """The model as one traced function with a dynamic batch: no retracing and none of ``predict``'s
-    per-call pipeline set-up; tiles go through in batches of ``batch_size``."""
+    """The model on its engine (``infer.engine``, see ``hpc_retrain.engine``), tiles in batches of ``batch_size``:
+    OpenVINO compiled once per model (CPU), or TensorFlow as one traced function with a dynamic batch (no
+    retracing and none of ``predict``'s per-call pipeline set-up). ``engine``: the one it runs on
+    ("tensorflow" or "openvino"), for provenance; ``requested``: the ``infer.engine`` value asked for."""
 
-    def __init__(self, model, batch_size: int = 8, tile: int = 256):
-        import tensorflow as tf
-
+    def __init__(self, model, batch_size: int = 8, tile: int = 256, engine: str = "auto"):
+        from hpc_retrain import engine as E
         from hpc_retrain.model import ModelError, check_io
 
         if isinstance(model, Predictor):
@@ -90,22 +91,30 @@ class Predictor:
                              f"segmenting needs two (body, contour)")
         self.model, self.batch_size, self.tile = model, int(batch_size), int(tile)
         self.channels = int(model.output_shape[-1])
-        spec = tf.TensorSpec([None, tile, tile, 3], tf.float32)
-        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        self.requested = engine
+        self.engine, self._ov = E.for_model(model, engine, self.tile)
+        self._fn = None
+        if self._ov is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec([None, tile, tile, 3], tf.float32)
+            self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         n = len(tiles)
         out = np.empty((n, self.tile, self.tile, 2), np.float32)
         for i in range(0, n, self.batch_size):
             batch = np.ascontiguousarray(tiles[i:i + self.batch_size], np.float32)
-            out[i:i + len(batch)] = self._fn(batch).numpy()[..., :2]
+            y = self._ov(batch) if self._ov is not None else self._fn(batch).numpy()
+            out[i:i + len(batch)] = y[..., :2]
         return out
 
 
 def as_predictor(model, cfg: RunConfig) -> Predictor:
-    if isinstance(model, Predictor) and model.batch_size == cfg.infer.batch_size:
+    if (isinstance(model, Predictor) and model.batch_size == cfg.infer.batch_size
+            and cfg.infer.engine in (model.requested, model.engine)):
         return model
-    return Predictor(model, cfg.infer.batch_size, cfg.tiling.size)
+    return Predictor(model, cfg.infer.batch_size, cfg.tiling.size, cfg.infer.engine)
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -366,14 +375,15 @@ def resolve_model(path: str | Path | None) -> Path:
 
 
 def write_probabilities(field_group, name: str, shape: tuple[int, int], chunk: int, overwrite: bool, **attrs: Any):
-    """Create ``<field>/probabilities/<name>``: a (c, y, x) float32 NGFF image of the (body, contour) maps."""
-    grp = field_group.require_group(PROB_GROUP).require_group(name)
-    arr = grp.create_array("0", shape=(2,) + tuple(shape), dtype=np.float32, fill_value=0,
-                           chunks=(1, min(chunk, shape[0]), min(chunk, shape[1])), overwrite=overwrite)
-    grp.attrs["ome"] = {"version": ngff.NGFF_VERSION,
-                        "multiscales": ngff._multiscales(ngff._CYX, f"{name} probabilities"),
-                        "omero": {"channels": [{"label": c, "window": {"start": 0.0, "end": 1.0, "min": 0.0,
-                                                                        "max": 1.0}} for c in PROB_CHANNELS]}}
+    """Create ``<field>/probabilities/<name>``: a (c, y, x) float32 NGFF image of the (body, contour) maps on
+    the field image's pixel grid (``ngff.spatial``), listed in ``<field>/probabilities``' ``images``."""
+    probs = field_group.require_group(PROB_GROUP)
+    grp = probs.require_group(name)
+    window = {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}
+    arr = ngff.create_image(grp, ngff.spatial(field_group), f"{name} probabilities", (2,) + tuple(shape),
+                            np.float32, (1, min(chunk, shape[0]), min(chunk, shape[1])), overwrite=overwrite,
+                            omero={"channels": [{"label": c, "window": window} for c in PROB_CHANNELS]})
+    ngff.list_result(probs, name)
     if attrs:
         grp.attrs.update(attrs)
     return arr
@@ -432,12 +442,16 @@ def _remove_result(field_group, name: str) -> None:
         if name in labels:
             del labels[name]
     probs = field_group.get(PROB_GROUP)
-    if probs is not None and name in probs:
-        del probs[name]
+    if probs is not None:
+        if name in probs.attrs.get("images", []):  # the listing that makes it discoverable (ngff.list_result)
+            probs.attrs["images"] = [n for n in probs.attrs["images"] if n != name]
+        if name in probs:
+            del probs[name]
 
 
 # Settings that do not change a result: a rerun with other values of these still finds its fields done.
-_NOT_RESULT_SETTINGS = ("infer.batch_size", "infer.chunk", "infer.model", "infer.name")
+# (The engine too: OpenVINO and TensorFlow agree within 1e-5, tests/integration/test_engine.py.)
+_NOT_RESULT_SETTINGS = ("infer.batch_size", "infer.chunk", "infer.model", "infer.name", "infer.engine")
 
 
 def _result_settings(prov) -> dict[str, Any]:
@@ -788,9 +802,9 @@ def main(args: argparse.Namespace) -> int:
     name = cfg.infer.name
     # A run still training (or preempted) gives its best, else latest, checkpoint; a line says which.
     model, source = M.load_with_source(cfg.infer.model, cfg.tiling.size)
-    predict = Predictor(model, cfg.infer.batch_size, cfg.tiling.size)
+    predict = Predictor(model, cfg.infer.batch_size, cfg.tiling.size, cfg.infer.engine)
     provenance = {"version": __version__, "model": str(source.path), "model_sha256": source.sha256,
-                  "mode": cfg.infer.mode, "channel": channel, "config": cfg.to_dict()}
+                  "mode": cfg.infer.mode, "channel": channel, "engine": predict.engine, "config": cfg.to_dict()}
     if source.is_checkpoint:  # the folder (best, above all) changes as training goes on: say what it held
         provenance["model_checkpoint"] = dict(source.checkpoint, weights="variables.npz")
     settings = _result_settings(provenance)

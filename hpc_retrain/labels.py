@@ -33,8 +33,11 @@ _CLEAR = 3  # px (scaled) around a dropped object whose labels go too: its conto
 _MODELS: dict[str, Any] = {}
 
 
-def get_model(path=None, threads: int | None = None):
-    """The labelling model, loaded once per process (Dask process workers each load their own)."""
+def get_model(path=None, threads: int | None = None, engine: str | None = None):
+    """The labelling model, loaded once per process (Dask process workers each load their own).
+
+    ``threads``: TensorFlow's (and so OpenVINO's) thread limit; ``engine``: ``infer.engine`` to run it with
+    in ``predict_tiles`` (None: keep the one set before, else "auto": OpenVINO on a CPU, see ``engine``)."""
     key = str(path or "pretrained")
     if key not in _MODELS:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,17 +53,32 @@ def get_model(path=None, threads: int | None = None):
         from hpc_retrain import model as M
 
         _MODELS[key] = M.load(path)
+    if engine is not None:
+        from hpc_retrain import engine as E
+
+        E.prefer(_MODELS[key], engine)
     return _MODELS[key]
 
 
-def predict_tiles(model, tiles: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """Model outputs (N, S, S, C) float32; ``predict_on_batch`` avoids ``predict``'s per-call pipeline set-up."""
-    out = []
-    for i in range(0, len(tiles), batch_size):
-        out.append(np.asarray(model.predict_on_batch(np.ascontiguousarray(tiles[i:i + batch_size], np.float32))))
-    if not out:
+def predict_tiles(model, tiles: np.ndarray, batch_size: int = 8, engine: str | None = None) -> np.ndarray:
+    """Model outputs (N, S, S, C) float32, in batches of ``batch_size``.
+
+    ``engine``: an ``infer.engine`` value; None: the one ``get_model`` was given for this model, else "auto"
+    (OpenVINO on a CPU, compiled once per model). TensorFlow runs ``predict_on_batch``, which avoids
+    ``predict``'s per-call pipeline set-up."""
+    from hpc_retrain import engine as E
+
+    if len(tiles) == 0:
         raise ValueError("no tiles to predict")
-    return np.concatenate(out).astype(np.float32, copy=False)
+    _, ov_model = E.for_model(model, E.preferred(model) if engine is None else engine, int(tiles.shape[1]))
+    out = None
+    for i in range(0, len(tiles), batch_size):
+        batch = np.ascontiguousarray(tiles[i:i + batch_size], np.float32)
+        y = np.asarray(ov_model(batch) if ov_model is not None else model.predict_on_batch(batch))
+        if out is None:
+            out = np.empty((len(tiles),) + y.shape[1:], np.float32)
+        out[i:i + len(batch)] = y
+    return out
 
 
 def binarize(prob: np.ndarray, cfg: RunConfig) -> np.ndarray:
@@ -93,7 +111,7 @@ def dim_objects(cells: np.ndarray, intensity: np.ndarray, min_snr: float, width:
 
     Background: the pixels more than one cell width away from every object; its median and 1.4826 * MAD
     (the s.d. of Gaussian noise, unmoved by the odd unlabelled cell). A fluorescent cell stands out of it;
-    an object MISIC drew on background texture does not (ColiCoords: 0.6-4.5 s.d., cells 4.6 and up).
+    an object MISIC drew on background texture does not (ColiCoords: 0.6-4.5 s.d.; cells 5.3 and up).
     """
     n = int(cells.max())
     if n == 0:

@@ -1,7 +1,10 @@
 """Small OME-Zarr (NGFF 0.5, Zarr v3) writers and readers for HCS plates and label images.
 
 They mirror ome-zarr-py's layout (plate -> row/column well -> field image -> labels/<name>) so napari and
-ome-zarr-py open what we write, without depending on either.
+ome-zarr-py open what we write, without depending on either. Every group written validates with the NGFF
+validator ome-zarr-models (tests/integration/test_ngff_valid.py): arrays carry ``dimension_names`` equal to
+their axes' names, and a result drawn on a field's pixel grid (label images, probabilities) copies the
+field image's y/x axes (units included) and its scale and translation, so it overlays its image.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def create_plate(path: str | Path, wells: list[str], field_count: int, name: str
                 {"path": f"{r}/{c}", "rowIndex": rows.index(r), "columnIndex": cols.index(c)} for r, c in rc
             ],
             "field_count": field_count,
+            "version": NGFF_VERSION,
         },
     )
     for r, c in rc:
@@ -59,57 +63,114 @@ def create_plate(path: str | Path, wells: list[str], field_count: int, name: str
     return root
 
 
-def _multiscales(axes: list[dict[str, str]], name: str) -> list[dict[str, Any]]:
-    ndim = len(axes)
-    return [{
-        "name": name,
-        "axes": axes,
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * ndim}]}],
-    }]
+_C = [{"name": "c", "type": "channel"}]
+_YX = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+_CYX = _C + _YX
 
 
-_CYX = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-_YX = _CYX[1:]
+def pixel_grid(scale: tuple[float, float] = (1.0, 1.0), unit: str | None = None,
+               translation: tuple[float, float] | None = None) -> dict[str, Any]:
+    """A field's y/x axes and level-0 scale and translation, as :func:`spatial` returns and
+    :func:`write_field` takes: e.g. ``pixel_grid((0.065, 0.065), "micrometer")``."""
+    axes = [dict(a, unit=unit) if unit else dict(a) for a in _YX]
+    return {"axes": axes, "scale": [float(v) for v in scale],
+            "translation": [float(v) for v in translation] if translation else None}
+
+
+def spatial(image_group: zarr.Group) -> dict[str, Any]:
+    """The y/x pixel grid of an image group's first multiscale at full resolution: its last two axes (as
+    written, units included) and the scale and translation of its first dataset composed with the
+    multiscale's own, for those axes. A result of the same pixel grid written with it overlays the image."""
+    ms = (_ome(image_group).get("multiscales") or image_group.attrs.get("multiscales") or [None])[0]
+    if not ms or len(ms.get("axes", [])) < 2 or not ms.get("datasets"):
+        return pixel_grid()
+    ndim = len(ms["axes"])
+    scale, shift = [1.0] * ndim, [0.0] * ndim
+    for t in [*ms["datasets"][0].get("coordinateTransformations", []), *(ms.get("coordinateTransformations") or [])]:
+        if t.get("type") == "scale" and len(t.get("scale", [])) == ndim:
+            scale = [a * b for a, b in zip(scale, t["scale"])]
+            shift = [a * b for a, b in zip(shift, t["scale"])]
+        elif t.get("type") == "translation" and len(t.get("translation", [])) == ndim:
+            shift = [a + b for a, b in zip(shift, t["translation"])]
+    return {"axes": [dict(a) for a in ms["axes"][-2:]], "scale": [float(v) for v in scale[-2:]],
+            "translation": [float(v) for v in shift[-2:]] if any(shift[-2:]) else None}
+
+
+def _multiscales(grid: dict[str, Any], name: str, channels: bool) -> list[dict[str, Any]]:
+    """One single-level multiscale of (c,) y, x on ``grid`` (:func:`spatial`), its array at path ``0``."""
+    lead = _C if channels else []
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0] * len(lead) + grid["scale"]}]
+    if grid.get("translation"):
+        transforms.append({"type": "translation", "translation": [0.0] * len(lead) + grid["translation"]})
+    return [{"name": name, "axes": lead + grid["axes"],
+             "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]
+
+
+def _names(multiscales: list[dict[str, Any]]) -> list[str]:
+    return [a["name"] for a in multiscales[0]["axes"]]
+
+
+def create_image(group: zarr.Group, grid: dict[str, Any], name: str, shape: tuple[int, ...], dtype: Any,
+                 chunks: tuple[int, ...], overwrite: bool = False, **ome: Any) -> zarr.Array:
+    """Make ``group`` an NGFF image of one (c, y, x) or (y, x) array ``0`` on pixel grid ``grid``, with
+    ``ome`` entries (``omero``, ``image-label``) beside its multiscales; the array is created, not filled."""
+    ms = _multiscales(grid, name, channels=len(shape) == 3)
+    arr = group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0, overwrite=overwrite,
+                             dimension_names=_names(ms))
+    _set_ome(group, multiscales=ms, **ome)
+    return arr
 
 
 def write_field(plate: zarr.Group, well: str, field: int, image, channel_names: list[str],
-                chunk: int = 1024) -> zarr.Group:
-    """Write one field's (C, Y, X) image (NumPy, or Dask for a scan of any size) with channel labels;
-    returns the field's image group."""
+                chunk: int = 1024, grid: dict[str, Any] | None = None) -> zarr.Group:
+    """Write one field's (C, Y, X) image (NumPy, or Dask for a scan of any size) with channel labels on pixel
+    grid ``grid`` (:func:`pixel_grid`, :func:`spatial`; default unit pixels); returns the field's image group."""
     if image.ndim != 3 or image.shape[0] != len(channel_names):
         raise ValueError(f"well {well} field {field}: image {image.shape} does not match channels {channel_names}")
     r, c = split_well(well)
     grp = plate.require_group(f"{r}/{c}/{field}")
     chunks = (1, min(chunk, image.shape[1]), min(chunk, image.shape[2]))
+    arr = create_image(grp, grid or pixel_grid(), f"{well}/{field}", image.shape, image.dtype, chunks,
+                       overwrite=True, omero={"channels": [{"label": n} for n in channel_names]})
     if isinstance(image, np.ndarray):
-        grp.create_array("0", data=image, chunks=chunks, overwrite=True)
+        arr[...] = image
     else:  # a Dask array (a scan larger than memory): copied chunk by chunk
         import dask
         import dask.array as da
 
-        arr = grp.create_array("0", shape=image.shape, dtype=image.dtype, chunks=chunks, overwrite=True)
         with dask.config.set(scheduler="threads"):
             da.store(image.rechunk(chunks), arr, lock=False)
-    _set_ome(grp, multiscales=_multiscales(_CYX, f"{well}/{field}"),
-             omero={"channels": [{"label": n} for n in channel_names]})
     return grp
 
 
 def create_label(field_group: zarr.Group, name: str, shape: tuple[int, int], dtype: Any,
                  chunk: int = 1024, overwrite: bool = False, **attrs: Any) -> zarr.Array:
-    """Create (not fill) ``labels/<name>/0`` so large results can be written chunk by chunk."""
+    """Create (not fill) ``labels/<name>/0`` so large results can be written chunk by chunk; on the field
+    image's pixel grid (:func:`spatial`)."""
+    grid = spatial(field_group)
     labels = field_group.require_group("labels")
     names = list(_ome(labels).get("labels", []))
     if name not in names:
         names.append(name)
     _set_ome(labels, labels=names)
     grp = labels.require_group(name)
-    arr = grp.create_array("0", shape=shape, dtype=dtype, chunks=(min(chunk, shape[0]), min(chunk, shape[1])),
-                           fill_value=0, overwrite=overwrite)
-    _set_ome(grp, multiscales=_multiscales(_YX, name), **{"image-label": {"source": {"image": "../../"}}})
+    arr = create_image(grp, grid, name, tuple(shape), dtype, (min(chunk, shape[0]), min(chunk, shape[1])),
+                       overwrite=overwrite, **{"image-label": {"source": {"image": "../../"}, "colors": _CLEAR_BACKGROUND}})
     if attrs:
         grp.attrs.update(attrs)
     return arr
+
+
+# Background (0) transparent, so a viewer overlays the cells on their image; other values keep its colours.
+_CLEAR_BACKGROUND = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
+
+
+def list_result(container: zarr.Group, name: str) -> None:
+    """Add ``name`` to ``container``'s ``images`` attribute: the NGFF images it holds (as ``labels/`` lists
+    its label images), e.g. ``<field>/probabilities``."""
+    names = list(container.attrs.get("images", []))
+    if name not in names:
+        container.attrs["images"] = names + [name]
 
 
 # hpc_retrain's own attributes on a label image (and its probabilities): the provenance of the result and

@@ -11,8 +11,9 @@ A rerun also redoes finished fields whose tiles lost chunk files (``store.missin
 
 Next to ``store.py``'s arrays the store holds, per stage (``labels``, ``targets``), arrays of shape (F,):
 ``<stage>_done`` uint8, ``<stage>_error`` str (empty when fine) and ``<stage>_written`` float64 (Unix time
-the stage finished, to audit resumes). ``config.yaml`` inside the store and ``<store>.qc.csv`` beside it
-summarize the run for people.
+the stage finished, to audit resumes); ``store.array_layout`` describes them. The settings are the store's
+root attribute ``config`` (``store.stored_config`` reads them); ``<store>.config.yaml`` and ``<store>.qc.csv``
+beside the store summarize the run for people.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: b
     cfg = resolve_width(cfg, plate, store_path, overwrite)
     entries = S.plan_fields(plate.fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
     root = open_or_create(store_path, entries, cfg, overwrite)
-    cfg.save(store_path)
+    S.save_config(root, store_path, cfg)
     redo_damaged(root, store_path)
 
     done = {s: root[f"{s}_done"][:].astype(bool) for s in STAGES["prepare"]}
@@ -196,7 +197,7 @@ def resolve_width(cfg: RunConfig, plate, store_path: Path, overwrite: bool = Fal
         return cfg
     if store_path.exists() and not overwrite:
         try:
-            made = S.open_store(store_path).attrs.get("config", {})
+            made = S.stored_config(S.open_store(store_path))
         except S.StoreError:
             made = {}
         if made.get("plate", {}).get("path") == (str(cfg.plate.path) if cfg.plate.path else None):
@@ -262,9 +263,10 @@ def open_or_create(path: Path, entries: list[S.FieldEntry], cfg: RunConfig, over
                 raise S.StoreError(f"{path}: exists and is not a training store; choose another --out") from None
             root = None
         if root is not None:
-            diffs = _differences(root.attrs.get("config", {}), config, root.attrs.get("fields", []), entries)
+            diffs = _differences(S.stored_config(root), config, root.attrs.get("fields", []), entries)
             if not diffs:
                 _ensure_stage_arrays(root, len(entries))
+                S.describe_arrays(root)  # an older store's arrays get their attributes
                 return root
             if not overwrite:
                 raise S.StoreError(f"{path}: was made with other parameters ({'; '.join(diffs[:5])}); "
@@ -272,6 +274,7 @@ def open_or_create(path: Path, entries: list[S.FieldEntry], cfg: RunConfig, over
             log.warning("%s: rebuilding (--overwrite): %s", path, "; ".join(diffs[:5]))
         shutil.rmtree(path)
         qc_path(path).unlink(missing_ok=True)
+        S.config_copy_path(path).unlink(missing_ok=True)
     root = S.create(path, entries, config, cfg.tiling.size)
     _ensure_stage_arrays(root, len(entries))
     return zarr.open_group(str(path), mode="r+")
@@ -324,11 +327,7 @@ def redo_damaged(root, store_path: Path) -> dict[int, dict[str, list[int]]]:
 
 
 def _ensure_stage_arrays(root, nf: int) -> None:
-    for stage in STAGES["prepare"]:
-        if f"{stage}_done" not in root:
-            root.create_array(f"{stage}_done", shape=(nf,), dtype="uint8", chunks=(1,), fill_value=0)
-            root.create_array(f"{stage}_error", shape=(nf,), dtype=str, chunks=(1,))
-            root.create_array(f"{stage}_written", shape=(nf,), dtype="float64", chunks=(1,), fill_value=np.nan)
+    S.ensure_stage_arrays(root, nf, STAGES["prepare"])
 
 
 # ------------------------------------------------------------------------------------------ a field
@@ -387,7 +386,7 @@ def _run_stage(stage: str, field, entry: S.FieldEntry, root, cfg: RunConfig, thr
     try:
         im = _read(field, cfg.plate.fluorescence if stage == "labels" else cfg.plate.brightfield, cfg, source)
         if stage == "labels":
-            model = L.get_model(None, threads)
+            model = L.get_model(None, threads, cfg.infer.engine)
             grid, qc = L.write_label_tiles(im, model, cfg, root["probabilities"], root["labels"],
                                            entry.first_tile, source)
             reasons = L.qc_flags(qc)

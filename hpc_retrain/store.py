@@ -11,6 +11,16 @@ Layout (N tiles from F fields; every field's tiles are a contiguous block fixed 
     field_qc       (F, K) float32         per-field label statistics (columns: attrs["qc_columns"])
     field_status   (F,)  uint8            0 pending, 1 ok, 2 flagged (attrs["fields"][i]["error"] says why)
 
+and, per ``prepare`` stage (``labels``, ``targets``; :func:`ensure_stage_arrays`), ``<stage>_done`` (F,) uint8,
+``<stage>_error`` (F,) str and ``<stage>_written`` (F,) float64 (seconds since the epoch).
+
+The store describes itself: every array carries Zarr v3 ``dimension_names`` and attributes saying what it
+holds (``description``; ``channel_names`` / ``column_names`` for its last axis, ``codes``, ``units``: see
+:func:`array_layout`). The settings it was prepared with are the root attribute ``config``
+(:func:`stored_config` reads them; ``prepare`` also writes a copy for people beside the store as
+``<store>.config.yaml``). Older stores kept that copy as ``config.yaml`` inside the hierarchy, which plain zarr
+warns about; they still read, and a ``prepare`` rerun moves the file out (:func:`save_config`).
+
 Chunks hold one tile, so fields never share a chunk: parallel writers cannot race, and a field killed
 half-way is simply rewritten because ``field_done`` is set last.
 
@@ -46,6 +56,11 @@ EVERY_CHUNK = "every_tile_chunk"  # attrs flag: all-zero tiles have chunk files 
 REQUIRED_ARRAYS = ("targets", "labels", "tile_field", "tile_rc", "field_done", "field_status", "field_qc")
 # The tile arrays of each prepare stage.
 STAGE_TILES = {"labels": ("labels", "probabilities"), "targets": ("targets",)}
+CONFIG_ATTR = "config"  # root attribute: the settings the store was prepared with (RunConfig.to_dict())
+OLD_CONFIG_FILE = "config.yaml"  # where older stores kept them, inside the hierarchy (plain zarr warns)
+TIME_UNITS = "seconds since 1970-01-01T00:00:00Z"
+STATUS_CODES = {str(PENDING): "pending: not processed (yet)", str(OK): "ok: used for training",
+                str(FLAGGED): "flagged: not used; attrs['fields'][i]['error'] of the root group says why"}
 
 
 class StoreError(ValueError):
@@ -130,22 +145,28 @@ def create(path: str | Path, entries: list[FieldEntry], config: dict[str, Any], 
 def _create(path: Path, entries: list[FieldEntry], config: dict[str, Any], size: int) -> None:
     n, nf = sum(e.n_tiles for e in entries), len(entries)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    layout = array_layout(config)
+
+    def array(name, **kw):
+        dims, attrs = layout[name]
+        root.create_array(name, dimension_names=dims, attributes=attrs, **kw)
+
     t = (1, size, size)
-    root.create_array("targets", shape=(n, size, size, 3), dtype="float32", chunks=t + (3,), fill_value=0)
-    root.create_array("labels", shape=(n, size, size, 2), dtype="uint8", chunks=t + (2,), fill_value=0)
-    root.create_array("probabilities", shape=(n, size, size, 2), dtype="float16", chunks=t + (2,), fill_value=0)
+    nc = len(layout["targets"][1]["channel_names"])
+    array("targets", shape=(n, size, size, nc), dtype="float32", chunks=t + (nc,), fill_value=0)
+    array("labels", shape=(n, size, size, 2), dtype="uint8", chunks=t + (2,), fill_value=0)
+    array("probabilities", shape=(n, size, size, 2), dtype="float16", chunks=t + (2,), fill_value=0)
     tile_field = np.concatenate([np.full(e.n_tiles, e.index, np.int32) for e in entries]) if n else np.zeros(0, np.int32)
-    root.create_array("tile_field", data=tile_field, chunks=(max(n, 1),))
+    array("tile_field", data=tile_field, chunks=(max(n, 1),))
     rc = [TileGrid(e.scaled_shape, size, config["tiling"]["margin"]).indices for e in entries]
-    root.create_array("tile_rc", data=np.concatenate(rc).astype(np.int32) if n else np.zeros((0, 2), np.int32),
-                      chunks=(max(n, 1), 2))
-    root.create_array("field_done", shape=(nf,), dtype="uint8", chunks=(1,), fill_value=0)
-    root.create_array("field_status", shape=(nf,), dtype="uint8", chunks=(1,), fill_value=0)
-    root.create_array("field_qc", shape=(nf, len(QC_COLUMNS)), dtype="float32", chunks=(1, len(QC_COLUMNS)),
-                      fill_value=np.nan)
+    array("tile_rc", data=np.concatenate(rc).astype(np.int32) if n else np.zeros((0, 2), np.int32),
+          chunks=(max(n, 1), 2))
+    array("field_done", shape=(nf,), dtype="uint8", chunks=(1,), fill_value=0)
+    array("field_status", shape=(nf,), dtype="uint8", chunks=(1,), fill_value=0)
+    array("field_qc", shape=(nf, len(QC_COLUMNS)), dtype="float32", chunks=(1, len(QC_COLUMNS)), fill_value=np.nan)
     root.attrs.update({
         "hpc_retrain": {"version": __version__, "kind": "training-store"},
-        "config": config,
+        CONFIG_ATTR: config,
         "fields": [{"well": e.well, "field": e.field, "source": e.source, "shape": list(e.shape),
                     "scaled_shape": list(e.scaled_shape), "first_tile": e.first_tile, "n_tiles": e.n_tiles}
                    for e in entries],
@@ -154,6 +175,146 @@ def _create(path: Path, entries: list[FieldEntry], config: dict[str, Any], size:
         "tile_size": size,
         EVERY_CHUNK: True,
     })
+
+
+def array_layout(config: dict[str, Any] | None = None,
+                 stages=tuple(STAGE_TILES)) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """{array: (dimension_names, attributes)} of every array of a store prepared with ``config`` (a
+    ``RunConfig.to_dict()``; its ``preprocess.sigmas`` name the target channels), ``stages``' arrays included."""
+    sigmas = ((config or {}).get("preprocess") or {}).get("sigmas") or (1.0, 1.5, 2.0)
+    tile, table = ["tile", "y", "x", "c"], "one row per field of attrs['fields'] (the root group's)"
+    binary = {"0": "no", "1": "yes"}
+    out: dict[str, tuple[list[str], dict[str, Any]]] = {
+        "targets": (tile, {
+            "description": "the model's input: MISIC's shape index of the brightfield image (normalized, rescaled "
+                           "to a 10 px cell width), one channel per Gaussian scale; -1..1, 0 where flat",
+            "channel_names": [f"shape_index_sigma_{float(s):g}" for s in sigmas],
+            "sigmas": [float(s) for s in sigmas]}),
+        "labels": (tile, {
+            "description": "the training labels: MISIC's segmentation of the fluorescence image, its probabilities "
+                           "thresholded, 1 inside / 0 outside",
+            "channel_names": list(LABEL_CHANNELS)}),
+        "probabilities": (tile, {
+            "description": "MISIC's per-pixel probabilities on the fluorescence image, the labels were cut from",
+            "channel_names": list(LABEL_CHANNELS)}),
+        "tile_field": (["tile"], {"description": "the tile's field: its index in attrs['fields'] of the root group"}),
+        "tile_rc": (["tile", "rc"], {"description": "the tile's row and column in its field's tile grid",
+                                     "column_names": ["row", "column"]}),
+        "field_done": (["field"], {"description": "1 once the field's tiles and QC are fully written (set last); "
+                                                  + table, "codes": {"0": "not done", "1": "done"}}),
+        "field_status": (["field"], {"description": "whether the field is used for training; " + table,
+                                     "codes": dict(STATUS_CODES)}),
+        "field_qc": (["field", "qc"], {"description": "per-field statistics of the labels and targets (NaN until "
+                                                      "written); " + table, "column_names": list(QC_COLUMNS)}),
+    }
+    for st in stages:
+        out[f"{st}_done"] = (["field"], {"description": f"1 once prepare's {st} stage finished the field (its "
+                                                         f"tiles, QC and error written); " + table, "codes": binary})
+        out[f"{st}_error"] = (["field"], {"description": f"why the {st} stage flagged the field; empty when fine; "
+                                                         + table})
+        out[f"{st}_written"] = (["field"], {"description": f"when the {st} stage finished the field (NaN: not yet); "
+                                                           + table, "units": TIME_UNITS})
+    return out
+
+
+def ensure_stage_arrays(root: zarr.Group, nf: int, stages=tuple(STAGE_TILES)) -> None:
+    """``<stage>_done``, ``<stage>_error`` and ``<stage>_written`` (F,) of ``stages``, unless there."""
+    layout = array_layout(stored_config(root), stages)
+    kinds = {"done": dict(dtype="uint8", fill_value=0), "error": dict(dtype=str),
+             "written": dict(dtype="float64", fill_value=np.nan)}
+    for stage in stages:
+        if f"{stage}_done" in root:
+            continue
+        for kind, kw in kinds.items():
+            dims, attrs = layout[f"{stage}_{kind}"]
+            root.create_array(f"{stage}_{kind}", shape=(nf,), chunks=(1,), dimension_names=dims, attributes=attrs,
+                              **kw)
+
+
+def describe_arrays(root: zarr.Group) -> list[str]:
+    """Give the arrays of an older store, made before stores described themselves, their attributes and
+    ``dimension_names`` (rewriting their ``zarr.json``; attributes only where the store is not a local folder).
+    Returns the arrays changed."""
+    import json
+
+    folder = _store_folder(root)
+    changed = []
+    for name, (dims, attrs) in array_layout(stored_config(root)).items():
+        if name not in root or "description" in root[name].attrs:
+            continue
+        meta = folder / name / "zarr.json" if folder is not None else None
+        if meta is not None and meta.is_file():
+            doc = json.loads(meta.read_text())
+            if len(doc.get("shape", ())) == len(dims):
+                doc["dimension_names"] = doc.get("dimension_names") or dims
+            doc["attributes"] = {**attrs, **(doc.get("attributes") or {})}
+            tmp = meta.with_name(f".zarr.json.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(doc, indent=2))
+            os.replace(tmp, meta)
+        else:
+            root[name].attrs.update(attrs)
+        changed.append(name)
+    return changed
+
+
+# ----------------------------------------------------------------------------------------- config
+def config_copy_path(path: str | Path) -> Path:
+    """``<store>.config.yaml`` beside the store (``x.train.zarr`` -> ``x.train.config.yaml``): the settings, for
+    people; outside the hierarchy, so plain zarr does not take it for a broken member."""
+    p = Path(path)
+    return p.with_name((p.name[:-5] if p.name.endswith(".zarr") else p.name) + ".config.yaml")
+
+
+def _store_folder(root: zarr.Group) -> Path | None:
+    folder = getattr(root.store, "root", None)  # a LocalStore
+    return Path(folder) / root.path if folder is not None else None
+
+
+def stored_config(root: zarr.Group) -> dict[str, Any]:
+    """The settings the store was prepared with, a ``RunConfig.to_dict()`` (no provenance): the root attribute
+    ``config``, else (older stores) the ``config.yaml`` inside the store; {} when it has neither.
+
+    Every reader of a store's settings goes through here."""
+    saved = root.attrs.get(CONFIG_ATTR)
+    if isinstance(saved, dict) and saved:
+        return dict(saved)
+    folder = _store_folder(root)
+    if folder is not None and (folder / OLD_CONFIG_FILE).is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load((folder / OLD_CONFIG_FILE).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            data = {}
+        if isinstance(data, dict):
+            from hpc_retrain.config import _PROVENANCE  # the keys RunConfig.save adds beside the settings
+
+            return {k: v for k, v in data.items() if k not in _PROVENANCE}
+    return {}
+
+
+def read_config(path: str | Path):
+    """The ``RunConfig`` the training store at ``path`` was prepared with (see :func:`stored_config`)."""
+    from hpc_retrain.config import RunConfig
+
+    saved = stored_config(open_store(path))
+    if not saved:
+        raise StoreError(f"{path}: the store records no settings (no attrs['{CONFIG_ATTR}']); rebuild it with "
+                         f"`hpc-retrain prepare --plate PLATE --out {path} --overwrite`")
+    return RunConfig.from_dict(saved, source=f"{path} attrs['{CONFIG_ATTR}']")
+
+
+def save_config(root: zarr.Group, path: str | Path, cfg) -> Path:
+    """Record ``cfg`` (a RunConfig) as the store's root attribute ``config`` (rewritten only when it changed)
+    and write the copy for people beside the store (:func:`config_copy_path`). An older store's
+    ``config.yaml`` inside the hierarchy is removed (its settings are the attribute now)."""
+    config = cfg.to_dict()
+    if root.attrs.get(CONFIG_ATTR) != config:
+        root.attrs[CONFIG_ATTR] = config
+    copy = config_copy_path(path)
+    cfg.save(copy.parent, copy.name)
+    (Path(path) / OLD_CONFIG_FILE).unlink(missing_ok=True)
+    return copy
 
 
 def writing_every_chunk():
@@ -188,7 +349,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
 
 def prepare_command(root: zarr.Group, path: str | Path) -> str:
     """The ``hpc-retrain prepare`` command that (re)fills the store at ``path``."""
-    plate = (root.attrs.get("config") or {}).get("plate", {}).get("path") or "PLATE"
+    plate = stored_config(root).get("plate", {}).get("path") or "PLATE"
     return f"hpc-retrain prepare --plate {plate} --out {path}"
 
 

@@ -532,7 +532,7 @@ def make_steps(net, opt, pos_w, size: int):
 
 def store_config(cfg: RunConfig, root, store: Path) -> RunConfig:
     """``cfg`` with the store's preprocessing, label and tiling settings: what the tiles were made with."""
-    saved = root.attrs.get("config") or {}
+    saved = st.stored_config(root)
     data = cfg.to_dict()
     changed = []
     for sec in STORE_SECTIONS:

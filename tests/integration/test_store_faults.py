@@ -64,7 +64,14 @@ def _chunk_files(store: Path) -> set[str]:
 def _assert_same_store(a: Path, b: Path) -> None:
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
     for name in COMPARED:
-        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+        if name == "probabilities":
+            # TensorFlow's CPU kernels may sum in another order on a busy machine: "the same store" allows a few
+            # float16 steps (as test_prepare's PROB_ATOL), and labels may differ only on the pixels at a threshold
+            np.testing.assert_allclose(ga[name][:].astype(np.float32), gb[name][:].astype(np.float32), atol=2e-3)
+        elif name == "labels":
+            assert np.mean(ga[name][:] != gb[name][:]) < 1e-3, name
+        else:
+            np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
     assert ga.attrs["fields"] == gb.attrs["fields"]
     assert _chunk_files(a) == _chunk_files(b)
 

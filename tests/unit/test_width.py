@@ -12,6 +12,7 @@ import yaml
 import zarr
 
 from hpc_retrain import prepare, synth
+from hpc_retrain import store as S
 from hpc_retrain import width as W
 from hpc_retrain.config import PlateConfig, RunConfig
 from hpc_retrain.plate import open_plate
@@ -66,8 +67,8 @@ def test_synthetic_plate_auto_width_is_measured_and_recorded_in_the_store(tmp_pa
     assert abs(width - TRUE_WIDTH) <= 0.15 * TRUE_WIDTH
     # the store, its config.yaml and hence every later stage carry the number, not "auto"
     assert zarr.open_group(str(out), mode="r").attrs["config"]["preprocess"]["mean_width"] == width
-    assert yaml.safe_load((out / "config.yaml").read_text())["preprocess"]["mean_width"] == width
-    assert RunConfig.read_saved(out).preprocess.scale == round(10 / width, 2)
+    assert yaml.safe_load(S.config_copy_path(out).read_text())["preprocess"]["mean_width"] == width
+    assert S.read_config(out).preprocess.scale == round(10 / width, 2)
     # rerunning with auto resumes that store (its number is reused, not measured again)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hpc_retrain"):

@@ -1,0 +1,179 @@
+"""Which engine runs the model: OpenVINO on a CPU, TensorFlow on a GPU (``infer.engine``).
+
+``auto`` (the default) picks OpenVINO when it is installed and TensorFlow sees no GPU, TensorFlow otherwise;
+``tensorflow`` and ``openvino`` force one. The choice is logged once per process. OpenVINO converts the
+loaded Keras model object itself (any MISIC-style model: pretrained, retrained, a checkpoint), once per
+model per process, with a dynamic batch, and runs it in float32: OpenVINO's CPU default on CPUs with
+bfloat16 support (AVX512_BF16, AMX) is bfloat16, which moves MISIC's probabilities by up to ~0.03; in
+float32 they equal TensorFlow's to ~1e-5. Its threads follow TensorFlow's intra-op limit when the caller set
+one (``labels.get_model(threads=...)``), else OpenVINO's default (all cores).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "tensorflow", "openvino")
+
+_RESOLVED: dict[str, tuple[str, str]] = {}  # requested -> (engine, why)
+_LOGGED: set[tuple[str, str]] = set()
+_COMPILED: dict[tuple, tuple[Any, "OpenVINOModel"]] = {}  # (id(model), tile, threads) -> (model ref, runner)
+_FAILED: dict[tuple, str] = {}  # conversions that failed (auto falls back to TensorFlow, once)
+_LOCK = threading.Lock()
+
+
+class EngineError(ValueError):
+    """An engine that cannot run as asked (unknown, or OpenVINO forced but not installed/convertible)."""
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, or None when it is not installed (or does not import)."""
+    try:
+        import openvino as ov
+    except Exception:  # not installed, or its native libraries do not load here
+        return None
+    return str(getattr(ov, "__version__", None) or ov.get_version())
+
+
+def gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def resolve(engine: str = "auto") -> str:
+    """``tensorflow`` or ``openvino`` for an ``infer.engine`` value; logged once per process."""
+    if engine not in ENGINES:
+        raise EngineError(f"unknown inference engine {engine!r}; use one of {ENGINES}")
+    if engine not in _RESOLVED:
+        ov = openvino_version()
+        if engine == "tensorflow":
+            _RESOLVED[engine] = ("tensorflow", "infer.engine=tensorflow")
+        elif engine == "openvino":
+            if ov is None:
+                raise EngineError("infer.engine=openvino, but OpenVINO is not installed here "
+                                  "(pip install openvino, or use infer.engine=auto)")
+            _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, infer.engine=openvino")
+        elif gpu_visible():
+            _RESOLVED[engine] = ("tensorflow", "infer.engine=auto: a GPU is visible to TensorFlow")
+        elif ov is None:
+            _RESOLVED[engine] = ("tensorflow", "infer.engine=auto: CPU only, OpenVINO not installed")
+        else:
+            _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, infer.engine=auto: no GPU visible to TensorFlow")
+    name, why = _RESOLVED[engine]
+    _log_once(name, why)
+    return name
+
+
+def _log_once(name: str, why: str) -> None:
+    if (name, why) not in _LOGGED:
+        _LOGGED.add((name, why))
+        log.info("inference engine: %s (%s)", name, why)
+
+
+def tensorflow_threads() -> int | None:
+    """TensorFlow's intra-op thread limit when one was set in this process, else None (its default)."""
+    try:
+        import tensorflow as tf
+
+        return int(tf.config.threading.get_intra_op_parallelism_threads()) or None
+    except Exception:
+        return None
+
+
+class OpenVINOModel:
+    """A Keras model compiled by OpenVINO for the CPU: ``(N, S, S, 3) float32 -> (N, S, S, C) float32`` for
+    any N. Each thread gets its own infer request, so threads may share one compiled model."""
+
+    def __init__(self, model, tile: int = 256, threads: int | None = None):
+        import openvino as ov
+
+        self.tile, self.threads = int(tile), threads
+        converted = ov.convert_model(model, input=[(-1, self.tile, self.tile, 3)])
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = ov.Core().compile_model(converted, "CPU", config)
+        self._local = threading.local()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        req = getattr(self._local, "request", None)
+        if req is None:
+            req = self._local.request = self.compiled.create_infer_request()
+        batch = np.ascontiguousarray(batch, np.float32)
+        req.infer({0: batch}, share_inputs=True)
+        return np.array(req.get_output_tensor(0).data, np.float32)  # a copy: the request reuses its buffer
+
+
+def openvino_model(model, tile: int = 256, threads: int | None = None) -> OpenVINOModel:
+    """``model`` compiled by OpenVINO, once per model (and tile size, thread limit) per process.
+
+    ``threads``: None follows TensorFlow's intra-op limit if one was set (``tensorflow_threads``)."""
+    if threads is None:
+        threads = tensorflow_threads()
+    key = (id(model), int(tile), threads)
+    with _LOCK:
+        hit = _COMPILED.get(key)
+        if hit is not None and hit[0]() is model:
+            return hit[1]
+        if key in _FAILED and _FAILED[key][0]() is model:
+            raise EngineError(_FAILED[key][1])
+        try:
+            runner = OpenVINOModel(model, tile, threads)
+        except Exception as e:
+            msg = f"OpenVINO could not convert {getattr(model, 'name', 'the model')}: {type(e).__name__}: {e}"
+            _FAILED[key] = (_ref(model), msg)
+            raise EngineError(msg) from e
+        _COMPILED[key] = (_ref(model), runner)
+        return runner
+
+
+def _ref(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # not weakly referenceable: keep it alive, so its id is never reused
+        return lambda: obj
+
+
+def for_model(model, engine: str = "auto", tile: int = 256, threads: int | None = None
+              ) -> tuple[str, OpenVINOModel | None]:
+    """(engine name, the OpenVINO model or None for TensorFlow) to run ``model`` with.
+
+    ``auto`` falls back to TensorFlow (one warning) if OpenVINO cannot convert this model; a forced
+    ``openvino`` raises ``EngineError`` then."""
+    name = resolve(engine)
+    if name == "tensorflow":
+        return name, None
+    try:
+        return name, openvino_model(model, tile, threads)
+    except EngineError as e:
+        if engine == "openvino":
+            raise
+        key = ("tensorflow", f"infer.engine=auto: {e}")
+        if key not in _LOGGED:
+            _LOGGED.add(key)
+            log.warning("inference engine: tensorflow (%s)", key[1])
+        return "tensorflow", None
+
+
+# Engine preference per model, for callers that hold only the model (labels.predict_tiles).
+_PREFERRED: dict[int, tuple[Any, str]] = {}
+
+
+def prefer(model, engine: str) -> None:
+    """Remember ``engine`` as the one to run ``model`` with where no engine is passed."""
+    if engine not in ENGINES:
+        raise EngineError(f"unknown inference engine {engine!r}; use one of {ENGINES}")
+    _PREFERRED[id(model)] = (_ref(model), engine)
+
+
+def preferred(model) -> str:
+    hit = _PREFERRED.get(id(model))
+    return hit[1] if hit is not None and hit[0]() is model else "auto"

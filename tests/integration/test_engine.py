@@ -1,0 +1,100 @@
+"""The inference engine (``infer.engine``): OpenVINO gives TensorFlow's probabilities (to 1e-5) and the same
+binarized labels on real ColiCoords fields; ``tensorflow`` forces TensorFlow; unknown values are refused."""
+
+import logging
+
+import numpy as np
+import pytest
+import tifffile
+
+from hpc_retrain import cli, infer
+from hpc_retrain import engine as E
+from hpc_retrain import labels as L
+from hpc_retrain import preprocess as P
+from hpc_retrain import tiling as T
+from hpc_retrain.config import ConfigError, RunConfig
+
+# Import every stage module before TensorFlow (see test_infer.py: submitit's logging set-up vs absl's handler).
+cli.build_parser()
+
+CFG = RunConfig().updated(preprocess__mean_width=14.0)  # ColiCoords E. coli: 12-16 px wide
+TOL = 1e-5
+needs_openvino = pytest.mark.skipif(E.openvino_version() is None, reason="OpenVINO not installed")
+
+
+def _field(colicoords, channel):
+    return tifffile.imread(colicoords / "ds1" / channel / "00001.tif")
+
+
+@needs_openvino
+@pytest.mark.colicoords
+@pytest.mark.parametrize("channel", ["fluorescence", "brightfield"])
+def test_openvino_equals_tensorflow_on_a_real_field(colicoords, pretrained_model, channel):
+    im = _field(colicoords, channel)
+    feats = P.features_np(im, getattr(CFG.preprocess, channel), CFG.preprocess)
+    tiles, grid = T.extract_tiles(feats, CFG.tiling.size, CFG.tiling.margin)
+    assert len(tiles) % 3  # batches of 3: the last one is smaller
+    y = {e: L.predict_tiles(pretrained_model, tiles, 3, engine=e) for e in ("tensorflow", "openvino")}
+    assert y["openvino"].dtype == np.float32 and y["openvino"].shape == y["tensorflow"].shape
+    assert np.abs(y["openvino"] - y["tensorflow"]).max() < TOL
+    # labels (prepare): the stitched maps binarized, identical
+    prob = {e: np.ascontiguousarray(T.stitch_tiles(v, grid)[..., :2]) for e, v in y.items()}
+    lab = {e: L.binarize(p, CFG) for e, p in prob.items()}
+    assert lab["tensorflow"][..., 0].any() and lab["tensorflow"][..., 1].any()
+    np.testing.assert_array_equal(lab["openvino"], lab["tensorflow"])
+    # segment: the predictor on each engine, at the original resolution
+    pred = {e: infer.Predictor(pretrained_model, 5, engine=e) for e in ("tensorflow", "openvino")}
+    assert {e: p.engine for e, p in pred.items()} == {"tensorflow": "tensorflow", "openvino": "openvino"}
+    seg = {e: infer.predict_field(p, im, CFG, prep=getattr(CFG.preprocess, channel)) for e, p in pred.items()}
+    assert seg["openvino"].dtype == np.float32 and seg["openvino"].shape == im.shape + (2,)
+    assert np.abs(seg["openvino"] - seg["tensorflow"]).max() < TOL
+
+
+@needs_openvino
+def test_openvino_is_compiled_once_per_model_and_takes_any_batch(pretrained_model):
+    a = E.openvino_model(pretrained_model)
+    assert E.openvino_model(pretrained_model) is a
+    x = np.random.default_rng(0).random((3, 256, 256, 3), dtype=np.float32)
+    ref = L.predict_tiles(pretrained_model, x, 2, engine="tensorflow")
+    for bs in (1, 2, 3):
+        got = L.predict_tiles(pretrained_model, x, bs, engine="openvino")
+        assert got.shape == ref.shape and np.abs(got - ref).max() < TOL
+
+
+def test_engine_tensorflow_forces_tensorflow(pretrained_model, caplog, monkeypatch):
+    monkeypatch.setattr(E, "_LOGGED", set())
+    cfg = CFG.updated(infer__engine="tensorflow")
+    with caplog.at_level(logging.INFO, logger="hpc_retrain.engine"):
+        p = infer.as_predictor(pretrained_model, cfg)
+        assert p.engine == "tensorflow" and p._ov is None
+        assert infer.as_predictor(p, cfg) is p
+        infer.as_predictor(pretrained_model, cfg)
+    # the choice is logged, once
+    assert [r.getMessage() for r in caplog.records] == ["inference engine: tensorflow (infer.engine=tensorflow)"]
+    assert E.for_model(pretrained_model, "tensorflow") == ("tensorflow", None)
+    # labels: get_model's engine is what predict_tiles uses when it is given none
+    monkeypatch.setattr(E, "_PREFERRED", {})
+    monkeypatch.setattr(L, "_MODELS", {"pretrained": pretrained_model})
+    assert L.get_model(None, engine="tensorflow") is pretrained_model
+    calls = []
+    monkeypatch.setattr(E, "openvino_model", lambda *a, **k: calls.append(a) or pytest.fail("OpenVINO used"))
+    x = np.zeros((2, 256, 256, 3), np.float32)
+    assert L.predict_tiles(pretrained_model, x, 8).shape == (2, 256, 256, 2) and not calls
+
+
+@needs_openvino
+def test_auto_is_openvino_on_a_cpu(pretrained_model):
+    if E.gpu_visible():
+        pytest.skip("a GPU is visible: auto runs TensorFlow")
+    p = infer.as_predictor(pretrained_model, CFG)
+    assert CFG.infer.engine == "auto" and p.engine == "openvino"
+    # a predictor on another engine than the config asks for is not reused
+    assert infer.as_predictor(p, CFG.updated(infer__engine="tensorflow")).engine == "tensorflow"
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(ConfigError, match="infer.engine"):
+        RunConfig.load(overrides=["infer.engine=onnx"])
+    with pytest.raises(E.EngineError, match="unknown inference engine 'onnx'"):
+        E.resolve("onnx")
+    assert RunConfig.load(overrides=["infer.engine=openvino"]).infer.engine == "openvino"
