@@ -726,7 +726,13 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
                "best_epoch": prog.best_epoch, "best_score": prog.best_score, "pos_weight": prog.pos_weight,
                "train_fields": prog.train_fields, "val_fields": prog.val_fields,
                "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1")}}
-    if validator is not None and cfg.train.calibrate:
+    from hpc_retrain.validation import MIN_CALIBRATION_CELLS
+
+    if validator is not None and cfg.train.calibrate and validator.n_cells < MIN_CALIBRATION_CELLS:
+        log.info("post-processing not calibrated: the validation fields hold %d cells (fewer than %d); "
+                 "MISIC's thresholds are kept", validator.n_cells, MIN_CALIBRATION_CELLS)
+        metrics["validation"].update(calibrated=False, validation_cells=validator.n_cells)
+    elif validator is not None and cfg.train.calibrate:
         th = validator.calibrate(val_pass()[1])
         cfg = cfg.updated(infer__body_threshold=th.body, infer__marker_threshold=th.marker)
         metrics["validation"].update(calibrated_f1=th.f1, body_threshold=th.body, marker_threshold=th.marker)

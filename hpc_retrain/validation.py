@@ -29,6 +29,10 @@ from hpc_retrain.config import RunConfig
 from hpc_retrain.labels import SCALED_WIDTH, drop_specks
 from hpc_retrain.tiling import TileGrid, stitch_tiles
 
+# Fewer teacher cells than this and calibration is noise: one cell moves F1 by more than a threshold does
+# (ColiCoords, 1 validation field of ~5 cells: body 0.25 fitted there tripled the false positives on
+# held-out fields). MISIC's own thresholds are kept then.
+MIN_CALIBRATION_CELLS = 30
 BODY_GRID = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2))
 MARKER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -64,6 +68,11 @@ class FieldValidator:
             else:  # a store without MISIC's probabilities (made by hand): the body label's regions
                 cells = ndi.label(body)[0].astype(I.LABEL_DTYPE)
             self.teacher.append(drop_specks(cells, SCALED_WIDTH))
+
+    @property
+    def n_cells(self) -> int:
+        """Teacher cells over all validation fields."""
+        return sum(len(np.unique(t)) - 1 for t in self.teacher)
 
     @property
     def n_tiles(self) -> int:

@@ -110,3 +110,24 @@ def test_training_stops_when_validation_stops_improving(store, tmp_path, caplog)
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [0, 1, 2]
     assert m["best_epoch"] == 0 and "body_threshold" not in m["validation"]
     assert RunConfig.read_saved(run).infer.body_threshold == RunConfig().infer.body_threshold
+
+
+def test_too_few_validation_cells_keep_misics_thresholds(store, tmp_path, caplog, monkeypatch):
+    """Calibrating on a handful of cells fits noise: below validation.MIN_CALIBRATION_CELLS the run keeps MISIC's
+    thresholds, says so, and metrics.json records it; at or above, it calibrates (the test above)."""
+    from hpc_retrain import validation as V
+
+    run = tmp_path / "run"
+    cfg = CFG.updated(train__epochs=1, train__batch_size=2, train__steps_per_epoch=1, train__learning_rate=1e-12,
+                      train__val_fraction=0.5)
+    v = V.FieldValidator(zarr.open_group(str(store), mode="r"), np.array([0]), cfg)
+    assert v.n_cells > 0
+    monkeypatch.setattr(V, "MIN_CALIBRATION_CELLS", 10 ** 6)
+    with caplog.at_level(logging.INFO, logger="hpc_retrain.train"):
+        m = tr.train(cfg, store, run)
+    assert "post-processing not calibrated" in caplog.text
+    assert m["validation"]["calibrated"] is False and m["validation"]["validation_cells"] > 0
+    assert "body_threshold" not in m["validation"]
+    saved = RunConfig.read_saved(run).infer
+    assert (saved.body_threshold, saved.marker_threshold) == (RunConfig().infer.body_threshold,
+                                                              RunConfig().infer.marker_threshold)

@@ -99,6 +99,21 @@ def test_epoch_plan_is_a_function_of_seed_and_epoch():
     assert s == 2 and len(o) == 16 and not c.any()
 
 
+def test_a_few_tiles_go_round_again_up_to_tiles_per_epoch():
+    """20 tiles, at least 64 an epoch: 4 rounds, each a permutation of every tile (so each tile 4 times, in new
+    orders), deterministic, and a cap on steps still wins."""
+    tiles = np.arange(100, 120)
+    o, c, s = tr.epoch_plan(tiles, 3, 0, 8, None, True, 64)
+    assert len(o) == 80 and s == 10
+    for r in range(4):
+        assert sorted(o[20 * r: 20 * (r + 1)]) == list(tiles)
+    assert not np.array_equal(o[:20], o[20:40])
+    np.testing.assert_array_equal(o, tr.epoch_plan(tiles, 3, 0, 8, None, True, 64)[0])
+    # fewer tiles asked for than there are: one round, as without the setting
+    np.testing.assert_array_equal(tr.epoch_plan(tiles, 3, 0, 8, None, True, 5)[0], tr.epoch_plan(tiles, 3, 0, 8, None, True)[0])
+    assert tr.epoch_plan(tiles, 3, 0, 8, 4, True, 64)[2] == 4
+
+
 def test_augmentation_moves_target_and_label_together():
     rng = np.random.default_rng(1)
     x = rng.random((6, 6, 3)).astype(np.float32)
