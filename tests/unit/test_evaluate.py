@@ -7,7 +7,8 @@ import pytest
 import tifffile
 
 from hpc_retrain import cli, ngff
-from hpc_retrain.evaluate import Score, iou_pairs, match, overlay, summarize
+from hpc_retrain.evaluate import (COLOURS, Score, classify, contact_sheet, iou_pairs, match, outline_rgb,
+                                  overlay_figure, summarize, tile_rgb)
 
 
 def square(shape, top, left, size, value, out=None):
@@ -65,13 +66,62 @@ def test_shapes_must_agree():
         match(np.zeros((8, 8), int), np.zeros((8, 9), int))
 
 
-def test_overlay_draws_both_outlines():
-    img = np.random.default_rng(0).integers(0, 1000, (30, 30)).astype(np.uint16)
-    ref = square((30, 30), 5, 5, 10, 1)
-    pred = square((30, 30), 15, 15, 10, 1)
-    rgb = overlay(img, pred, ref)
-    assert rgb.shape == (30, 30, 3) and rgb.dtype == np.uint8
-    assert tuple(rgb[5, 5]) == (0, 220, 0) and tuple(rgb[15, 15]) == (255, 0, 255)
+def _three_cases():
+    """A matched cell (IoU 2/3), a false positive and a missed cell."""
+    ref = square((60, 60), 5, 5, 12, 1)
+    square((60, 60), 40, 40, 12, 2, ref)  # missed
+    pred = square((60, 60), 5, 7, 12, 3)  # matches cell 1
+    square((60, 60), 5, 40, 12, 8, pred)  # nothing there
+    img = np.random.default_rng(0).integers(0, 1000, (60, 60)).astype(np.uint16)
+    return img, ref, pred
+
+
+def _ring(top, left, size, depth):
+    """Coordinates of the ring ``depth`` pixels in from the edge of a square (0: the outermost)."""
+    t, l, b, r = top + depth, left + depth, top + size - 1 - depth, left + size - 1 - depth
+    return [(t, x) for x in range(l, r + 1)] + [(b, x) for x in range(l, r + 1)] + \
+        [(y, l) for y in range(t, b + 1)] + [(y, r) for y in range(t, b + 1)]
+
+
+def test_outlines_are_two_pixels_in_the_colour_of_each_outcome():
+    img, ref, pred = _three_cases()
+    outcome = classify(ref, pred)
+    assert (list(outcome.matched), list(outcome.matched_ref)) == ([3], [1])
+    assert (list(outcome.false_pos), list(outcome.missed)) == ([8], [2])
+    rgb = outline_rgb(img, pred, ref, outcome)
+    assert rgb.shape == (60, 60, 3) and rgb.dtype == np.uint8
+    for (top, left), what in (((5, 7), "matched"), ((5, 40), "false positive"), ((40, 40), "missed")):
+        for depth in (0, 1):
+            assert {tuple(rgb[y, x]) for y, x in _ring(top, left, 12, depth)} == {COLOURS[what]}, (what, depth)
+        inside = {tuple(rgb[y, x]) for y, x in _ring(top, left, 12, 2)}
+        assert all(c[0] == c[1] == c[2] for c in inside), what  # grey: the line is 2 px
+    assert tuple(rgb[5, 5]) not in COLOURS.values()  # the matched reference is not drawn over the image
+    assert len(set(COLOURS.values())) == 3
+
+
+def test_large_fields_are_downsampled_and_tiles_keep_every_cell():
+    img, ref, pred = _three_cases()
+    big = [np.kron(a, np.ones((40, 40), a.dtype)) for a in (img, ref, pred)]  # 2400 x 2400
+    outcome = classify(big[1], big[2])
+    rgb = outline_rgb(big[0], big[2], big[1], outcome, max_side=1024)
+    assert max(rgb.shape[:2]) <= 1024
+    colours = {tuple(c) for c in rgb.reshape(-1, 3)}
+    assert set(COLOURS.values()) <= colours
+    tile = tile_rgb(big[0], big[2], big[1], outcome, 32)
+    assert tile.shape == (32, 32, 3) and tile.dtype == np.uint8
+    assert set(COLOURS.values()) <= {tuple(c) for c in tile.reshape(-1, 3)}  # cells filled in their colour
+
+
+def test_overlay_legend_counts_equal_the_scores():
+    img, ref, pred = _three_cases()
+    outcome = classify(ref, pred)
+    s50 = match(ref, pred)[0]
+    fig = overlay_figure(outline_rgb(img, pred, ref, outcome), outcome, "A1/0 - misic\nF1@0.5 0.500")
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == [f"matched ({s50.tp})", f"false positive ({s50.fp})", f"missed ({s50.fn})"]
+    assert (s50.tp, s50.fp, s50.fn) == (1, 1, 1)
+    sheet = contact_sheet([("A1/0", np.zeros((20, 30, 3), np.uint8), 0.5)] * 5, "t", outcome.counts())
+    assert len([t for t in sheet.axes[0].texts if t.get_gid() == "tile"]) == 5
 
 
 def _plate(tmp_path):
@@ -104,6 +154,24 @@ def test_evaluate_command_against_labels_of_the_same_plate(tmp_path, capsys):
     assert res["fields"]["A1/0"][0]["f1"] == 1.0
     assert res["overall"][1]["tp"] == 1  # only the exact square survives IoU 0.75
     assert len(res["overlays"]) == 2 and all((out / p.split("/")[-1]).is_file() for p in res["overlays"])
+    assert sorted(p.split("/")[-1] for p in res["overlays"]) == ["overlay_misic_A1_0.png", "overlay_misic_A1_1.png"]
+    assert res["contact_sheet"] == str(out / "contact_misic.png") and (out / "contact_misic.png").is_file()
+
+
+def test_contact_sheet_has_one_panel_per_field(tmp_path, monkeypatch):
+    from hpc_retrain import evaluate
+
+    plate, _ = _plate(tmp_path)
+    sheets = []
+    real = evaluate.contact_sheet
+    monkeypatch.setattr(evaluate, "contact_sheet", lambda *a: sheets.append(real(*a)) or sheets[-1])
+    res = evaluate.evaluate_plate(plate, "misic", "truth", out=tmp_path / "ev", overlays=1)
+    assert len(res["overlays"]) == 1 and (tmp_path / "ev" / "contact_misic.png").is_file()
+    titles = [t.get_text() for t in sheets[0].axes[0].texts if t.get_gid() == "tile"]
+    assert titles == ["A1/0  F1 1.00", "A1/1  F1 0.67"]
+    legend = [t.get_text() for t in sheets[0].legends[0].get_texts()]
+    o50 = res["overall"][0]
+    assert legend == [f"matched ({o50['tp']})", f"false positive ({o50['fp']})", f"missed ({o50['fn']})"]
 
 
 def test_evaluate_command_against_a_tiff_plate_channel(tmp_path):
@@ -116,6 +184,7 @@ def test_evaluate_command_against_a_tiff_plate_channel(tmp_path):
     out = tmp_path / "ev"
     assert cli.main(["evaluate", "--pred", str(plate), "--ref", "masks", "--ref-plate", str(tiffs),
                      "--out", str(out), "--overlays", "0"]) == 0
+    assert not list(out.glob("*.png"))
     o50 = json.loads((out / "scores_misic.json").read_text())["overall"][0]
     assert (o50["tp"], o50["fp"], o50["fn"]) == (3, 0, 1)
 
