@@ -1,6 +1,7 @@
 """Which engine runs the model: OpenVINO on a CPU, TensorFlow on a GPU (``infer.engine``).
 
-``auto`` (the default) picks OpenVINO when it is installed and TensorFlow sees no GPU, TensorFlow otherwise;
+``auto`` (the default) picks OpenVINO when it is installed, TensorFlow sees no GPU and the CPU has no AVX-512
+(there TensorFlow's oneDNN kernels were as fast: benchmarks/RESULTS.md), TensorFlow otherwise;
 ``tensorflow`` and ``openvino`` force one. The choice is logged once per process. OpenVINO converts the
 loaded Keras model object itself (any MISIC-style model: pretrained, retrained, a checkpoint), once per
 model per process, with a dynamic batch, and runs it in float32: OpenVINO's CPU default on CPUs with
@@ -42,6 +43,18 @@ def openvino_version() -> str | None:
     return str(getattr(ov, "__version__", None) or ov.get_version())
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def gpu_visible() -> bool:
     import tensorflow as tf
 
@@ -65,6 +78,11 @@ def resolve(engine: str = "auto") -> str:
             _RESOLVED[engine] = ("tensorflow", "infer.engine=auto: a GPU is visible to TensorFlow")
         elif ov is None:
             _RESOLVED[engine] = ("tensorflow", "infer.engine=auto: CPU only, OpenVINO not installed")
+        elif "avx512f" in cpu_flags():
+            # Measured side by side: OpenVINO 1.34-1.49x TensorFlow on a 2-core AVX2 CPU, but 0.68-0.93x on a
+            # 2-core AVX-512 (+BF16) one, where TensorFlow's oneDNN kernels use AVX-512 too (float32 both).
+            _RESOLVED[engine] = ("tensorflow", "infer.engine=auto: an AVX-512 CPU, where TensorFlow is as fast "
+                                 "(infer.engine=openvino forces OpenVINO)")
         else:
             _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, infer.engine=auto: no GPU visible to TensorFlow")
     name, why = _RESOLVED[engine]

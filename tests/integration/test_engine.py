@@ -83,11 +83,17 @@ def test_engine_tensorflow_forces_tensorflow(pretrained_model, caplog, monkeypat
 
 
 @needs_openvino
-def test_auto_is_openvino_on_a_cpu(pretrained_model):
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512f"}])
+def test_auto_is_openvino_on_a_cpu_without_avx512(pretrained_model, monkeypatch, flags):
     if E.gpu_visible():
         pytest.skip("a GPU is visible: auto runs TensorFlow")
+    monkeypatch.setattr(E, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(E, "_RESOLVED", {})
     p = infer.as_predictor(pretrained_model, CFG)
-    assert CFG.infer.engine == "auto" and p.engine == "openvino"
+    want = "tensorflow" if "avx512f" in flags else "openvino"
+    assert CFG.infer.engine == "auto" and p.engine == want
+    p = infer.as_predictor(pretrained_model, CFG.updated(infer__engine="openvino"))
+    assert p.engine == "openvino"
     # a predictor on another engine than the config asks for is not reused
     assert infer.as_predictor(p, CFG.updated(infer__engine="tensorflow")).engine == "tensorflow"
 
