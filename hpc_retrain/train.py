@@ -644,7 +644,8 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
 
     with _StopOnSignal() as stop:
         for epoch in range(prog.epoch + 1, tc.epochs + 1):
-            if tc.patience is not None and validator is not None and prog.since_best >= tc.patience:
+            if (tc.patience is not None and validator is not None and prog.since_best >= tc.patience
+                    and prog.epoch >= tc.min_epochs):
                 log.info("stopping early: validation F1 has not improved for %d epochs (best %.4f at epoch %d)",
                          prog.since_best, prog.best_score, prog.best_epoch)
                 break

@@ -102,12 +102,14 @@ def test_run_exports_best_epoch_with_calibrated_thresholds_and_the_store_preproc
 def test_training_stops_when_validation_stops_improving(store, tmp_path, caplog):
     run = tmp_path / "run"
     # A learning rate too small to change any prediction: no epoch beats epoch 0.
-    cfg = CFG.updated(train__epochs=6, train__patience=2, train__batch_size=2, train__steps_per_epoch=1,
-                      train__learning_rate=1e-12, train__val_fraction=0.5, train__calibrate=False)
+    # patience 2 would stop after epoch 2; train.min_epochs=3 holds it to epoch 3
+    cfg = CFG.updated(train__epochs=6, train__patience=2, train__min_epochs=3, train__batch_size=2,
+                      train__steps_per_epoch=1, train__learning_rate=1e-12, train__val_fraction=0.5,
+                      train__calibrate=False)
     with caplog.at_level(logging.INFO, logger="hpc_retrain.train"):
         m = tr.train(cfg, store, run)
     assert "stopping early" in caplog.text
-    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [0, 1, 2]
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [0, 1, 2, 3]
     assert m["best_epoch"] == 0 and "body_threshold" not in m["validation"]
     assert RunConfig.read_saved(run).infer.body_threshold == RunConfig().infer.body_threshold
 
