@@ -212,3 +212,20 @@ def test_healthcheck_loads_pretrained_model_in_a_subprocess(tmp_path):
     assert report["output_shape"] == [1, 256, 256, 2]
     assert Path(report["model"]).name == "MiSiDC04082020.h5"
     assert isinstance(report["gpus"], list)
+
+
+def test_image_runs_as_a_non_root_user_from_a_small_build_context(docker):
+    """The image's last USER is not root; .dockerignore keeps .venv, .git and outputs out of the build context
+    and lets in exactly what the Dockerfile copies."""
+    ins = docker_instructions()
+    users = [args.strip() for word, args in ins if word == "USER"]
+    assert users and users[-1] not in ("root", "0", "0:0")
+    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    assert ignore[0] == "*"  # an allow-list: nothing enters the context unless named
+    allowed = {ln[1:] for ln in ignore if ln.startswith("!")}
+    copied = set()
+    for word, args in ins:
+        if word == "COPY":
+            copied.update(a for a in args.split()[:-1] if not a.startswith("--"))
+    assert copied == allowed, (copied, allowed)
