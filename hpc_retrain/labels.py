@@ -168,13 +168,14 @@ def clean(prob: np.ndarray, labels: np.ndarray, intensity: np.ndarray | None, cf
     are kept (the large-scan path judges each object in the windows that hold it whole).
     """
     kept, dropped = teacher_cells(prob, intensity, cfg)
-    if window and dropped.any():
-        parts, n = ndi.label(dropped)
+    parts, n = ndi.label(dropped)
+    if window and n:
         edge = np.unique(np.concatenate([parts[0], parts[-1], parts[:, 0], parts[:, -1]]))
-        dropped &= ~np.isin(parts, edge[edge > 0])
-    if not dropped.any():
+        edge = edge[edge > 0]
+        dropped &= ~np.isin(parts, edge)
+        n -= len(edge)
+    if not n:
         return labels, 0
-    n = int(ndi.label(dropped)[1])
     square = np.ones((3, 3), bool)  # a square reach, so the ring's corners go too
     clear = (ndi.binary_dilation(dropped, square, iterations=_CLEAR)
              & ~ndi.binary_dilation(kept > 0, square, iterations=2))
@@ -217,7 +218,7 @@ def label_tiles(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
     ltiles, _ = T.extract_tiles(labels, cfg.tiling.size, cfg.tiling.margin)
     parts = stats_parts(prob, labels, ltiles)
     parts["dropped"] = dropped
-    return ptiles, ltiles.astype(np.uint8), grid, stats_from_parts([parts])
+    return ptiles, ltiles, grid, stats_from_parts([parts])
 
 
 # ----------------------------------------------------------------------------------------------- QC
