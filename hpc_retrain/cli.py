@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Commands that never load TensorFlow (so they start in a second)
+NO_TENSORFLOW = {"synth", "targets", "status", "evaluate"}
+
+
 class CliError(Exception):
     """An error a user can fix; printed as one line, exit status 2."""
 
@@ -88,8 +92,9 @@ def _takes_name(fn) -> bool:
 def _quiet_tensorflow(verbose: bool) -> None:
     """Less TensorFlow start-up chatter unless -v; must run before any stage imports TensorFlow.
 
-    A TF_CPP_MIN_LOG_LEVEL the user exported is kept. (TensorFlow 2.21 still prints its native device-probing
-    lines, cuInit and oneDNN, before absl's logging is set up, whatever this level says: tensorflow#100442.)
+    A TF_CPP_MIN_LOG_LEVEL the user exported is kept. TensorFlow 2.21 prints its native start-up lines
+    (cuInit, oneDNN) before absl's logging is set up, whatever this level says (tensorflow#100442), so the
+    stages that use TensorFlow import it through ``model.import_tensorflow``, which drops them.
     """
     if verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
@@ -118,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", False):
         print(f"hpc-retrain {args.command}: not yet available in this version", file=sys.stderr)
         return 2
+    if not verbose and args.command not in NO_TENSORFLOW:
+        from hpc_retrain.model import import_tensorflow
+
+        import_tensorflow()  # first, so no later import prints TensorFlow's start-up lines
     mod = importlib.import_module(args._module)
     try:
         return int(mod.main(args) or 0)

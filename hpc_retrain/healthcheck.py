@@ -21,9 +21,10 @@ def check(require_gpu: bool = False) -> dict:
     report: dict = {"model": None, "sha256": None, "gpus": [], "output_shape": None, "ok": False}
     try:
         import numpy as np
-        import tensorflow as tf
 
         from hpc_retrain import model as mdl
+
+        tf = mdl.import_tensorflow()
 
         report["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
         path = mdl.pretrained_path(verify=False)

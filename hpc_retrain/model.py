@@ -15,6 +15,8 @@ import io
 import json
 import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,41 @@ log = logging.getLogger(__name__)
 # The 2-output (body, contour) U-Net shipped in misic==1.1.2. Pinned by name and content.
 PRETRAINED_NAME = "MiSiDC04082020.h5"
 PRETRAINED_SHA256 = "c4248e3233b593a22220ed9a035d3c3559b2a4921c0581e2eb2e1c2ea698f176"
+
+
+# TensorFlow's native start-up lines on a machine without a GPU (device probing, CPU build notes). They are
+# written by C++ before absl's logging is set up, so TF_CPP_MIN_LOG_LEVEL cannot silence them
+# (tensorflow#100442); a Slurm log of a CPU job would start with them.
+_TF_STARTUP_NOISE = ("before absl::InitializeLog", "port.cc:", "cudart_stub.cc:", "cpu_feature_guard.cc:",
+                     "To enable the following instructions", "cuda_platform.cc:", "cuInit",
+                     "Could not find cuda drivers")
+
+
+def import_tensorflow():
+    """``import tensorflow``, dropping its native start-up lines unless TF_CPP_MIN_LOG_LEVEL is 0 (``-v``).
+
+    Standard error is captured at the file-descriptor level for the import only; every other line it wrote
+    (a real error, a warning) is written back unchanged."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines()
+            kept = [ln for ln in lines if not any(n in ln for n in _TF_STARTUP_NOISE)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()
+    return tf
 
 
 class ModelError(ValueError):
