@@ -14,7 +14,7 @@ import time
 BENCHES = {
     "prepare": "benchmarks.prepare_bench",  # labels + targets: fields/s, workers scaling, peak RSS by scan size
     "infer": "benchmarks.infer_bench",  # segment vs the MISIC reference: MP/s, peak RSS by scan size
-    "train": "benchmarks.train_bench",  # training tiles/s: Zarr pipeline vs in-memory tensors
+    "train": "benchmarks.train_bench",  # training tiles/s: Zarr vs in-memory; efficiency vs bare inference
 }
 
 

@@ -1,3 +1,3 @@
-from hpc_retrain.cli import main
+from hpc_retrain.commands import main
 
 raise SystemExit(main())

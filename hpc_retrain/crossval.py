@@ -123,26 +123,6 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     return results
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--plate", metavar="PATH", help="TIFF folder or OME-Zarr plate (default: plate.path)")
-    p.add_argument("--out", metavar="DIR", required=True, help="folder for each fold's store, run and the scores")
-    p.add_argument("--folds", type=int, default=3, help="number of folds (default 3; fields are interleaved)")
-    p.add_argument("--mean-width", metavar="PX|auto", help="cell width in pixels (default: preprocess.mean_width)")
-    p.add_argument("--reference", metavar="CHANNEL", help="a channel of reference masks to report recall against")
-
-
-def main(args) -> int:
-    from hpc_retrain.cli import CliError, config_from_args
-
-    cfg = config_from_args(args, plate__path=args.plate, plate__reference=args.reference,
-                           preprocess__mean_width=args.mean_width)
-    if cfg.plate.path is None:
-        raise CliError("no plate: pass --plate PATH (or set plate.path)")
-    res = run(cfg, args.out, args.folds)
-    print(table(res), end="")
-    return 0
-
-
 def table(res: dict) -> str:
     o = res["overall"]
     lines = [f"cross-validation on {res['plate']} ({len(res['folds'])} folds, mean width {res['mean_width']:g} px): "

@@ -4,19 +4,20 @@ Objects are matched one to one by intersection over union (IoU): the IoU of ever
 from one pass of sparse overlap counting, and pairs are taken greedily by decreasing IoU. For thresholds
 above 0.5 greedy is optimal (a pair with IoU > 0.5 is the only one either object can have). At each
 threshold: precision TP/(TP+FP), recall TP/(TP+FN), F1, average precision TP/(TP+FP+FN) and the mean IoU
-of the matched pairs. Counts add up over fields for the overall figures.
+of the matched pairs. Counts add up over fields for the overall figures. Pictures of the matching (overlays,
+a contact sheet): ``overlays``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hpc_retrain import atomic
 
 log = logging.getLogger(__name__)
 
@@ -163,145 +164,6 @@ def table(per_field: dict[str, list[Score]], overall: list[Score]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ overlays
-# Okabe-Ito colours, told apart with every common colour-vision deficiency.
-COLOURS = {"matched": (0, 114, 178), "false positive": (230, 159, 0), "missed": (204, 121, 167)}
-OVERLAY_SIDE = 1024  # per-field pictures are downsampled to at most this many pixels a side
-TILE_SIDE = 192  # contact-sheet tiles (smaller for plates with many fields)
-
-
-def _block_mean(a: np.ndarray, s: int) -> np.ndarray:
-    """Mean over s x s blocks (the edges padded by repetition)."""
-    if s <= 1:
-        return a
-    h, w = a.shape
-    H, W = -(-h // s) * s, -(-w // s) * s
-    a = np.pad(a, ((0, H - h), (0, W - w)), mode="edge")
-    return a.reshape(H // s, s, W // s, s).mean(axis=(1, 3))
-
-
-def _grey(image: np.ndarray, s: int) -> np.ndarray:
-    im = _block_mean(np.asarray(image, np.float32), s)
-    lo, hi = np.percentile(im, (0.5, 99.5))
-    grey = ((im - lo) / (hi - lo if hi > lo else 1)).clip(0, 1)
-    return np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
-
-
-def _outline(labels: np.ndarray, width: int = 2) -> np.ndarray:
-    """Pixels within ``width`` pixels of the edge of their object, inside it."""
-    from skimage.segmentation import find_boundaries
-
-    lab = np.array(labels, copy=True)
-    edge = np.zeros(lab.shape, bool)
-    for _ in range(width):
-        ring = find_boundaries(lab, mode="inner") & (lab > 0)
-        edge |= ring
-        lab[ring] = 0
-    return edge
-
-
-def outline_rgb(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, outcome: Outcome | None = None,
-                max_side: int | None = None, width: int = 2) -> np.ndarray:
-    """RGB uint8: the image in grey, downsampled to ``max_side``; outlines ``width`` px wide inside each
-    object: matched predictions in blue, false positives in orange and missed reference cells in magenta."""
-    outcome = outcome or classify(ref, pred)
-    s = max(1, -(-max(np.shape(image)) // max_side)) if max_side else 1
-    rgb = _grey(image, s)
-    pred_s, ref_s = np.asarray(pred)[::s, ::s], np.asarray(ref)[::s, ::s]
-    pred_edge, ref_edge = _outline(pred_s, width), _outline(ref_s, width)
-    for what, lab, edge, ids in (("matched", pred_s, pred_edge, outcome.matched),
-                                 ("false positive", pred_s, pred_edge, outcome.false_pos),
-                                 ("missed", ref_s, ref_edge, outcome.missed)):
-        if len(ids):
-            rgb[edge & np.isin(lab, ids)] = COLOURS[what]
-    return rgb
-
-
-def overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, max_side: int | None = None) -> np.ndarray:
-    """The picture of one field before its title and legend (see ``outline_rgb``)."""
-    return outline_rgb(image, pred, ref, max_side=max_side)
-
-
-def tile_rgb(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, outcome: Outcome, side: int) -> np.ndarray:
-    """A small picture of a field: blocks holding an object are tinted with its colour, so no cell vanishes
-    when a field shrinks to a few pixels per cell."""
-    s = max(1, -(-max(np.shape(image)) // side))
-    rgb = _grey(image, s).astype(np.float32)
-    for what, lab, ids in (("matched", pred, outcome.matched), ("false positive", pred, outcome.false_pos),
-                           ("missed", ref, outcome.missed)):
-        if len(ids):
-            frac = _block_mean(np.isin(lab, ids).astype(np.float32), s)
-            a = np.where(frac > 0, 0.5 + 0.5 * np.minimum(1, 2 * frac), 0)[..., None]
-            rgb = rgb * (1 - a) + np.array(COLOURS[what], np.float32) * a
-    return rgb.round().astype(np.uint8)
-
-
-def _legend(fig, counts: dict[str, int], fontsize: float = 9):
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=np.array(COLOURS[w]) / 255, lw=3) for w in COLOURS]
-    return fig.legend(handles, [f"{w} ({counts[w]})" for w in COLOURS], loc="lower center", ncol=3,
-                      frameon=False, fontsize=fontsize, handlelength=1.5, borderaxespad=0.3)
-
-
-def overlay_figure(rgb: np.ndarray, outcome: Outcome, title: str):
-    """A matplotlib Figure (Agg, no pyplot): ``rgb`` at one screen pixel per picture pixel, the title
-    above, a legend with the counts below."""
-    from matplotlib.figure import Figure
-
-    h, w = rgb.shape[:2]
-    zoom = max(1, 384 // max(h, w))  # tiny test fields are magnified
-    h, w = h * zoom, w * zoom
-    dpi, top, bottom = 100, 46, 30
-    W, H = max(w, 560), h + top + bottom
-    fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
-    ax = fig.add_axes(((W - w) / 2 / W, bottom / H, w / W, h / H))
-    ax.imshow(rgb, interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
-    fig.text(0.5, 1 - 4 / H, title, ha="center", va="top", fontsize=10)
-    _legend(fig, outcome.counts())
-    return fig
-
-
-def _title(key: str, name: str, score: Score) -> str:
-    return (f"{key} - {name}\nF1@{score.threshold:g} {score.f1:.3f}   precision {score.precision:.3f}   "
-            f"recall {score.recall:.3f}")
-
-
-def contact_sheet(tiles: list[tuple[str, np.ndarray, float]], title: str, counts: dict[str, int]):
-    """A Figure with every field as a tile in a grid, each titled with its field and F1."""
-    from matplotlib.figure import Figure
-
-    n = max(len(tiles), 1)
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = -(-n // cols)
-    side = max(max((max(t.shape[:2]) for _, t, _ in tiles), default=1), 1)
-    fontsize = float(np.clip(side / 24, 5, 8))
-    strip = int(fontsize * 100 / 72 * 1.5) + 2
-    gap = 4
-    cw, ch = side + gap, side + strip + gap
-    sheet = np.full((rows * ch, cols * cw, 3), 255, np.uint8)
-    places = []
-    for i, (key, t, f1) in enumerate(tiles):
-        y, x = (i // cols) * ch + strip, (i % cols) * cw + gap // 2
-        th, tw = t.shape[:2]
-        oy, ox = (side - th) // 2, (side - tw) // 2
-        sheet[y + oy:y + oy + th, x + ox:x + ox + tw] = t
-        places.append((x + side / 2, y - 1, f"{key}  F1 {f1:.2f}"))
-    dpi, top, bottom = 100, 46, 30
-    Hs, Ws = sheet.shape[:2]
-    W, H = max(Ws, 560), Hs + top + bottom
-    fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
-    ax = fig.add_axes(((W - Ws) / 2 / W, bottom / H, Ws / W, Hs / H))
-    ax.imshow(sheet, interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
-    for x, y, text in places:
-        ax.text(x, y, text, ha="center", va="bottom", fontsize=fontsize, gid="tile", clip_on=False)
-    fig.text(0.5, 1 - 4 / H, title, ha="center", va="top", fontsize=10)
-    _legend(fig, counts)
-    return fig
-
-
 # ------------------------------------------------------------------------------------------ plates
 def _field_key(well: str, field: str) -> str:
     return f"{well}/{field}"
@@ -352,7 +214,6 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
                    thresholds=THRESHOLDS, plate_cfg=None) -> dict[str, Any]:
     """Score label image ``name`` of every field against ``ref``: a label image of the same plate, or
     (with ``ref_plate``) a channel of a TIFF/OME-Zarr plate such as ``masks``. Writes JSON (+ PNGs) to ``out``."""
-    from hpc_retrain import ngff
     from hpc_retrain.config import PlateConfig
     from hpc_retrain.plate import open_plate
 
@@ -364,11 +225,11 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
         rp = open_plate(cfg.model_copy(update={"path": Path(ref_plate)}))
         refs = {_field_key(f.well, f.field): f for f in rp.fields}
     per_field: dict[str, list[Score]] = {}
-    written = []
-    pictures = out is not None and overlays > 0
-    tiles: list[tuple[str, np.ndarray, float]] = []
-    tile_side = max(64, min(TILE_SIDE, 4096 // int(np.ceil(np.sqrt(max(len(fields), 1))))))
-    totals = dict.fromkeys(COLOURS, 0)
+    pictures = None
+    if out is not None and overlays > 0:
+        from hpc_retrain.overlays import Pictures  # matplotlib: only when drawing
+
+        pictures = Pictures(out, name, len(fields), overlays, image_channel)
     for k, (key, grp, pred_arr, source_key) in enumerate(fields):
         pred = np.asarray(pred_arr[...])
         if ref_plate is None:
@@ -386,30 +247,10 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
             # A binary mask: its connected components are the reference cells.
             from scipy import ndimage as ndi
             reference = ndi.label(reference > 0)[0]
-        per_field[key], outcome = _match(reference, pred, thresholds, 0.5 if pictures else None)
-        if not pictures:
-            continue
         # Pictures: matched / false-positive / missed objects at IoU 0.5, by the same matching as the scores.
-        score = Score(0.5, len(outcome.matched), len(outcome.false_pos), len(outcome.missed), 0.0)
-        for w, c in outcome.counts().items():
-            totals[w] += c
-        names = ngff.channel_names(grp)
-        ch = image_channel if image_channel in names else names[0]
-        image = np.asarray(grp["0"][names.index(ch)])
-        tiles.append((key, tile_rgb(image, pred, reference, outcome, tile_side), score.f1))
-        if k < overlays:
-            png = Path(out) / f"overlay_{name}_{key.replace('/', '_')}.png"
-            png.parent.mkdir(parents=True, exist_ok=True)
-            label = key if source_key == key else f"{key} ({source_key})"
-            rgb = outline_rgb(image, pred, reference, outcome, OVERLAY_SIDE)
-            overlay_figure(rgb, outcome, _title(label, name, score)).savefig(png)
-            written.append(str(png))
-    sheet = None
-    if pictures:
-        total = Score(0.5, totals["matched"], totals["false positive"], totals["missed"], 0.0)
-        sheet = Path(out) / f"contact_{name}.png"
-        contact_sheet(tiles, _title(f"{pred_path.name}: {len(tiles)} fields", name, total), totals).savefig(sheet)
-        sheet = str(sheet)
+        per_field[key], outcome = _match(reference, pred, thresholds, 0.5 if pictures is not None else None)
+        if pictures is not None:
+            pictures.add(k, key, source_key, grp, pred, reference, outcome)
     overall = summarize(per_field)
     result = {
         "prediction": str(pred_path), "name": name, "reference": ref,
@@ -417,36 +258,12 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
         "thresholds": list(thresholds),
         "overall": [s.as_dict() for s in overall],
         "fields": {k: [s.as_dict() for s in v] for k, v in per_field.items()},
-        "overlays": written,
-        "contact_sheet": sheet,
+        "overlays": pictures.written if pictures is not None else [],
+        "contact_sheet": pictures.sheet(pred_path.name) if pictures is not None else None,
         "table": table(per_field, overall),
     }
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"scores_{name}.json").write_text(json.dumps(result, indent=1))
+        atomic.write_json(Path(out) / f"scores_{name}.json", result)
     return result
 
-
-def add_arguments(p: argparse.ArgumentParser, name: str = "evaluate") -> None:
-    p.add_argument("--pred", required=True, metavar="PLATE", help="OME-Zarr plate holding the segmentation")
-    p.add_argument("--name", help="label image to score (default: infer.name)")
-    p.add_argument("--ref", required=True, metavar="NAME",
-                   help="reference masks: a label image of the same plate (e.g. truth), or with --ref-plate "
-                        "a channel of that plate (e.g. masks, binary)")
-    p.add_argument("--ref-plate", metavar="PATH", help="TIFF folder or OME-Zarr plate holding the reference")
-    p.add_argument("--out", metavar="DIR", help="where scores_<name>.json, overlay PNGs and contact_<name>.png go")
-    p.add_argument("--overlays", type=int, default=3, help="overlay PNGs for this many fields (default 3), plus a contact sheet of all fields; "
-                        "0 draws no pictures")
-    p.add_argument("--channel", default=None, help="image channel under the overlays (default: brightfield)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from hpc_retrain.cli import config_from_args
-
-    cfg = config_from_args(args, infer__name=args.name)
-    result = evaluate_plate(args.pred, cfg.infer.name, args.ref, args.ref_plate, args.out, args.overlays,
-                            args.channel or cfg.plate.brightfield, plate_cfg=cfg.plate)
-    print(result["table"])
-    if args.out:
-        print(f"scores: {Path(args.out) / f'scores_{cfg.infer.name}.json'}")
-    return 0

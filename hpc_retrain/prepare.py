@@ -1,4 +1,4 @@
-"""``hpc-retrain labels | targets | prepare``: a plate -> the Zarr training store, one Dask task per field.
+"""The labels, targets and prepare stages: a plate -> the Zarr training store, one Dask task per field.
 
 Each task reads its field, computes its stage(s), writes its own tiles (one tile per chunk, so tasks never
 share a chunk), its QC and its error text, and only then marks the stage done; ``field_done`` is set once
@@ -18,7 +18,6 @@ beside the store summarize the run for people.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from hpc_retrain import atomic
 from hpc_retrain import store as S
 from hpc_retrain.config import RunConfig
 
@@ -73,50 +73,7 @@ def environment_problem(e: BaseException, store_path: Path, plate_path=None) -> 
 _ENVIRONMENT_TEXT = re.compile(r"\[Errno (%s)\]" % "|".join(str(n) for n in S.ENVIRONMENT_ERRORS))
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser, name: str = "prepare") -> None:
-    what = {"labels": "labels, probabilities and label QC", "targets": "target tiles",
-            "prepare": "labels and targets"}[name]
-    parser.add_argument("--plate", type=Path, help="TIFF folder or OME-Zarr HCS plate (default: plate.path)")
-    parser.add_argument("--out", type=Path, metavar="STORE",
-                        help=f"training store to fill with {what} (default: ./<plate name>.train.zarr); "
-                        "the QC table is written beside it as <store>.qc.csv")
-    parser.add_argument("--workers", type=int, help="local Dask worker processes (default: cluster.workers; "
-                        "1 runs in this process)")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="use a running Dask scheduler, e.g. tcp://host:8786 "
-                        "(its workers must see the plate and the store at the same paths)")
-    parser.add_argument("--mean-width", type=mean_width_arg, metavar="PX|auto",
-                        help="mean cell width in pixels, or auto: measured from the fluorescence and saved in "
-                        "the store (default: preprocess.mean_width, auto unless set)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="rebuild the store if it exists with other parameters (otherwise it is refused)")
-
-
-def mean_width_arg(text: str) -> float | str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a width in pixels or 'auto', got {text!r}") from None
-
-
-def main(args: argparse.Namespace) -> int:
-    from hpc_retrain.cli import config_from_args
-
-    plate = args.plate.resolve() if args.plate else None
-    cfg = config_from_args(args, **{"plate.path": plate, "cluster.workers": args.workers,
-                                    "cluster.scheduler_address": args.scheduler,
-                                    "preprocess.mean_width": args.mean_width})
-    if cfg.plate.path is None:
-        raise PrepareError("no plate: give --plate PATH or set plate.path in the config")
-    cfg = cfg.updated(plate__path=Path(cfg.plate.path).resolve())
-    out = args.out or default_store(cfg.plate.path)
-    summary = run(cfg, out, STAGES[args.command], overwrite=args.overwrite)
-    print(summary.text())
-    return 0
-
-
+# ---------------------------------------------------------------------------------------------- paths
 def default_store(plate: Path) -> Path:
     name = Path(plate).name
     for suffix in (".ome.zarr", ".zarr"):
@@ -474,7 +431,7 @@ def finalize(store_path: Path, stages: tuple[str, ...]) -> Summary:
         row.update(source=f["source"], error=error)
         rows.append(row)
     root.attrs["fields"] = fields
-    with open(qc_path(store_path), "w", newline="") as fh:
+    with atomic.replacing(qc_path(store_path), newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

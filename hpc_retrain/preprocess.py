@@ -56,7 +56,7 @@ def intensity_range(im, percentiles, source: str = "image") -> tuple[float, floa
             nbins = int(np.iinfo(im.dtype).max) + 1
             hist = im.map_blocks(lambda b: np.bincount(b.ravel(), minlength=nbins)[None, None, :],
                                  dtype=np.int64, chunks=(1, 1, nbins), new_axis=2).sum(axis=(0, 1))
-            hist, n_bad = hist.compute(), 0
+            hist = hist.compute()
             lo, hi = _hist_percentiles(hist, lo_p, hi_p)
         else:
             finite = da.isfinite(im)

@@ -32,7 +32,6 @@ keys, without reading a chunk. Older stores skipped all-zero chunks; for them on
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import errno
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hpc_retrain import __version__
+from hpc_retrain import __version__, atomic
 from hpc_retrain.tiling import TileGrid
 
 LABEL_CHANNELS = ("body", "contour")
@@ -248,9 +247,7 @@ def describe_arrays(root: zarr.Group) -> list[str]:
             if len(doc.get("shape", ())) == len(dims):
                 doc["dimension_names"] = doc.get("dimension_names") or dims
             doc["attributes"] = {**attrs, **(doc.get("attributes") or {})}
-            tmp = meta.with_name(f".zarr.json.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(doc, indent=2))
-            os.replace(tmp, meta)
+            atomic.write_json(meta, doc, indent=2)
         else:
             root[name].attrs.update(attrs)
         changed.append(name)

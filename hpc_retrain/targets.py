@@ -68,21 +68,12 @@ class Block:
     c0: int
     c1: int  # tile rows [r0, r1) and columns [c0, c1)
 
-    @property
-    def n(self) -> int:
-        return (self.r1 - self.r0) * (self.c1 - self.c0)
-
     def tile_indices(self, grid: T.TileGrid) -> Iterator[tuple[int, int, int]]:
         """(first tile index in the field, tiles before it in this block, count) for each tile row."""
         cols = grid.rows_cols[1]
         nc = self.c1 - self.c0
         for i, r in enumerate(range(self.r0, self.r1)):
             yield r * cols + self.c0, i * nc, nc
-
-
-def blocks(grid: T.TileGrid, k: int) -> list[Block]:
-    rows, cols = grid.rows_cols
-    return [Block(r, min(r + k, rows), c, min(c + k, cols)) for r in range(0, rows, k) for c in range(0, cols, k)]
 
 
 def lazy_features(im: da.Array, prep, cfg: RunConfig, source: str) -> da.Array:
@@ -103,12 +94,6 @@ def lazy_canvas(x: da.Array, grid: T.TileGrid) -> da.Array:
         x = x[..., None]
     x = da.pad(x, ((0, ph - h), (0, pw - w), (0, 0)), mode="reflect")
     return da.pad(x, ((m, m), (m, m), (0, 0)), mode="reflect")
-
-
-def window(canvas: da.Array, grid: T.TileGrid, b: Block) -> da.Array:
-    """The canvas pixels block ``b``'s tiles are cut from (its tiles plus the shared margins)."""
-    s, m = grid.stride, grid.margin
-    return canvas[b.r0 * s: b.r1 * s + 2 * m, b.c0 * s: b.c1 * s + 2 * m]
 
 
 def cut(win: np.ndarray, grid: T.TileGrid, b: Block) -> np.ndarray:

@@ -59,7 +59,7 @@ def test_segment_logs_a_line_per_field_and_verbose_after_the_subcommand(plate, t
                "--set", "preprocess.mean_width=7")
     assert "\r" not in res.stderr and "DEBUG" not in res.stderr
     assert not TF_NOISE.search(res.stderr), res.stderr
-    assert re.search(r"INFO hpc_retrain\.infer: segment 1/1 ", res.stderr), res.stderr  # a line per field
+    assert re.search(r"INFO hpc_retrain\.segment: segment 1/1 ", res.stderr), res.stderr  # a line per field
     verbose = _cli(tmp_path, "segment", "-v", "--plate", plate, "--out", tmp_path / "v.ome.zarr",
                    "--set", "preprocess.mean_width=7")
     assert "DEBUG" in verbose.stderr

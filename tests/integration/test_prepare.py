@@ -16,7 +16,8 @@ import tifffile
 import zarr
 from skimage.transform import resize
 
-from hpc_retrain import cli, prepare, synth
+from hpc_retrain import prepare, synth
+from hpc_retrain.commands import common, stages
 from hpc_retrain import store as S
 from hpc_retrain.config import RunConfig
 from hpc_retrain.tiling import TileGrid, stitch_tiles
@@ -70,12 +71,12 @@ def _cli(argv: list[str]) -> tuple[int, str]:
     import argparse
 
     parser = argparse.ArgumentParser()
-    cli.add_config_arguments(parser)
-    prepare.add_arguments(parser, argv[0])
+    common.add_config_arguments(parser)
+    stages.prepare_arguments(parser, argv[0])
     args = parser.parse_args(argv[1:])
     args.command = argv[0]
     try:
-        return int(prepare.main(args) or 0), ""
+        return int(stages.prepare_command(args) or 0), ""
     except ValueError as e:
         assert type(e).__module__.startswith("hpc_retrain"), e
         return 2, str(e)

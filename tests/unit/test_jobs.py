@@ -14,7 +14,8 @@ import cloudpickle
 import pytest
 import submitit
 
-from hpc_retrain import jobs
+from hpc_retrain import jobs, runstate
+from hpc_retrain.commands import stages
 from hpc_retrain.cli import build_parser
 from hpc_retrain.config import RunConfig
 
@@ -74,11 +75,11 @@ def _train_args(*argv: str) -> argparse.Namespace:
 def test_resumed_run_starts_from_its_saved_config(tmp_path):
     run = tmp_path / "run"
     RunConfig().updated(train__steps_per_epoch=3, train__batch_size=4, seed=5).save(run)
-    cfg = jobs.build_config(_train_args("--run", str(run), "--epochs", "9", "--set", "train.augment=false"), run)
+    cfg = stages.build_config(_train_args("--run", str(run), "--epochs", "9", "--set", "train.augment=false"), run)
     assert (cfg.train.steps_per_epoch, cfg.train.batch_size, cfg.seed) == (3, 4, 5)
     assert cfg.train.epochs == 9 and cfg.train.augment is False
-    fresh = jobs.build_config(_train_args("--run", str(tmp_path / "new"), "--lr", "0.01", "--executor", "inline"),
-                              tmp_path / "new")
+    fresh = stages.build_config(_train_args("--run", str(tmp_path / "new"), "--lr", "0.01", "--executor", "inline"),
+                                tmp_path / "new")
     assert fresh.train.learning_rate == 0.01 and fresh.train.steps_per_epoch is None
     assert fresh.cluster.executor == "local"
 
@@ -86,14 +87,14 @@ def test_resumed_run_starts_from_its_saved_config(tmp_path):
 def test_status_from_run_files(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    assert jobs.run_status(run)["state"] == "unknown"
+    assert runstate.run_status(run)["state"] == "unknown"
     (run / "job.json").write_text(json.dumps({"executor": "local", "job_id": "123", "stdout": "o", "stderr": "e"}))
-    assert jobs.run_status(run)["state"] == "submitted"
+    assert runstate.run_status(run)["state"] == "submitted"
     # A "running" record whose process is gone was killed without reporting.
     (run / "status.json").write_text(json.dumps({"state": "running", "pid": 2 ** 22 + 7,
                                                  "host": socket.gethostname(), "epoch": 2, "epochs": 5}))
     (run / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.5, "val_loss": 0.6}]))
-    s = jobs.run_status(run)
+    s = runstate.run_status(run)
     assert s["state"] == "stopped" and s["latest"]["epoch"] == 1 and s["job_id"] == "123"
     with pytest.raises(FileNotFoundError):
-        jobs.run_status(tmp_path / "missing")
+        runstate.run_status(tmp_path / "missing")

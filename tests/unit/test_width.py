@@ -104,7 +104,8 @@ def test_colicoords_width_is_that_of_e_coli(colicoords, pretrained_model, ds):
 
 def test_segment_measures_auto_width_from_brightfield_when_there_is_no_fluorescence(tmp_path, pretrained_model,
                                                                                     caplog):
-    from hpc_retrain import cli, infer
+    from hpc_retrain import cli
+    from hpc_retrain.commands import stages
 
     tiffs = synth.write_plate(tmp_path / "bf", fmt="tiff", wells=["A1"], fields_per_well=2, shape=(256, 256),
                               seed=5)
@@ -112,7 +113,7 @@ def test_segment_measures_auto_width_from_brightfield_when_there_is_no_fluoresce
         p.unlink()
     args = cli.build_parser().parse_args(["segment", "--plate", str(tiffs)])
     with caplog.at_level(logging.INFO, logger="hpc_retrain"):
-        assert infer.main(args) == 0
+        assert stages.segment_command(args) == 0
     assert "no fluorescence channel" in caplog.text
     prov = zarr.open_group(str(tmp_path / "bf.ome.zarr"), mode="r")["A/1/0/labels/misic"].attrs["hpc_retrain"]
     width = prov["config"]["preprocess"]["mean_width"]  # the results record the number used

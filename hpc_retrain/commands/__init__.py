@@ -1,0 +1,112 @@
+"""``hpc-retrain``: the command line, one subcommand per workflow stage, a few lines around the library each.
+
+Each command has its options (``<name>_arguments(parser)``) and its entry point (``<name>_command(args)``),
+in ``stages`` (and ``demo``); ``common`` holds the configuration options every command takes. The work is
+the library's (``hpc_retrain.api`` and the stage modules), which never imports this package.
+TensorFlow is imported only inside the stages, so ``--help`` and the data stages start fast. Options that
+set configuration fields are applied on top of ``--config`` and ``--set`` and validated once, up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from hpc_retrain import __version__
+from hpc_retrain.commands import stages as S
+from hpc_retrain.commands.common import CliError, _add_verbosity, add_config_arguments
+from hpc_retrain.commands.demo import demo_arguments, demo_command
+from hpc_retrain.config import ConfigError
+
+# ------------------------------------------------------------------------------------------ the parser
+# name -> (one-line help, options, entry point); the order is the workflow's.
+COMMANDS = {
+    "synth": ("write a synthetic plate of paired brightfield/fluorescence images",
+              S.synth_arguments, S.synth_command),
+    "labels": ("training labels from fluorescence with the pretrained MISIC", S.prepare_arguments, S.prepare_command),
+    "targets": ("training inputs (shape-index tiles) from brightfield", S.prepare_arguments, S.prepare_command),
+    "prepare": ("labels and targets in one pass into the training store", S.prepare_arguments, S.prepare_command),
+    "train": ("retrain MISIC on a training store, locally or as a Slurm job", S.train_arguments, S.train_command),
+    "status": ("state and latest epoch metrics of a training run", S.status_arguments, S.status_command),
+    "segment": ("segment a plate with a trained model into OME-Zarr labels",
+                S.segment_arguments, S.segment_command),
+    "evaluate": ("score segmentations against reference masks", S.evaluate_arguments, S.evaluate_command),
+    "crossval": ("does retraining help on this plate? k-fold by field, scored on held-out fields",
+                 S.crossval_arguments, S.crossval_command),
+    "demo": ("synthesize a small plate and run every stage on it", demo_arguments, demo_command),
+}
+
+# Commands that never load TensorFlow (so they start in a second)
+NO_TENSORFLOW = {"synth", "targets", "status", "evaluate"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpc-retrain",
+        description="Retrain the MISIC bacterial segmentation model on your own plates: labels from "
+        "fluorescence, targets from brightfield, training, and tiled inference, locally or on Slurm.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpc-retrain {__version__}")
+    _add_verbosity(parser, default=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, arguments, command) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(_run=command)
+        add_config_arguments(sp)
+        arguments(sp, name)
+    return parser
+
+
+def _quiet_tensorflow(verbose: bool) -> None:
+    """Less TensorFlow start-up chatter unless -v; must run before any stage imports TensorFlow.
+
+    A TF_CPP_MIN_LOG_LEVEL the user exported is kept. TensorFlow 2.21 prints its native start-up lines
+    (cuInit, oneDNN) before absl's logging is set up, whatever this level says (tensorflow#100442), so the
+    stages that use TensorFlow import it through ``model.import_tensorflow``, which drops them.
+    """
+    if verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose, quiet = bool(getattr(args, "verbose", False)), bool(getattr(args, "quiet", False))
+    if verbose and quiet:
+        parser.error("-v/--verbose and -q/--quiet are mutually exclusive")
+    _quiet_tensorflow(verbose)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.command:
+        parser.print_help()
+        return 2
+    if not verbose and args.command not in NO_TENSORFLOW:
+        from hpc_retrain.model import import_tensorflow
+
+        import_tensorflow()  # first, so no later import prints TensorFlow's start-up lines
+    try:
+        return int(args._run(args) or 0)
+    except (CliError, ConfigError) as e:
+        print(f"hpc-retrain {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # Our own input errors (PlateError, ImageError, ModelError, StoreError...) are ValueErrors whose
+        # message already names the file and the problem; anything else is a bug and keeps its traceback.
+        if type(e).__module__.startswith("hpc_retrain"):
+            print(f"hpc-retrain {args.command}: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
