@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -137,6 +137,8 @@ class TrainConfig(_Section):
     val_fraction: float = Field(0.3, ge=0, lt=1, description="fraction of fields held out for validation")
     pos_weight: tuple[float, ...] | None = Field(None, description="positive-class weight per label channel; "
                                                  "default (1-p)/p from the store")
+    pos_weight_power: float = Field(1.0, ge=0, le=1, description="default weights ((1-p)/p) ** this: 1 balances "
+                                    "the classes, 0 weighs none")
     augment: bool = True
     steps_per_epoch: int | None = Field(None, ge=1, description="cap batches per epoch (for quick runs)")
     # A lab's few fields make few tiles (ColiCoords: 6 fields, 24 tiles, 3 batches an epoch): an epoch then
@@ -199,23 +201,40 @@ class RunConfig(_Section):
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> "RunConfig":
         """Read YAML (or nothing: defaults), apply ``section.key=value`` overrides, validate once."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: config file not found") from None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e})") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-            for k in _PROVENANCE:  # a run's saved config.yaml is a valid --config
-                data.pop(k, None)
-        items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides or [])
-        for key, value in items:
+        return cls.layered(file=path, overrides=overrides or ())
+
+    @classmethod
+    def layered(cls, saved: str | Path | None = None, file: "str | Path | RunConfig | None" = None,
+                overrides: Iterable[str] | dict[str, Any] = (), options: dict[str, Any] | None = None, *,
+                saved_keys: Iterable[str] | None = None, explicit: Iterable[str] = ()) -> "RunConfig":
+        """The one place a command's settings are layered, each layer over those before it; validated once.
+
+        1. ``file``: a YAML file (a run's saved ``config.yaml`` is one too), or a ``RunConfig`` already
+           layered; None: the defaults.
+        2. ``saved``: a run's saved config (its folder or ``config.yaml``): all of it (the file is then
+           not used), or with ``saved_keys`` only those sections and ``section.field``s. A saved key is not
+           taken where the caller set it: an override, or an ``explicit`` item (the ``--set`` items a
+           ``file`` RunConfig already holds), names the key or a field inside it.
+        3. ``overrides``: ``--set`` items ``section.key=value`` (or a {"section.key": value} mapping).
+        4. ``options``: a command's own options, {"section.key" or "section__key": value}; None: not given.
+        """
+        if isinstance(file, RunConfig):
+            data, source = file.to_dict(), "config"
+        else:
+            data, source = (_read_file(Path(file)), str(file)) if file is not None else ({}, "config")
+        items = list(overrides.items()) if isinstance(overrides, dict) else [_split(o) for o in overrides]
+        given = {k.replace("__", "."): v for k, v in (options or {}).items() if v is not None}
+        if saved is not None:
+            run = cls.read_saved(saved).to_dict()
+            source = str(_saved_file(Path(saved))) + (" with options" if items or given else "")
+            if saved_keys is None:
+                data = run
+            else:
+                for key in taken_keys(saved_keys, [*explicit, *(k for k, _ in items)]):
+                    _set_dotted(data, key, _get_dotted(run, key))
+        for key, value in [*items, *given.items()]:
             _set_dotted(data, key, value)
-        return cls.from_dict(data, source=str(path) if path else "config")
+        return cls.from_dict(data, source=source)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
@@ -240,23 +259,18 @@ class RunConfig(_Section):
 
     def save(self, folder: str | Path, name: str = CONFIG_NAME) -> Path:
         """Write the config (plus provenance) beside a run's outputs, atomically."""
-        from hpc_retrain import __version__
+        from hpc_retrain import __version__, atomic
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         doc = {"hpc_retrain_version": __version__, "written": _dt.datetime.now().isoformat(timespec="seconds")}
         doc.update(self.to_dict())
         out = folder / name
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-        tmp.replace(out)
-        return out
+        return atomic.write_text(out, yaml.safe_dump(doc, sort_keys=False))
 
     @classmethod
     def read_saved(cls, folder_or_file: str | Path) -> "RunConfig":
-        p = Path(folder_or_file)
-        if p.is_dir():
-            p = p / CONFIG_NAME
+        p = _saved_file(Path(folder_or_file))
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except FileNotFoundError:
@@ -264,6 +278,38 @@ class RunConfig(_Section):
         for k in _PROVENANCE:
             data.pop(k, None)
         return cls.from_dict(data, source=str(p))
+
+
+def taken_keys(saved_keys: Iterable[str], told: Iterable[str]) -> list[str]:
+    """Those of ``saved_keys`` a saved config provides under :meth:`RunConfig.layered`: the ones no ``told``
+    item (a ``--set`` item or its key) names, or names a field inside."""
+    told = [t.split("=", 1)[0].strip() for t in told]
+    return [key for key in saved_keys if not any(t == key or t.startswith(key + ".") for t in told)]
+
+
+def _saved_file(p: Path) -> Path:
+    return p / CONFIG_NAME if p.is_dir() else p
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """A YAML config file's settings (a run's saved config.yaml less its provenance), not yet validated."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for k in _PROVENANCE:  # a run's saved config.yaml is a valid --config
+        data.pop(k, None)
+    return data
+
+
+def _get_dotted(data: dict[str, Any], key: str) -> Any:
+    for p in key.split("."):
+        data = data[p]
+    return data
 
 
 def _split(item: str) -> tuple[str, Any]:

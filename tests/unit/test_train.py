@@ -50,6 +50,7 @@ def test_positive_weights_from_training_fields(small_store):
     fields = np.array([0, 1, 2])
     p = st.positive_fraction(root, fields)
     np.testing.assert_allclose(tr.positive_weights(root, fields, None, "s"), (1 - p) / p)
+    np.testing.assert_allclose(tr.positive_weights(root, fields, None, "s", power=0.5), np.sqrt((1 - p) / p))
     np.testing.assert_allclose(tr.positive_weights(root, fields, (2.0, 9.0), "s"), [2.0, 9.0])
     with pytest.raises(tr.TrainingError, match="pos_weight"):
         tr.positive_weights(root, fields, (2.0,), "s")
