@@ -11,6 +11,22 @@ itself allows. Their ratio shows how much the input pipeline costs; mixed/float3
 
 Without ``--store`` a synthetic store of random tiles is written to a temporary folder (throughput does not
 depend on the pixel values). Results are printed and written as JSON (default benchmarks/out/).
+
+Efficiency (top level of the JSON): one float32 model at the training default batch (``train.batch_size``),
+and in the same process, alternating repetition by repetition so a change in machine load hits every side:
+bare inference (``infer.Predictor`` on TensorFlow, at that batch and at ``infer.batch_size``) and the training
+step on the same tiles. A training step is ~3x a forward pass's FLOPs (forward + backward to activations and
+weights), so ``efficiency = 3 x train tiles/s / inference tiles/s`` (1.0: training runs its FLOPs as fast as
+inference does); ``efficiency`` uses the real Zarr pipeline, ``efficiency_device`` the in-memory batch, both on
+the wall clock; ``efficiency_cpu`` and ``efficiency_device_cpu`` are the same on the process's CPU time, which
+other jobs on the machine barely move. Where the rest goes (``efficiency_detail.wall`` / ``.cpu``: seconds per
+tile and share of the step), from cumulative cuts of the same step on the in-memory batch: the forward in
+training mode (batch-statistics BatchNorm, Dropout), + the loss, + the gradients (no update), the full step
+(+ Adam's update and the accuracy), and the Zarr pipeline on top. ``--xla`` also times the same step compiled
+with XLA (``tf.function(jit_compile=True)``), a candidate lever.
+
+    python -m benchmarks.train_bench --quick               # ~3 min on 2 CPU cores: table at batch 2, efficiency at 8
+    python -m benchmarks.train_bench --parts efficiency --steps 10 --warmup 1 --reps 3 --xla  # RESULTS.md, 8
 """
 
 from __future__ import annotations
@@ -34,6 +50,8 @@ _F = namedtuple("_F", "well field source shape")
 
 def synthetic_store(path: Path, n_tiles: int, size: int = 256) -> Path:
     cfg = RunConfig()
+    if cfg.preprocess.mean_width == "auto":  # nothing to measure in random tiles: MISIC's native 10 px cells
+        cfg = cfg.updated(preprocess__mean_width=10.0)
     # One field per tile: a field of (size - 2 margin)/scale px rescales to exactly one tile.
     px = int((size - 2 * cfg.tiling.margin) / cfg.preprocess.scale)
     ents = st.plan_fields([_F("A1", str(i), "bench", (px, px)) for i in range(n_tiles)], cfg.preprocess.scale,
@@ -87,20 +105,206 @@ def bench_one(store: Path, batch: int, mixed: bool, pipeline: str, steps: int, w
     return steps * batch / (time.perf_counter() - t0)
 
 
+def _cuts(net, opt, pos_w, size: int, xla: bool) -> dict:
+    """Cumulative cuts of ``train.make_steps``' training step (same model, loss and optimizer), as compiled
+    functions of (x, y): what each adds to the step is the difference to the previous one. Every cut returns
+    what it computed (the gradients too), so graph pruning cannot drop work."""
+    import tensorflow as tf
+
+    from hpc_retrain import train as tr
+
+    w = tf.constant(pos_w, tf.float32)
+    spec = (tf.TensorSpec((None, size, size, 3), tf.float32), tf.TensorSpec((None, size, size, 2), tf.float32))
+
+    @tf.function(input_signature=spec)
+    def forward_train(x, y):
+        return tf.reduce_mean(net(x, training=True))
+
+    @tf.function(input_signature=spec)
+    def forward_loss(x, y):
+        return tr.weighted_bce(y, net(x, training=True), w)
+
+    @tf.function(input_signature=spec)
+    def gradients(x, y):
+        with tf.GradientTape() as tape:
+            loss = tr.weighted_bce(y, net(x, training=True), w)
+            scaled = opt.scale_loss(loss)
+        return loss, tape.gradient(scaled, net.trainable_variables)
+
+    def step_xla(x, y):  # make_steps' train_step, body unchanged, compiled with XLA
+        with tf.GradientTape() as tape:
+            p = net(x, training=True)
+            loss = tr.weighted_bce(y, p, w)
+            scaled = opt.scale_loss(loss)
+        grads = tape.gradient(scaled, net.trainable_variables)
+        opt.apply(grads, net.trainable_variables)
+        acc = tf.reduce_mean(tf.cast(tf.equal(tf.cast(p, tf.float32) >= 0.5, y >= 0.5), tf.float32))
+        return loss, acc
+
+    cuts = {"forward_train": forward_train, "forward_loss": forward_loss, "gradients": gradients}
+    if xla:
+        cuts["step_xla"] = tf.function(step_xla, input_signature=spec, jit_compile=True)
+    return cuts
+
+
+def _block(out) -> None:
+    """Wait for a step's results (a tensor, or a tuple whose first item is one)."""
+    float((out[0] if isinstance(out, (tuple, list)) else out).numpy().ravel()[0])
+
+
+def efficiency(store: Path, batch: int, infer_batch: int, steps: int, warmup: int, reps: int,
+               xla: bool = False) -> dict:
+    """Training vs bare inference tiles/s, same float32 model and tiles, alternating; plus the breakdown."""
+    import keras
+    import tensorflow as tf
+
+    from hpc_retrain import train as tr
+    from hpc_retrain.infer import Predictor
+
+    warmup = max(warmup, 1)  # the Zarr side's pipeline fill is one untimed step
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    cfg = RunConfig()
+    net, _ = tr.build_model(cfg, False)
+    opt = keras.optimizers.Adam(cfg.train.learning_rate)
+    opt.build(net.trainable_variables)
+    reader = tr.TileReader(store)
+    pos_w = np.array([3.0, 15.0])
+    train_step, _ = tr.make_steps(net, opt, pos_w, reader.size)
+    n_tiles = int(st.open_store(store)["targets"].shape[0])
+    total = (steps + warmup) * batch
+    order = np.resize(np.random.default_rng(1).permutation(n_tiles), total)
+    codes = np.random.default_rng(2).integers(0, 8, total).astype(np.int32)
+    timed = order[warmup * batch:]  # the tiles the timed training steps see
+    tiles = np.stack([reader.read(i)[0] for i in timed])  # inference: the very same tiles
+    xs, ys = zip(*(reader.read(i) for i in order[:batch]))
+    x, y = tf.constant(np.stack(xs)), tf.constant(np.stack(ys).astype(np.float32))
+    predictors = {b: Predictor(net, b, reader.size, engine="tensorflow") for b in dict.fromkeys((batch, infer_batch))}
+    cuts = _cuts(net, opt, pos_w, reader.size, xla)
+
+    def clocks(t0: float, c0: float, n: int) -> dict:
+        return {"wall": n / (time.perf_counter() - t0), "cpu": n / (time.process_time() - c0)}
+
+    def run_train(fn, pipeline: str, warm: int) -> dict:
+        if pipeline == "zarr":  # a fresh pipeline, as every epoch makes one; its fill is in the untimed step(s)
+            it = iter(tr.make_dataset(reader, order[(warmup - warm) * batch:], codes[(warmup - warm) * batch:],
+                                      batch))
+        else:
+            it = iter(lambda: (x, y), None)
+        for _ in range(warm):
+            _block(fn(*next(it)))
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            out = fn(*next(it))
+        _block(out)
+        return clocks(t0, c0, steps * batch)
+
+    def run_infer(pred, warm: int) -> dict:
+        if warm:
+            pred(tiles[:pred.batch_size])
+        t0, c0 = time.perf_counter(), time.process_time()
+        pred(tiles)
+        return clocks(t0, c0, len(tiles))
+
+    sides = {f"inference_b{b}": (lambda w, p=p: run_infer(p, w)) for b, p in predictors.items()}
+    sides.update({name: (lambda w, f=f: run_train(f, "device", w)) for name, f in cuts.items()})
+    sides["train_device"] = lambda w: run_train(train_step, "device", w)
+    sides["train_zarr"] = lambda w: run_train(train_step, "zarr", max(w, 1))
+    raw: dict[str, list[dict]] = {k: [] for k in sides}
+    for r in range(reps):  # alternating (reversed every other rep): a change in machine load hits every side
+        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            raw[name].append(sides[name](warmup if r == 0 else 0))
+            print(f"  efficiency rep {r + 1}/{reps}: {name:16s} {raw[name][-1]['wall']:7.3f} tiles/s "
+                  f"({raw[name][-1]['cpu']:.3f} per CPU-s)", file=sys.stderr, flush=True)
+    res = summarize(raw, batch, infer_batch, xla)
+    res.update(steps=steps, warmup=warmup, reps=reps, tiles=int(len(tiles)))
+    return res
+
+
+def summarize(raw: dict[str, list[dict]], batch: int, infer_batch: int, xla: bool) -> dict:
+    """Efficiencies and the breakdown from each side's repetitions ({"wall": tiles/s, "cpu": tiles/CPU-s})."""
+    inf_key, inf_default_key = f"inference_b{batch}", f"inference_b{infer_batch}"
+    res: dict = {"batch": batch, "infer_batch": infer_batch, "precision": "float32", "xla": xla}
+    for clock in ("wall", "cpu"):
+        med = {k: float(np.median([d[clock] for d in v])) for k, v in raw.items()}
+        spt = {k: 1 / v for k, v in med.items()}  # seconds (wall or CPU) per tile of each side
+        # What each cut adds: the difference to the previous one (they sum to the Zarr step's time).
+        parts = {"inference_forward": spt[inf_key],
+                 "training_mode_forward": spt["forward_train"] - spt[inf_key],
+                 "loss": spt["forward_loss"] - spt["forward_train"],
+                 "backward": spt["gradients"] - spt["forward_loss"],
+                 "optimizer_update_and_accuracy": spt["train_device"] - spt["gradients"],
+                 "input_pipeline": spt["train_zarr"] - spt["train_device"]}
+        sfx = "" if clock == "wall" else "_cpu"
+        res[f"efficiency{sfx}"] = 3 * med["train_zarr"] / med[inf_key]
+        res[f"efficiency_device{sfx}"] = 3 * med["train_device"] / med[inf_key]
+        res[f"efficiency_vs_infer_default_batch{sfx}"] = 3 * med["train_zarr"] / med[inf_default_key]
+        if xla:
+            res[f"efficiency_xla_device{sfx}"] = 3 * med["step_xla"] / med[inf_key]
+            res[f"xla_speedup_device{sfx}"] = med["step_xla"] / med["train_device"]
+        res[clock] = {"tiles_s" if clock == "wall" else "tiles_per_cpu_s": med,
+                      "seconds_per_tile": parts,
+                      "share_of_step": {k: v / spt["train_zarr"] for k, v in parts.items()},
+                      "backward_over_inference_forward": parts["backward"] / spt[inf_key],
+                      "step_over_3x_inference_forward": spt["train_zarr"] / (3 * spt[inf_key])}
+    wall = res["wall"]["tiles_s"]
+    res["train_tiles_s"] = {"zarr": wall["train_zarr"], "device": wall["train_device"]}
+    res["inference_tiles_s"] = {f"batch {b}": wall[f"inference_b{b}"] for b in dict.fromkeys((batch, infer_batch))}
+    # Cores busy per side (CPU-s / wall-s): a side that leaves a core idle shows it, on a quiet machine.
+    res["cores_busy"] = {k: wall[k] / res["cpu"]["tiles_per_cpu_s"][k] for k in raw}
+    res["raw"] = raw
+    return res
+
+
+def efficiency_table(e: dict) -> str:
+    w, c = e["wall"], e["cpu"]
+    inf = ", ".join(f"{k} {v:.3f}" for k, v in e["inference_tiles_s"].items())
+    xla = lambda sfx: (f"; XLA step (in memory) {e['efficiency_xla_device' + sfx]:.2f} "  # noqa: E731
+                       f"(x{e['xla_speedup_device' + sfx]:.2f})") if e["xla"] else ""
+    out = [f"Training vs bare inference (TensorFlow, float32, same model and {e['tiles']} tiles, batch {e['batch']}; "
+           f"medians of {e['reps']} alternating reps of {e['steps']} steps)",
+           f"  inference tiles/s: {inf}; training tiles/s: Zarr {e['train_tiles_s']['zarr']:.3f}, "
+           f"in memory {e['train_tiles_s']['device']:.3f}",
+           f"  efficiency = 3 x train / inference, wall clock: {e['efficiency']:.2f} (Zarr pipeline), "
+           f"{e['efficiency_device']:.2f} (in memory){xla('')}",
+           f"  the same on CPU time (robust to other jobs): {e['efficiency_cpu']:.2f} (Zarr), "
+           f"{e['efficiency_device_cpu']:.2f} (in memory){xla('_cpu')}",
+           f"  where a training step's time goes (per tile; share of the Zarr step):",
+           f"    {'':30s} {'wall s':>8} {'share':>7} {'CPU s':>8} {'share':>7}"]
+    for k in w["seconds_per_tile"]:
+        out.append(f"    {k:30s} {w['seconds_per_tile'][k]:8.3f} {w['share_of_step'][k]:7.1%} "
+                   f"{c['seconds_per_tile'][k]:8.3f} {c['share_of_step'][k]:7.1%}")
+    out.append(f"  backward / inference forward (FLOPs ~2): wall {w['backward_over_inference_forward']:.2f}, "
+               f"CPU {c['backward_over_inference_forward']:.2f}; cores busy: "
+               + ", ".join(f"{k} {v:.2f}" for k, v in e["cores_busy"].items()))
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from hpc_retrain.config import InferConfig, TrainConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, help="training store to read (default: a synthetic one)")
+    p.add_argument("--parts", default="table,efficiency",
+                   help="table (batch sizes x precisions x pipelines) and/or efficiency (default both)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 8,32; --quick: 2)")
     p.add_argument("--precisions", default=None,
                    help="float32 and/or mixed (default both; --quick on a CPU: float32, as float16 is emulated there)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 20; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --quick: 1)")
-    p.add_argument("--quick", action="store_true", help="tiny settings that finish on a CPU in a minute or two")
+    p.add_argument("--efficiency-batch", type=int, default=TrainConfig().batch_size,
+                   help="batch of the efficiency measurement (default: train.batch_size, %(default)s)")
+    p.add_argument("--reps", type=int, default=None, help="alternating repetitions of the efficiency sides "
+                   "(default 3; --quick: 1)")
+    p.add_argument("--xla", action="store_true", help="also time the training step compiled with XLA")
+    p.add_argument("--quick", action="store_true", help="tiny settings that finish on a CPU in a few minutes")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "train_bench.json")
     a = p.parse_args(argv)
+    parts = {x.strip() for x in a.parts.split(",")}
     batches = [int(b) for b in (a.batch_sizes or ("2" if a.quick else "8,32")).split(",")]
     steps = a.steps or (2 if a.quick else 20)
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 5)
+    reps = a.reps or (1 if a.quick else 3)
 
     import tensorflow as tf
 
@@ -110,30 +314,41 @@ def main(argv: list[str] | None = None) -> int:
         tf.config.experimental.set_memory_growth(g, True)
     device = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else \
         f"CPU ({platform.processor() or platform.machine()})"
+    rows, eff = [], None
     with tempfile.TemporaryDirectory() as tmp:
         store = a.store or synthetic_store(Path(tmp) / "bench.zarr", 8 if a.quick else 64)
-        rows = []
-        for batch in batches:
-            for prec in precisions:
-                r = {"batch": batch, "precision": prec}
-                for pipe in ("zarr", "device"):
-                    r[pipe] = bench_one(store, batch, prec == "mixed", pipe, steps, warmup)
-                    print(f"  batch {batch:3d} {prec:8s} {pipe:6s} {r[pipe]:8.2f} tiles/s", file=sys.stderr,
-                          flush=True)
-                rows.append(r)
+        if "table" in parts:
+            for batch in batches:
+                for prec in precisions:
+                    r = {"batch": batch, "precision": prec}
+                    for pipe in ("zarr", "device"):
+                        r[pipe] = bench_one(store, batch, prec == "mixed", pipe, steps, warmup)
+                        print(f"  batch {batch:3d} {prec:8s} {pipe:6s} {r[pipe]:8.2f} tiles/s", file=sys.stderr,
+                              flush=True)
+                    rows.append(r)
+        if "efficiency" in parts:
+            eff = efficiency(store, a.efficiency_batch, InferConfig().batch_size, steps, warmup, reps, a.xla)
 
-    f32 = {r["batch"]: r for r in rows if r["precision"] == "float32"}
-    print(f"\nMISIC U-Net training throughput on {device} (TF {tf.__version__}), {steps} timed steps")
-    print(f"{'batch':>5} {'precision':>9} {'zarr t/s':>9} {'device t/s':>10} {'zarr/device':>11} "
-          f"{'vs float32':>10}")
-    for r in rows:
-        base = f32.get(r["batch"])
-        vs = f"{r['zarr'] / base['zarr']:.2f}x" if base and r["precision"] != "float32" else "-"
-        print(f"{r['batch']:>5} {r['precision']:>9} {r['zarr']:>9.2f} {r['device']:>10.2f} "
-              f"{r['zarr'] / r['device']:>11.2f} {vs:>10}")
+    if rows:
+        f32 = {r["batch"]: r for r in rows if r["precision"] == "float32"}
+        print(f"\nMISIC U-Net training throughput on {device} (TF {tf.__version__}), {steps} timed steps")
+        print(f"{'batch':>5} {'precision':>9} {'zarr t/s':>9} {'device t/s':>10} {'zarr/device':>11} "
+              f"{'vs float32':>10}")
+        for r in rows:
+            base = f32.get(r["batch"])
+            vs = f"{r['zarr'] / base['zarr']:.2f}x" if base and r["precision"] != "float32" else "-"
+            print(f"{r['batch']:>5} {r['precision']:>9} {r['zarr']:>9.2f} {r['device']:>10.2f} "
+                  f"{r['zarr'] / r['device']:>11.2f} {vs:>10}")
+    out = {"device": device, "tensorflow": tf.__version__, "command": " ".join(["python -m benchmarks.train_bench"]
+           + list(sys.argv[1:] if argv is None else argv)), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "steps": steps, "warmup": warmup, "results": rows}
+    if eff is not None:
+        print("\n" + efficiency_table(eff))
+        out.update({k: eff[k] for k in ("efficiency", "efficiency_device", "efficiency_cpu", "efficiency_device_cpu",
+                                        "train_tiles_s", "inference_tiles_s")},
+                   efficiency_batch=eff["batch"], efficiency_detail=eff)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"device": device, "tensorflow": tf.__version__, "steps": steps,
-                                 "warmup": warmup, "results": rows}, indent=1))
+    a.out.write_text(json.dumps(out, indent=1))
     print(f"written {a.out}")
     return 0
 
