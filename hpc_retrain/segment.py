@@ -28,7 +28,7 @@ from hpc_retrain import instances as I
 from hpc_retrain import ngff
 from hpc_retrain import outputs as O
 from hpc_retrain import preprocess as P
-from hpc_retrain.config import ChannelPrep, RunConfig
+from hpc_retrain.config import ChannelPrep, RunConfig, taken_keys
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +68,9 @@ def with_run_settings(cfg: RunConfig, run_dir: Path, overrides: Iterable[str] = 
     and the post-processing thresholds calibrated on its validation fields. Fields given in ``overrides``
     (``--set`` items) win; a config file does not (a shared run.yaml would otherwise silently undo the
     calibration)."""
-    run = RunConfig.read_saved(run_dir).to_dict()
-    data = cfg.to_dict()
-    told = [o.split("=", 1)[0].strip() for o in overrides]
-    used = []
-    for key in RUN_SETTINGS:
-        sec, _, name = key.partition(".")
-        if any(t == key or t.startswith(key + ".") or (not name and t.startswith(sec + ".")) for t in told):
-            continue
-        if name:
-            data[sec][name] = run[sec][name]
-        else:
-            data[sec] = run[sec]
-        used.append(key)
-    cfg = RunConfig.from_dict(data, source=f"{run_dir / 'config.yaml'}")
+    overrides = list(overrides)
+    used = taken_keys(RUN_SETTINGS, overrides)
+    cfg = RunConfig.layered(saved=run_dir, file=cfg, saved_keys=RUN_SETTINGS, explicit=overrides)
     log.info("using %s of %s: mean width %s px, body > %s, markers > %s", ", ".join(used), run_dir / "config.yaml",
              cfg.preprocess.mean_width, cfg.infer.body_threshold, cfg.infer.marker_threshold)
     return cfg

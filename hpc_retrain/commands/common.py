@@ -29,7 +29,4 @@ def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
 
 def config_from_args(args: argparse.Namespace, **fields) -> RunConfig:
     """--config, then --set, then the stage's own options (those not None), validated once."""
-    overrides = {k.replace("__", "."): v for k, v in fields.items() if v is not None}
-    cfg = RunConfig.load(args.config, list(args.overrides))
-    return cfg.updated(**{k.replace(".", "__"): v for k, v in overrides.items()}) if overrides else cfg
-
+    return RunConfig.layered(file=args.config, overrides=list(args.overrides), options=fields)

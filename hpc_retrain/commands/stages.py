@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hpc_retrain import api, crossval, infer, jobs, prepare, runstate, segment, synth
 from hpc_retrain.commands.common import CliError, config_from_args
-from hpc_retrain.config import RunConfig, _set_dotted, _split
+from hpc_retrain.config import RunConfig
 
 
 # ------------------------------------------------------------------------------------------ synth
@@ -123,15 +123,8 @@ def build_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         "cluster.time_min": args.time, "cluster.gpus": args.gpus, "cluster.cpus": args.cpus,
         "cluster.mem_gb": args.mem, "cluster.container": args.container,
     }
-    if args.config is None and (run_dir / "config.yaml").is_file():
-        data = RunConfig.read_saved(run_dir).to_dict()
-        for item in args.overrides:
-            _set_dotted(data, *_split(item))
-        for k, v in fields.items():
-            if v is not None:
-                _set_dotted(data, k, v)
-        return RunConfig.from_dict(data, source=f"{run_dir / 'config.yaml'} with options")
-    return config_from_args(args, **fields)
+    saved = run_dir if args.config is None and (run_dir / "config.yaml").is_file() else None
+    return RunConfig.layered(saved=saved, file=args.config, overrides=list(args.overrides), options=fields)
 
 
 def train_command(args: argparse.Namespace) -> int:
