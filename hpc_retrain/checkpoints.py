@@ -23,7 +23,7 @@ BEST = "best"
 # Training settings a resume must share with the run it continues; anything else (epochs, how many
 # checkpoints to keep, determinism, precision) may change between attempts.
 _RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight", "augment",
-                 "steps_per_epoch", "tiles_per_epoch", "pos_weight_power")
+                 "steps_per_epoch", "tiles_per_epoch")
 
 
 
@@ -123,11 +123,16 @@ def load_checkpoint(path: Path, model, optimizer) -> Progress:
     return Progress(**{k: v for k, v in state.items() if k in known})
 
 
-def _check_resume(prog: Progress, cfg: RunConfig, ckpt: Path) -> None:
+def changed_fixed_settings(old: dict, cfg: RunConfig) -> list[tuple[str, object, object]]:
+    """(field, the run's value, the new value) of each ``_RESUME_FIXED`` training setting that differs."""
     now = cfg.train.model_dump(mode="json")
-    old = prog.train_config or {}
     default = type(cfg.train)().model_dump(mode="json")  # a field added since the run started: its default
-    diff = [k for k in _RESUME_FIXED if old.get(k, default.get(k)) != now.get(k)]
+    return [(k, old.get(k, default.get(k)), now.get(k)) for k in _RESUME_FIXED
+            if old.get(k, default.get(k)) != now.get(k)]
+
+
+def _check_resume(prog: Progress, cfg: RunConfig, ckpt: Path) -> None:
+    diff = [k for k, _, _ in changed_fixed_settings(prog.train_config or {}, cfg)]
     if prog.data_seed != cfg.seed:
         diff.append("seed")
     if diff:

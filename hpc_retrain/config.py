@@ -137,8 +137,6 @@ class TrainConfig(_Section):
     val_fraction: float = Field(0.3, ge=0, lt=1, description="fraction of fields held out for validation")
     pos_weight: tuple[float, ...] | None = Field(None, description="positive-class weight per label channel; "
                                                  "default (1-p)/p from the store")
-    pos_weight_power: float = Field(1.0, ge=0, le=1, description="default weights ((1-p)/p) ** this: 1 balances "
-                                    "the classes, 0 weighs none")
     augment: bool = True
     steps_per_epoch: int | None = Field(None, ge=1, description="cap batches per epoch (for quick runs)")
     # A lab's few fields make few tiles (ColiCoords: 6 fields, 24 tiles, 3 batches an epoch): an epoch then

@@ -220,10 +220,10 @@ def check_resume(cfg: RunConfig, run_dir: Path) -> None:
     """Refuse, with one line and before anything is written, a resume the training would refuse.
 
     A run that has a checkpoint continues with the settings it started with: the checkpoint's
-    ``train_config`` and ``data_seed`` fix ``train._RESUME_FIXED`` and the seed, and preprocess, labels and
+    ``train_config`` and ``data_seed`` fix ``checkpoints._RESUME_FIXED`` and the seed, and preprocess, labels and
     tiling came from the training store (the run's config.yaml holds them).
     """
-    from hpc_retrain.train import _RESUME_FIXED, latest_checkpoint
+    from hpc_retrain.checkpoints import changed_fixed_settings, latest_checkpoint
 
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -234,10 +234,10 @@ def check_resume(cfg: RunConfig, run_dir: Path) -> None:
     except (OSError, ValueError):
         return  # the training itself reports an unreadable checkpoint
     diffs = []
-    old, now = state.get("train_config"), cfg.train.model_dump(mode="json")
+    old = state.get("train_config")
     if isinstance(old, dict):
-        diffs += [f"train.{k} {_show(now.get(k))} (the run has {_show(old.get(k))})"
-                  for k in _RESUME_FIXED if old.get(k) != now.get(k)]
+        diffs += [f"train.{k} {_show(new)} (the run has {_show(was)})"
+                  for k, was, new in changed_fixed_settings(old, cfg)]
     if "data_seed" in state and state["data_seed"] != cfg.seed:
         diffs.append(f"seed {cfg.seed} (the run has {state['data_seed']})")
     if diffs:

@@ -170,7 +170,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         if len(usable) == 0:
             raise TrainingError(f"{store}: no finished fields; run `hpc-retrain prepare` first")
         train_fields, val_fields = split_fields(usable, tc.val_fraction, cfg.seed)
-        pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store), tc.pos_weight_power)
+        pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store))
         opt.build(net.trainable_variables)
         prog = Progress(history=[], train_fields=train_fields.tolist(), val_fields=val_fields.tolist(),
                         pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"))

@@ -38,8 +38,11 @@ def field_tiles(root, fields: np.ndarray) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def positive_weights(root, train_fields: np.ndarray, override, source: str, power: float = 1.0) -> np.ndarray:
-    """w_c = ((1 - p_c) / p_c) ** power from the training fields' positive-pixel fractions, unless given."""
+def positive_weights(root, train_fields: np.ndarray, override, source: str) -> np.ndarray:
+    """w_c = (1 - p_c) / p_c from the training fields' positive-pixel fractions, unless given.
+
+    Less weight collapsed the sparse real cells (ColiCoords: no weight or its square root took validation F1
+    from 0.53 to 0-0.2 within 5-7 epochs; benchmarks/RESULTS.md section 5b)."""
     if override is not None:
         w = np.asarray(override, np.float64)
         if w.shape != (len(st.LABEL_CHANNELS),) or np.any(w <= 0):
@@ -51,7 +54,7 @@ def positive_weights(root, train_fields: np.ndarray, override, source: str, powe
         if not (0 < pc < 1) or not np.isfinite(pc):
             raise TrainingError(f"{source}: the training fields' {c} labels are {pc:.3g} positive; a weight "
                                 f"(1-p)/p needs 0 < p < 1 (check the labels, or set train.pos_weight)")
-    return ((1 - p) / p) ** power
+    return (1 - p) / p
 
 
 def epoch_plan(train_tiles: np.ndarray, epoch: int, seed: int, batch: int, steps_cap: int | None,

@@ -50,7 +50,6 @@ def test_positive_weights_from_training_fields(small_store):
     fields = np.array([0, 1, 2])
     p = st.positive_fraction(root, fields)
     np.testing.assert_allclose(tr.positive_weights(root, fields, None, "s"), (1 - p) / p)
-    np.testing.assert_allclose(tr.positive_weights(root, fields, None, "s", power=0.5), np.sqrt((1 - p) / p))
     np.testing.assert_allclose(tr.positive_weights(root, fields, (2.0, 9.0), "s"), [2.0, 9.0])
     with pytest.raises(tr.TrainingError, match="pos_weight"):
         tr.positive_weights(root, fields, (2.0,), "s")
@@ -197,3 +196,16 @@ def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store
 
     with pytest.raises(tr.TrainingError, match="batch_size"):
         tr.train(cfg.updated(train__epochs=3, train__batch_size=4), small_store, run)
+
+
+def test_resume_compares_fixed_settings_and_a_field_added_since_with_its_default():
+    from hpc_retrain.checkpoints import changed_fixed_settings
+    from hpc_retrain.config import RunConfig
+
+    cfg = RunConfig()
+    old = cfg.train.model_dump(mode="json")
+    del old["tiles_per_epoch"]  # a checkpoint written before the field existed
+    assert changed_fixed_settings(old, cfg) == []
+    assert changed_fixed_settings(dict(old, batch_size=2), cfg) == [("batch_size", 2, cfg.train.batch_size)]
+    assert [k for k, _, _ in changed_fixed_settings(old, cfg.updated(train__tiles_per_epoch=32))] == \
+        ["tiles_per_epoch"]
