@@ -127,15 +127,15 @@ def _store_rate(store: Path) -> float:
 
 
 # ------------------------------------------------------------------------------------ benchmarks
-def memory(work: Path, quick: bool, sizes: list[int] | None = None) -> list[dict]:
+def memory(work: Path, quick: bool, sizes: list[int] | None = None, stage: str = "targets") -> list[dict]:
     mw = 14.0 if quick else 7.0  # quick: ColiCoords-like cells, half the pixels after scaling
     rows = []
     plan = [(4096, "targets", 2048), (4096, "targets", 1024), (8192, "targets", 1024), (16384, "targets", 1024),
             (4096, "labels", 1024)]
     if not quick:  # --quick must finish, with the other benchmarks, within 15 minutes on 2 cores
         plan += [(4096, "labels", 2048), (8192, "labels", 1024), (16384, "labels", 1024)]
-    if sizes:  # only the chunked targets runs, at these sizes
-        plan = [(s, "targets", 1024) for s in sizes]
+    if sizes:  # only the chunked runs of one stage (targets, labels or prepare: both), at these sizes
+        plan = [(s, stage, 1024) for s in sizes]
     scans: dict[int, Path] = {}
     for size, stage, chunk in plan:
         if size not in scans:
@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the JSON results go (default: benchmarks/out/prepare_bench.json)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")],
-                   help="memory part: only chunked targets on these scan sizes, e.g. 16384,32768")
+                   help="memory part: only chunked runs on these scan sizes, e.g. 16384,32768")
+    p.add_argument("--stage", choices=("targets", "labels", "prepare"), default="targets",
+                   help="with --sizes: the stage measured (prepare: labels + targets in one process)")
     p.add_argument("--skip-throughput", action="store_true")
     args = p.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="prepare-bench-"))
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_memory:
             print("peak memory, one field per scan (OME-Zarr, 1024 px chunks):")
-            rows = results["memory"] = memory(work, args.quick, args.sizes)
+            rows = results["memory"] = memory(work, args.quick, args.sizes, args.stage)
             t = {r["scan"]: r["peak_rss_mb"] for r in rows if r["stage"] == "targets" and r["path"] == "chunked"}
             if 4096 in t:
                 print("  targets peak RSS relative to the 4096 px scan (chunked): "

@@ -10,11 +10,13 @@ Two ways to put tiles back together:
 - ``blend``: the same tiles, but every pixel of each tile counts, weighted by a window that ramps as
   sin^2 over the tiles' overlap (weights of neighbouring tiles sum to one there), so no seams show.
 
-Fields larger than ``infer.chunk`` are processed in bounded memory and give the whole-image result:
-features are written once to a temporary Zarr array; tiles are predicted in blocks aligned to the tile
+Fields larger than ``infer.chunk`` (``blocks.is_large``) are processed in bounded memory with the block
+engine (``blocks``) and give the whole-image result: tiles are predicted in blocks aligned to the tile
 stride (so every tile is exactly the whole-image tiling's tile, reflect padding at the true image edges
-included); the resize reads windows with the anti-aliasing and interpolation halo; instances are labelled
-per window with a halo and joined across seams. Results go straight into the output Zarr arrays.
+included), from features computed for each block's window only (``targets.ScanFeatures``), into a
+temporary Zarr array; the resize reads windows with the anti-aliasing and interpolation halo
+(``blocks.rescale_window``); instances are labelled per window with a halo and joined across seams.
+Results go straight into the output Zarr arrays.
 
 A plate goes through ``segment`` (the stage), which writes into the plate ``outputs`` describes.
 """
@@ -27,10 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
+from hpc_retrain import blocks as B
 from hpc_retrain import instances as I
 from hpc_retrain import preprocess as P
+from hpc_retrain import targets as TG
 from hpc_retrain import tiling as T
 from hpc_retrain.config import ChannelPrep, RunConfig
 
@@ -79,6 +82,20 @@ class Predictor:
         return out
 
 
+_PREDICTORS: dict[tuple, Predictor] = {}  # the last few (model, batch, tile, engine): traced/compiled once
+
+
+def predictor_for(model, batch_size: int = 8, tile: int = 256, engine: str = "auto") -> Predictor:
+    """The ``Predictor`` of ``model`` with these settings, made once (labels call this for every block)."""
+    key = (id(model), int(batch_size), int(tile), engine)
+    hit = _PREDICTORS.get(key)
+    if hit is None or hit.model is not model:
+        while len(_PREDICTORS) >= 4:
+            _PREDICTORS.pop(next(iter(_PREDICTORS)))
+        hit = _PREDICTORS[key] = Predictor(model, batch_size, tile, engine)
+    return hit
+
+
 def as_predictor(model, cfg: RunConfig) -> Predictor:
     if (isinstance(model, Predictor) and model.batch_size == cfg.infer.batch_size
             and cfg.infer.engine in (model.requested, model.engine)):
@@ -96,14 +113,6 @@ def blend_window(size: int, margin: int) -> np.ndarray:
         w[:ramp] = r
         w[-ramp:] = r[::-1]
     return w
-
-
-def canvas_index(n: int, grid: T.TileGrid, axis: int) -> np.ndarray:
-    """Feature row (or column) behind every canvas row of ``tiling.pad_for_tiles``: reflect to whole strides,
-    then the margin, exactly as np.pad does it, so windows of the canvas can be read without building it."""
-    idx = np.arange(n)
-    idx = np.pad(idx, (0, grid.padded_shape[axis] - n), mode="reflect")
-    return np.pad(idx, grid.margin, mode="reflect")
 
 
 class ScaledResult:
@@ -137,11 +146,9 @@ def predict_block(predict: Predictor, feats, grid: T.TileGrid, rows: tuple[int, 
     """Predict tiles ``rows`` x ``cols`` (tile numbers) of ``grid`` over ``feats`` and add them to ``out``."""
     s, m, size = grid.stride, grid.margin, grid.size
     (i0, i1), (j0, j1) = rows, cols
-    ri, ci = index or (canvas_index(grid.shape[0], grid, 0), canvas_index(grid.shape[1], grid, 1))
-    ri, ci = ri[i0 * s:i1 * s + 2 * m], ci[j0 * s:j1 * s + 2 * m]
-    # Read the smallest feature window behind this part of the canvas, then index it into canvas order.
-    win = np.asarray(feats[ri.min():ri.max() + 1, ci.min():ci.max() + 1], np.float32)
-    canvas = win[ri - ri.min()][:, ci - ci.min()]
+    ri, ci = index or TG.canvas_index(grid)
+    # The smallest feature window behind this part of the canvas, indexed into canvas order.
+    canvas = B.take(feats, ri[i0 * s:i1 * s + 2 * m], ci[j0 * s:j1 * s + 2 * m]).astype(np.float32, copy=False)
     pos = [(a * s, b * s) for a in range(i1 - i0) for b in range(j1 - j0)]
     tiles = np.stack([canvas[r:r + size, c:c + size] for r, c in pos])
     pred = predict(tiles)
@@ -195,25 +202,7 @@ def resize_to(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def resize_window(src: ScaledResult, out_shape: tuple[int, int], rows: tuple[int, int],
                   cols: tuple[int, int]) -> np.ndarray:
     """Rows/cols of ``resize_to(whole, out_shape)`` computed from a window of the scaled result only."""
-    in_shape = src.shape
-    factors = [i / o for i, o in zip(in_shape, out_shape)]
-    down = any(o < i for i, o in zip(in_shape, out_shape))
-    sigma = [max(0.0, (f - 1) / 2) if down else 0.0 for f in factors]
-    win = []
-    for (o0, o1), f, n, sg in zip((rows, cols), factors, in_shape, sigma):
-        a, b = P._in_window(o0, o1, f, n)
-        g = P.gaussian_radius(sg) + 1 if sg > 0 else 0
-        win.append((max(a - g, 0), min(b + g, n)))
-    (a0, b0), (a1, b1) = win
-    x = src.read(a0, b0, a1, b1)
-    res = np.empty((rows[1] - rows[0], cols[1] - cols[0], x.shape[-1]), np.float32)
-    for ch in range(x.shape[-1]):
-        xc = x[..., ch]
-        if down:
-            # skimage filters in the input's float type with 'reflect' (= ndimage 'mirror') borders
-            xc = ndi.gaussian_filter(xc, sigma, mode="mirror")
-        res[..., ch] = P._zoom_window(xc, rows, cols, (a0, a1), factors)
-    return res
+    return B.rescale_window(src.read, src.shape, out_shape, rows, cols, np.float32)
 
 
 # ------------------------------------------------------------------------------------------ fields
@@ -295,9 +284,7 @@ def segment_scan(model, image, cfg: RunConfig, prob_out, labels_out, mode: str |
     ``image`` is a 2-D (Dask) array; the outputs are Zarr (or NumPy) arrays written block by block.
     Returns the number of cells. Results equal :func:`segment_field`'s where both fit.
     """
-    import dask
     import dask.array as da
-    import zarr
 
     mode = _mode(mode, cfg)
     prep = prep or cfg.preprocess.brightfield
@@ -306,26 +293,18 @@ def segment_scan(model, image, cfg: RunConfig, prob_out, labels_out, mode: str |
     if not isinstance(image, da.Array):
         image = da.from_array(image, chunks=chunk)
     H, W = image.shape
+    # Features are computed per block of tiles from the pixels behind it (no whole-scan graph or copy).
+    feats = TG.ScanFeatures(image, prep, cfg, source)
+    grid = T.TileGrid(feats.shape, cfg.tiling.size, cfg.tiling.margin)
+    # Blocks of k x k tiles cover about one chunk of the original image.
+    k = max(1, math.ceil(chunk * cfg.preprocess.scale / grid.stride))
+    index = TG.canvas_index(grid)
     with tempfile.TemporaryDirectory(prefix="hpc-retrain-infer-", dir=tmpdir) as tmp:
-        feats = P.features(image, prep, cfg.preprocess, chunk=chunk, source=source)
-        h, w = feats.shape[:2]
-        farr = zarr.create_array(f"{tmp}/features", shape=feats.shape, dtype=np.float32,
-                                 chunks=(1024, 1024, 3), compressors=None)
-        with dask.config.set(scheduler="threads"):
-            da.store(feats, farr, lock=True)
-        del feats
-        grid = T.TileGrid((h, w), cfg.tiling.size, cfg.tiling.margin)
-        # Blocks of k x k tiles cover about one chunk of the original image.
-        k = max(1, math.ceil(chunk * cfg.preprocess.scale / grid.stride))
-        scaled = ScaledResult((h, w), mode, store=f"{tmp}/scaled")
-        index = (canvas_index(h, grid, 0), canvas_index(w, grid, 1))
-        nr, nc = grid.rows_cols
-        for i in range(0, nr, k):
-            for j in range(0, nc, k):
-                predict_block(predict, farr, grid, (i, min(i + k, nr)), (j, min(j + k, nc)), scaled, mode, index)
-        for r0, r1, c0, c1 in I.blocks((H, W), chunk):
-            part = resize_window(scaled, (H, W), (r0, r1), (c0, c1))
-            prob_out[:, r0:r1, c0:c1] = np.moveaxis(part, -1, 0)
+        scaled = ScaledResult(grid.shape, mode, store=f"{tmp}/scaled")
+        for t in B.blocks(grid.rows_cols, k):
+            predict_block(predict, feats, grid, t.rows, t.cols, scaled, mode, index)
+        for b in B.blocks((H, W), chunk):
+            prob_out[(slice(None),) + b.core] = np.moveaxis(resize_window(scaled, (H, W), b.rows, b.cols), -1, 0)
             if progress:
                 progress()
     return I.label_scan(prob_out, labels_out, cfg, chunk)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from hpc_retrain import blocks as B
 from hpc_retrain import preprocess as P
 from hpc_retrain import tiling as T
 from hpc_retrain.config import RunConfig
@@ -60,24 +61,18 @@ def get_model(path=None, threads: int | None = None, engine: str | None = None):
 
 
 def predict_tiles(model, tiles: np.ndarray, batch_size: int = 8, engine: str | None = None) -> np.ndarray:
-    """Model outputs (N, S, S, C) float32, in batches of ``batch_size``.
+    """Model outputs (N, S, S, 2) float32 (body, contour), in batches of ``batch_size``: ``infer.Predictor``,
+    the one predictor of labels and inference.
 
     ``engine``: an ``infer.engine`` value; None: the one ``get_model`` was given for this model, else "auto"
-    (OpenVINO on a CPU, compiled once per model). TensorFlow runs ``predict_on_batch``, which avoids
-    ``predict``'s per-call pipeline set-up."""
+    (OpenVINO on a CPU, compiled once per model; TensorFlow as one traced function)."""
     from hpc_retrain import engine as E
+    from hpc_retrain.infer import predictor_for
 
     if len(tiles) == 0:
         raise ValueError("no tiles to predict")
-    _, ov_model = E.for_model(model, E.preferred(model) if engine is None else engine, int(tiles.shape[1]))
-    out = None
-    for i in range(0, len(tiles), batch_size):
-        batch = np.ascontiguousarray(tiles[i:i + batch_size], np.float32)
-        y = np.asarray(ov_model(batch) if ov_model is not None else model.predict_on_batch(batch))
-        if out is None:
-            out = np.empty((len(tiles),) + y.shape[1:], np.float32)
-        out[i:i + len(batch)] = y
-    return out
+    engine = E.preferred(model) if engine is None else engine
+    return predictor_for(model, batch_size, int(tiles.shape[1]), engine)(tiles)
 
 
 def binarize(prob: np.ndarray, cfg: RunConfig) -> np.ndarray:
@@ -273,10 +268,10 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
                       ) -> tuple[T.TileGrid, dict[str, float]]:
     """Compute and write one field's probability and label tiles; returns the grid and the field's QC.
 
-    A large scan goes block by block in two passes: MISIC on each block's tiles gives the stitched
-    probability map, kept in a scratch Zarr array (under $TMPDIR, deleted after the field) so no
-    prediction is ever recomputed; then label tiles are cut from that map with the margins taken from
-    neighbouring blocks, exactly as ``label_tiles`` does for a whole image. Both passes go strip by strip (see
+    A large scan goes block by block (``blocks`` grid, one block in memory at a time) in two passes: MISIC
+    on each block's tiles gives the stitched probability map, kept in a scratch Zarr array (under $TMPDIR,
+    deleted after the field) so no prediction is ever recomputed; then label tiles are cut from that map with
+    the margins taken from neighbouring blocks, exactly as ``label_tiles`` does for a whole image (see
     ``targets.run_blocks``). (Cells crossing a block edge
     are counted once per block they touch: the cell count of a large scan is approximate.)
     """
@@ -290,13 +285,12 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
 
     import tempfile
 
-    import dask.array as da
     import zarr
 
     feats = TG.lazy_features(fluo, cfg.preprocess.fluorescence, cfg, source)
     grid = T.TileGrid(tuple(feats.shape[:2]), cfg.tiling.size, cfg.tiling.margin)
     s, m, S = grid.stride, grid.margin, grid.size
-    k, strip = TG.block_tiles(cfg), TG.strip_blocks(cfg)
+    k = TG.block_tiles(cfg)
     h, w = grid.shape
     with tempfile.TemporaryDirectory(prefix="hpc-retrain-prob-") as scratch:
         stitched = zarr.create_array(f"{scratch}/p.zarr", shape=grid.padded_shape + (2,), dtype="float32",
@@ -307,16 +301,14 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             stitched[b.r0 * s: b.r1 * s, b.c0 * s: b.c1 * s] = T.stitch_tiles(
                 y, T.TileGrid(((b.r1 - b.r0) * s, (b.c1 - b.c0) * s), S, m))
 
-        TG.run_blocks(TG.lazy_canvas(feats, grid), grid, k, predict_block, strip)
-        prob = da.from_zarr(stitched)[:h, :w]
+        TG.run_blocks(feats, grid, k, predict_block)
         # The linear intensity rides along as a third channel, so each window is cleaned (``clean``) with the
         # fluorescence under it; a dropped object's fate is decided per window (the window holds it whole
         # unless it crosses the window's edge).
-        im = fluo if isinstance(fluo, da.Array) else da.from_array(fluo, chunks=cfg.infer.chunk)
-        plin = cfg.preprocess.fluorescence.model_copy(update={"gamma": 1.0})
-        lo, hi = P.intensity_range(im, plin.percentiles, source)
-        x = P.rescale(P.normalize(im, lo, hi), cfg.preprocess.scale, chunk=k * s)
-        both = da.concatenate([prob, x.rechunk(prob.chunks[:2])[..., None].astype(np.float32)], axis=-1)
+
+        def both(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+            x = feats.prepared(r0, r1, c0, c1, gamma=1.0).astype(np.float32)
+            return np.concatenate([np.asarray(stitched[r0:r1, c0:c1]), x[..., None]], axis=-1)
 
         def write(win: np.ndarray, b: TG.Block) -> dict[str, Any]:
             pwin = win[..., :2]
@@ -331,5 +323,5 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             parts["dropped"] = dropped
             return parts
 
-        parts = TG.run_blocks(TG.lazy_canvas(both, grid), grid, k, write, strip)
+        parts = TG.run_blocks(B.Window((h, w), both), grid, k, write)
     return grid, stats_from_parts(parts)

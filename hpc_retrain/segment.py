@@ -23,6 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
+from hpc_retrain import blocks as B
 from hpc_retrain import infer
 from hpc_retrain import instances as I
 from hpc_retrain import ngff
@@ -203,7 +204,7 @@ class _Run:
         self.result = Segmented(out_path, self.name, kept=kept)
         chunk = self.cfg.infer.chunk
         small = [(f, g) for f, g in todo if max(f.shape) <= chunk]
-        large = [(f, g) for f, g in todo if max(f.shape) > chunk]
+        large = [(f, g) for f, g in todo if B.is_large(tuple(f.shape), chunk)]
         with _progress(len(todo), "segment") as self.bar:
             self._small(small)
             self._large(large, out_path.parent)

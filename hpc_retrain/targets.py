@@ -3,21 +3,21 @@
 A field's targets are MISIC shape-index features of its brightfield cut with the same ``TileGrid`` (same
 rescaled shape, size, margin) as its labels, so tile ``i`` of both is the same patch of the field.
 
-Large scans never exist whole in memory: the lazy feature map (``preprocess.features``, in chunks of
-about a block) is padded the way ``extract_tiles`` pads, rechunked on block edges and cut block by block;
-each block is ``k x k`` tiles plus the ``margin`` they share with their neighbours, and blocks are
-computed in vertical strips so the chunks in flight do not grow with the scan's width.
+Large scans never exist whole in memory, nor does a graph of them: blocks of ``k x k`` tiles (``blocks``
+grid, one row of blocks at a time) read their canvas window, the tiles plus the ``margin`` they share with
+their neighbours, through the padding ``extract_tiles`` applies (``canvas_index``), from features computed
+for that window only (``ScanFeatures``); one block is in memory at a time.
 """
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import dask.array as da
 import numpy as np
 
+from hpc_retrain import blocks as B
 from hpc_retrain import preprocess as P
 from hpc_retrain import tiling as T
 from hpc_retrain.config import RunConfig
@@ -46,19 +46,28 @@ def target_stats(tiles: np.ndarray) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------- large scans
-# Width of the vertical strips a large scan is processed in (scaled pixels); see ``run_blocks``.
+# Kept for callers and tests that set it; blocks now go one row of blocks (a strip) at a time.
 STRIP_PX = 8192
+# Preparation takes fields up to this many chunks on a side whole (one float64 image in memory).
+WHOLE_CHUNKS = 2
 
 
 def is_large(shape: tuple[int, int], cfg: RunConfig) -> bool:
-    """Fields this big are processed chunk by chunk (never as one float64 image)."""
-    return max(shape) > 2 * cfg.infer.chunk
+    """Fields this big are processed block by block (never as one float64 image): ``blocks.is_large``
+    with preparation's limit, ``WHOLE_CHUNKS`` chunks."""
+    return B.is_large(shape, WHOLE_CHUNKS * cfg.infer.chunk)
 
 
 def block_tiles(cfg: RunConfig) -> int:
     """Tiles per block edge: a block is about ``infer.chunk`` scaled pixels, a whole number of strides."""
     stride = cfg.tiling.size - 2 * cfg.tiling.margin
     return max(1, int(round(cfg.infer.chunk / stride)))
+
+
+def strip_blocks(cfg: RunConfig) -> int:
+    """Block columns of about ``STRIP_PX`` scaled pixels, at least two (the old strip width)."""
+    stride = cfg.tiling.size - 2 * cfg.tiling.margin
+    return max(2, STRIP_PX // (block_tiles(cfg) * stride))
 
 
 @dataclass(frozen=True)
@@ -76,29 +85,69 @@ class Block:
             yield r * cols + self.c0, i * nc, nc
 
 
-def lazy_features(im: da.Array, prep, cfg: RunConfig, source: str) -> da.Array:
-    """Features of a scan in chunks of one block (a whole number of tile strides)."""
-    stride = cfg.tiling.size - 2 * cfg.tiling.margin
-    chunk = block_tiles(cfg) * stride
-    if not isinstance(im, da.Array):
-        im = da.from_array(im, chunks=cfg.infer.chunk)
-    # Whole-file inputs (a TIFF is one chunk) are split so downstream tasks stay chunk-sized.
-    im = im.rechunk(cfg.infer.chunk)
-    return P.features(im, prep, cfg.preprocess, chunk=chunk, source=source)
+class ScanFeatures:
+    """MISIC features of a scan of any size, computed window by window from its pixels (``feats[r0:r1, c0:c1]``
+    reads only the input window behind it): normalized with the whole scan's percentiles, gamma, rescaled
+    (``blocks.rescale_window``) and MISIC's shape index with its halo (``preprocess.shape_index_halo``) over
+    the image MISIC pads (reflect ``MISIC_PAD`` px, zeros beyond). Equal to ``preprocess.features_np``."""
+
+    def __init__(self, im, prep, cfg: RunConfig, source: str = "image"):
+        if not isinstance(im, da.Array):  # percentiles as the chunked path takes them
+            im = da.from_array(np.asarray(im), chunks=cfg.infer.chunk)
+        P.check_image(im, source)
+        self.im, self.prep, self.sigmas = im, prep, cfg.preprocess.sigmas
+        self.lo, self.hi = P.intensity_range(im, prep.percentiles, source)
+        self.in_shape = tuple(im.shape)
+        self.shape = P.rescaled_shape(self.in_shape, cfg.preprocess.scale)
+        self.halo = P.shape_index_halo(self.sigmas)
+        pad = ("reflect", P.MISIC_PAD, P.MISIC_PAD), ("constant", self.halo, self.halo)
+        self._index = tuple(B.axis_index(n, *pad) for n in self.shape)
+
+    def prepared(self, r0: int, r1: int, c0: int, c1: int, gamma: float | None = None) -> np.ndarray:
+        """Rows/cols of the normalized, gamma-corrected (``gamma``: else the channel's), rescaled image."""
+        gamma = self.prep.gamma if gamma is None else gamma
+
+        def read(a0, a1, b0, b1):
+            x = P.normalize(np.asarray(self.im[a0:a1, b0:b1]), self.lo, self.hi)
+            return x ** gamma if gamma != 1.0 else x
+
+        if self.shape == self.in_shape:
+            return read(r0, r1, c0, c1)
+        return B.rescale_window(read, self.in_shape, self.shape, (r0, r1), (c0, c1))
+
+    def __getitem__(self, key) -> np.ndarray:
+        (r0, r1, _), (c0, c1, _) = (k.indices(n) for k, n in zip(key, self.shape))
+        h, off = self.halo, P.MISIC_PAD
+        x = B.take(B.Window(self.shape, self.prepared), self._index[0][r0 + off: r1 + off + 2 * h],
+                   self._index[1][c0 + off: c1 + off + 2 * h], 0.0)
+        out = np.stack([P._shape_index(x, s)[h:-h, h:-h] for s in self.sigmas], axis=-1).astype(np.float32)
+        return -out if self.prep.light_background else out
 
 
-def lazy_canvas(x: da.Array, grid: T.TileGrid) -> da.Array:
-    """``tiling.pad_for_tiles`` of a Dask array: reflect to whole strides, then the margin on every side."""
-    (h, w), (ph, pw), m = grid.shape, grid.padded_shape, grid.margin
-    if x.ndim == 2:
-        x = x[..., None]
-    x = da.pad(x, ((0, ph - h), (0, pw - w), (0, 0)), mode="reflect")
-    return da.pad(x, ((m, m), (m, m), (0, 0)), mode="reflect")
+def lazy_features(im, prep, cfg: RunConfig, source: str) -> ScanFeatures:
+    """Features of a scan, computed block by block on demand (see ``ScanFeatures``)."""
+    return ScanFeatures(im, prep, cfg, source)
+
+
+def canvas_index(grid: T.TileGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Index maps of ``tiling.pad_for_tiles``'s canvas (reflect to whole strides, then the margin) onto the
+    image, for ``blocks.Block.read``: a block's canvas window is read without building the canvas."""
+    m = grid.margin
+    return tuple(B.axis_index(n, ("reflect", 0, p - n), ("reflect", m, m))
+                 for n, p in zip(grid.shape, grid.padded_shape))
+
+
+def tile_blocks(grid: T.TileGrid, k: int) -> Iterator[tuple[B.Block, Block]]:
+    """Blocks of ``k x k`` tiles, one row of blocks at a time: (the block in canvas pixels, halo = the tiles'
+    margin, read with ``canvas_index``; its tile rows and columns)."""
+    for t in B.blocks(grid.rows_cols, k):
+        yield t.scaled(grid.stride, grid.margin, grid.padded_shape), Block(*t.rows, *t.cols)
 
 
 def cut(win: np.ndarray, grid: T.TileGrid, b: Block) -> np.ndarray:
     """Tiles (n, S, S, C) of one block window, row-major as ``extract_tiles`` orders them."""
     s, S = grid.stride, grid.size
+    win = win[..., None] if win.ndim == 2 else win
     return np.stack([win[i * s: i * s + S, j * s: j * s + S]
                      for i in range(b.r1 - b.r0) for j in range(b.c1 - b.c0)])
 
@@ -109,69 +158,11 @@ def write_block(arr, first_tile: int, grid: T.TileGrid, b: Block, tiles: np.ndar
         arr[first_tile + start: first_tile + start + n] = tiles[k0: k0 + n]
 
 
-def _block_edges(n: int, k: int, s: int, m: int) -> tuple[int, ...]:
-    sizes = [min(k, n - i) * s for i in range(0, n, k)]
-    sizes[0] += m
-    sizes[-1] += m
-    return tuple(sizes)
-
-
-def map_windows(canvas: da.Array, grid: T.TileGrid, k: int, fn, chunks=None, dtype=object) -> da.Array:
-    """``fn(window, block)`` over every block of ``k x k`` tiles, as one Dask collection.
-
-    The canvas is chunked on block edges and overlapped by the margin, so each chunk *is* a block's window
-    and neighbouring blocks share computed chunks instead of recomputing them (separate collections per
-    window would each inline their own copy of the feature graph). ``chunks=None``: ``fn`` returns any
-    object, collected in a (block rows, block cols) object array; otherwise it returns an array of the
-    block's ``chunks`` entry.
-    """
-    s, m = grid.stride, grid.margin
-    rows, cols = grid.rows_cols
-    c = canvas.rechunk((_block_edges(rows, k, s, m), _block_edges(cols, k, s, m), -1))
-    ov = da.overlap.overlap(c, depth={0: m, 1: m, 2: 0}, boundary="none")
-
-    def call(win: np.ndarray, block_id=None):
-        i, j = block_id[0], block_id[1]
-        b = Block(i * k, min(i * k + k, rows), j * k, min(j * k + k, cols))
-        y = fn(win, b)
-        if chunks is not None:
-            return y
-        out = np.empty((1, 1), object)
-        out[0, 0] = y
-        return out
-
-    # A fresh name: Dask would otherwise hash ``fn`` and everything it closes over (a Keras model, ...).
-    name = f"tile-blocks-{uuid.uuid4().hex}"
-    if chunks is None:
-        nb = ov.numblocks
-        return ov.map_blocks(call, drop_axis=2, chunks=((1,) * nb[0], (1,) * nb[1]), dtype=object,
-                             meta=np.empty((0, 0), object), name=name)
-    return ov.map_blocks(call, chunks=chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype), name=name)
-
-
-def strip_blocks(cfg: RunConfig) -> int:
-    """Block columns computed together in a large scan: about ``STRIP_PX`` scaled pixels, at least two."""
-    stride = cfg.tiling.size - 2 * cfg.tiling.margin
-    return max(2, STRIP_PX // (block_tiles(cfg) * stride))
-
-
-def run_blocks(canvas: da.Array, grid: T.TileGrid, k: int, fn: Callable[[np.ndarray, Block], Any],
-               strip: int | None = None) -> list[Any]:
-    """``fn(window, block)`` for every block, synchronously; returns the results in block order.
-
-    Computed in one go, the stencil keeps a row of chunks of every intermediate in flight, so memory grows
-    with the scan's width. Vertical strips of ``strip`` block columns cut that part: each strip recomputes
-    the chunk column of features it shares with a neighbour (about 2/strip more feature work). What still
-    grows with the scan is the task graph, materialized whole for every strip (about 1 KB per task: 0.4 M
-    tasks for a 32768 px scan in 1024 px chunks). Square regions were tried: 1-13 % lower peaks for 60-70 %
-    more time, as the graph is paid per region.
-    """
-    out = map_windows(canvas, grid, k, fn)
-    res = np.empty(out.shape, object)
-    step = strip or out.shape[1]
-    for j in range(0, out.shape[1], step):
-        res[:, j: j + step] = out[:, j: j + step].compute(scheduler="synchronous")
-    return list(res.ravel())
+def run_blocks(feats, grid: T.TileGrid, k: int, fn: Callable[[np.ndarray, Block], Any]) -> list[Any]:
+    """``fn(canvas window, block)`` for every block of ``k x k`` tiles of ``feats`` (anything sliceable as
+    ``feats[r0:r1, c0:c1]``), one block in memory at a time; the results in block order."""
+    index = canvas_index(grid)
+    return [fn(px.read(feats, index), tb) for px, tb in tile_blocks(grid, k)]
 
 
 def write_target_tiles(bf, cfg: RunConfig, arr, first_tile: int, source: str = "image") -> tuple[T.TileGrid, dict]:
@@ -184,11 +175,10 @@ def write_target_tiles(bf, cfg: RunConfig, arr, first_tile: int, source: str = "
         return grid, target_stats(tiles)
     feats = lazy_features(bf, cfg.preprocess.brightfield, cfg, source)
     grid = T.TileGrid(tuple(feats.shape[:2]), cfg.tiling.size, cfg.tiling.margin)
-    canvas = lazy_canvas(feats, grid)
 
     def one(win: np.ndarray, b: Block) -> dict:
         tiles = cut(win, grid, b)
         write_block(arr, first_tile, grid, b, tiles)
         return stats_parts(tiles)
 
-    return grid, stats_from_parts(run_blocks(canvas, grid, block_tiles(cfg), one, strip_blocks(cfg)))
+    return grid, stats_from_parts(run_blocks(feats, grid, block_tiles(cfg), one))
