@@ -1,3 +1,3 @@
-from hpc_retrain.commands import main
+from hpc_retrain.commands import entry
 
-raise SystemExit(main())
+entry()

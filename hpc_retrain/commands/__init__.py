@@ -78,9 +78,30 @@ def _quiet_tensorflow(verbose: bool) -> None:
         pass
 
 
+_ran: list[str] = []  # the command main() last ran, for entry()
+
+
+def entry() -> None:
+    """The console entry point (``hpc-retrain``, ``python -m hpc_retrain``): exits with ``main``'s status.
+
+    A ``train`` that failed exits at once, without running destructors: TensorFlow's tf.data iterator can
+    deadlock when it is destroyed while one of its Python map calls is still in flight (seen after a
+    corrupt chunk stopped an epoch: the process hung at exit). The run's status and the error line are
+    written by then.
+    """
+    rc = main()
+    if rc and _ran and _ran[-1] == "train":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(rc)
+    raise SystemExit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _ran.append(str(args.command))
     verbose, quiet = bool(getattr(args, "verbose", False)), bool(getattr(args, "quiet", False))
     if verbose and quiet:
         parser.error("-v/--verbose and -q/--quiet are mutually exclusive")
@@ -109,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
