@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from hpc_retrain import ngff
+from hpc_retrain.runstate import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +164,6 @@ def temp_folder(parent: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}@{_host()}-", dir=parent))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temp(parent: Path) -> tuple[list[Path], list[Path]]:
     """Remove ``hpc-retrain-infer-*`` folders in ``parent`` whose owner, a process on this host, is dead.
 
@@ -188,7 +179,7 @@ def remove_stale_temp(parent: Path) -> tuple[list[Path], list[Path]]:
         if not m or m.group(2) != _host():
             unknown.append(p)
             continue
-        if _pid_alive(int(m.group(1))):
+        if pid_alive(int(m.group(1))):
             continue
         shutil.rmtree(p, ignore_errors=True)
         (unknown if p.exists() else removed).append(p)
