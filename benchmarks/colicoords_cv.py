@@ -12,12 +12,9 @@ ilastik cells. Everything else is the tool's defaults unless ``--set`` says othe
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "colicoords"

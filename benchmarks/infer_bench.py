@@ -13,7 +13,7 @@ Speed: megapixels (of the original images) per second to segment a small plate (
 instances), median of the repetitions, both sides in this process, alternating; ours runs the plate through
 ``infer.segment_fields`` (next field's features and last field's instances overlap the model).
 
-Engines (``infer.engine``): the bare model (``infer.Predictor`` on a stack of tiles, nothing else) on
+Engines (``compute.engine``): the bare model (``infer.Predictor`` on a stack of tiles, nothing else) on
 TensorFlow and on OpenVINO, tiles/s on the same tiles (each plate's own), alternating; their ratio is
 ``cpu_engine_speedup`` in the JSON. ``fraction_of_model`` (per plate): segment's end-to-end rate (ours, on the
 engine ``auto`` picks) as a fraction of that engine's bare rate on the plate's tiles, i.e. the bare model's
@@ -105,10 +105,10 @@ def speed(plates: dict[int, tuple[int, int]], seed: int = 0, mean_width: float =
 
     cfg = _cfg(mean_width)
     model = M.load()
-    predictor = infer.Predictor(model, cfg.infer.batch_size)  # infer.engine=auto, as segment runs
+    predictor = infer.Predictor(model, cfg.compute.batch_size)  # compute.engine=auto, as segment runs
     engines = ["tensorflow"] + (["openvino"] if E.openvino_version() is not None else [])
-    bare = {e: infer.Predictor(model, cfg.infer.batch_size, engine=e) for e in engines}
-    print(f"  segment runs on {predictor.engine} (infer.engine=auto); bare model on {', '.join(engines)}",
+    bare = {e: infer.Predictor(model, cfg.compute.batch_size, engine=e) for e in engines}
+    print(f"  segment runs on {predictor.engine} (compute.engine=auto); bare model on {', '.join(engines)}",
           flush=True)
     warm = synth.render_field(seed, (256, 256)).brightfield
     list(infer.segment_fields(predictor, [warm], cfg))  # trace both sides once, outside the timings
@@ -157,7 +157,7 @@ def speed(plates: dict[int, tuple[int, int]], seed: int = 0, mean_width: float =
               f"(x{row['ratio']:.2f}), max |diff| {diff:.1e}; bare model tiles/s: {bare_txt}; segment at "
               f"{row['fraction_of_model']:.2f} of its engine's bare rate", flush=True)
     total = sum(r["tiles"] for r in rows)
-    summary = {"tiles": total, "batch_size": cfg.infer.batch_size, "segment_engine": predictor.engine,
+    summary = {"tiles": total, "batch_size": cfg.compute.batch_size, "segment_engine": predictor.engine,
                "openvino": E.openvino_version(),
                "tiles_s": {e: total / sum(r["seconds"][f"bare_{e}"] for r in rows) for e in engines}}
     if "openvino" in engines:

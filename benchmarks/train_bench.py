@@ -14,7 +14,7 @@ depend on the pixel values). Results are printed and written as JSON (default be
 
 Efficiency (top level of the JSON): one float32 model at the training default batch (``train.batch_size``),
 and in the same process, alternating repetition by repetition so a change in machine load hits every side:
-bare inference (``infer.Predictor`` on TensorFlow, at that batch and at ``infer.batch_size``) and the training
+bare inference (``infer.Predictor`` on TensorFlow, at that batch and at ``compute.batch_size``) and the training
 step on the same tiles. A training step is ~3x a forward pass's FLOPs (forward + backward to activations and
 weights), so ``efficiency = 3 x train tiles/s / inference tiles/s`` (1.0: training runs its FLOPs as fast as
 inference does); ``efficiency`` uses the real Zarr pipeline, ``efficiency_device`` the in-memory batch, both on
@@ -71,7 +71,7 @@ def bench_one(store: Path, batch: int, mixed: bool, pipeline: str, steps: int, w
     import keras
     import tensorflow as tf
 
-    from hpc_retrain import train as tr
+    from hpc_retrain import training as tr
 
     keras.backend.clear_session()
     cfg = RunConfig()
@@ -111,7 +111,7 @@ def _cuts(net, opt, pos_w, size: int, xla: bool) -> dict:
     what it computed (the gradients too), so graph pruning cannot drop work."""
     import tensorflow as tf
 
-    from hpc_retrain import train as tr
+    from hpc_retrain import network as nw
 
     w = tf.constant(pos_w, tf.float32)
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32), tf.TensorSpec((None, size, size, 2), tf.float32))
@@ -122,19 +122,19 @@ def _cuts(net, opt, pos_w, size: int, xla: bool) -> dict:
 
     @tf.function(input_signature=spec)
     def forward_loss(x, y):
-        return tr.weighted_bce(y, net(x, training=True), w)
+        return nw.weighted_bce(y, net(x, training=True), w)
 
     @tf.function(input_signature=spec)
     def gradients(x, y):
         with tf.GradientTape() as tape:
-            loss = tr.weighted_bce(y, net(x, training=True), w)
+            loss = nw.weighted_bce(y, net(x, training=True), w)
             scaled = opt.scale_loss(loss)
         return loss, tape.gradient(scaled, net.trainable_variables)
 
     def step_xla(x, y):  # make_steps' train_step, body unchanged, compiled with XLA
         with tf.GradientTape() as tape:
             p = net(x, training=True)
-            loss = tr.weighted_bce(y, p, w)
+            loss = nw.weighted_bce(y, p, w)
             scaled = opt.scale_loss(loss)
         grads = tape.gradient(scaled, net.trainable_variables)
         opt.apply(grads, net.trainable_variables)
@@ -158,7 +158,7 @@ def efficiency(store: Path, batch: int, infer_batch: int, steps: int, warmup: in
     import keras
     import tensorflow as tf
 
-    from hpc_retrain import train as tr
+    from hpc_retrain import training as tr
     from hpc_retrain.infer import Predictor
 
     warmup = max(warmup, 1)  # the Zarr side's pipeline fill is one untimed step

@@ -1,7 +1,6 @@
 """The library's entry points, one per stage, each taking a :class:`~hpc_retrain.config.RunConfig`.
 
-    from hpc_retrain.api import evaluate, prepare, segment, train
-    from hpc_retrain.config import RunConfig
+    from hpc_retrain import RunConfig, evaluate, prepare, segment, train
 
     cfg = RunConfig.load("run.yaml").updated(plate__path="plate.zarr")
     store = prepare(cfg, "plate.train.zarr").path
@@ -20,15 +19,15 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from hpc_retrain.config import RunConfig
-    from hpc_retrain.prepare import Summary
-    from hpc_retrain.segment import Segmented
+    from hpc_retrain.preparation import Summary
+    from hpc_retrain.segmentation import Segmented
 
 
 def prepare(cfg: RunConfig, out: str | Path | None = None, stages: Iterable[str] = ("labels", "targets"),
             overwrite: bool = False, progress: bool = True) -> Summary:
     """Fill the training store ``out`` (default: ``./<plate name>.train.zarr``) with ``stages`` of every field
     of ``cfg.plate``; a rerun resumes. The summary's ``text()`` lists flagged fields; its QC table is beside."""
-    from hpc_retrain import prepare as PR
+    from hpc_retrain import preparation as PR
 
     if cfg.plate.path is None:
         raise PR.PrepareError("no plate: give --plate PATH or set plate.path in the config")
@@ -60,8 +59,8 @@ def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executo
 
 def segment(cfg: RunConfig, out: str | Path | None = None, **options: Any) -> Segmented:
     """Segment ``cfg.plate`` with ``cfg.infer.model`` into OME-Zarr results named ``cfg.infer.name`` (see
-    :func:`hpc_retrain.segment.segment` for ``channel``, ``wells``, ``tiff``, ``overwrite``)."""
-    from hpc_retrain.segment import segment as run
+    :func:`hpc_retrain.segmentation.segment` for ``channel``, ``wells``, ``tiff``, ``overwrite``)."""
+    from hpc_retrain.segmentation import segment as run
 
     return run(cfg, out, **options)
 
@@ -70,7 +69,7 @@ def evaluate(cfg: RunConfig, pred: str | Path, ref: str, ref_plate: str | Path |
              out: str | Path | None = None, overlays: int = 3, channel: str | None = None) -> dict:
     """Score the results ``cfg.infer.name`` of plate ``pred`` against the reference masks ``ref`` (a label
     image of that plate, or a channel of ``ref_plate``); with ``out``, the scores and pictures go there."""
-    from hpc_retrain.evaluate import evaluate_plate
+    from hpc_retrain.evaluation import evaluate_plate
 
     return evaluate_plate(pred, cfg.infer.name, ref, ref_plate, out, overlays, channel or cfg.plate.brightfield,
                           plate_cfg=cfg.plate)

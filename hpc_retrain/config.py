@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -16,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 CONFIG_NAME = "config.yaml"
 _PROVENANCE = ("hpc_retrain_version", "written")  # written beside the settings, not settings themselves
+# Settings that moved section: configs written before still load, each old key read as its new one (once
+# logged). compute.* are shared by every stage that runs the model; they lived under infer in 0.1.
+MOVED = {"infer.batch_size": "compute.batch_size", "infer.chunk": "compute.chunk", "infer.engine": "compute.engine"}
+
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()
 
 
 class ConfigError(ValueError):
@@ -170,14 +177,22 @@ class ClusterConfig(_Section):
     container: str | None = Field(None, description="Apptainer image; jobs run inside it with --nv")
 
 
-class InferConfig(_Section):
-    model: Path | None = Field(None, description="a run folder or a model file; default: pretrained MISIC")
-    mode: Literal["stitch", "blend"] = Field("stitch", description="MISIC crop-and-stitch or blended overlaps")
-    batch_size: int = Field(8, ge=1)
-    chunk: int = Field(2048, ge=256, description="scan chunk edge for large fields (pixels at full resolution)")
+class ComputeConfig(_Section):
+    """How the model and the large-image machinery run, shared by every stage that runs them (labels and
+    targets in prepare, validation in train, segment); none of it changes a result beyond float rounding."""
+
+    batch_size: int = Field(8, ge=1, description="tiles per model call when predicting (labels, validation, "
+                            "segment); training batches are train.batch_size")
+    chunk: int = Field(2048, ge=256, description="block edge in pixels at full resolution: fields larger than "
+                       "this go block by block, strip by strip (hpc_retrain.blocks)")
     engine: Literal["auto", "tensorflow", "openvino"] = Field(
         "auto", description="what runs the model (segment, and prepare's labels): auto: OpenVINO when installed "
         "and TensorFlow sees no GPU, else TensorFlow; or force either")
+
+
+class InferConfig(_Section):
+    model: Path | None = Field(None, description="a run folder or a model file; default: pretrained MISIC")
+    mode: Literal["stitch", "blend"] = Field("stitch", description="MISIC crop-and-stitch or blended overlaps")
     # Post-processing thresholds: MISIC's own values by default; a retrained run stores the ones calibrated
     # on its validation fields, and ``segment --model RUN`` uses those.
     body_threshold: float = Field(0.4, gt=0, lt=1, description="cell mask: body probability above this")
@@ -193,6 +208,7 @@ class RunConfig(_Section):
     tiling: TilingConfig = TilingConfig()
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
+    compute: ComputeConfig = ComputeConfig()
     infer: InferConfig = InferConfig()
 
     # ------------------------------------------------------------------ I/O
@@ -221,7 +237,8 @@ class RunConfig(_Section):
         else:
             data, source = (_read_file(Path(file)), str(file)) if file is not None else ({}, "config")
         items = list(overrides.items()) if isinstance(overrides, dict) else [_split(o) for o in overrides]
-        given = {k.replace("__", "."): v for k, v in (options or {}).items() if v is not None}
+        items = [(current_key(k, "--set"), v) for k, v in items]
+        given = {current_key(k.replace("__", "."), "option"): v for k, v in (options or {}).items() if v is not None}
         if saved is not None:
             run = cls.read_saved(saved).to_dict()
             source = str(_saved_file(Path(saved))) + (" with options" if items or given else "")
@@ -237,7 +254,7 @@ class RunConfig(_Section):
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(_migrated(data, source))
         except ValidationError as e:
             lines = [f"{source}: invalid configuration"]
             for err in e.errors():
@@ -249,7 +266,7 @@ class RunConfig(_Section):
         """A validated copy with ``section__key=value`` (or dotted-dict) changes."""
         data = self.to_dict()
         for key, value in dotted.items():
-            _set_dotted(data, key.replace("__", "."), value)
+            _set_dotted(data, current_key(key.replace("__", "."), "updated()"), value)
         return RunConfig.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,13 +286,40 @@ class RunConfig(_Section):
     @classmethod
     def read_saved(cls, folder_or_file: str | Path) -> "RunConfig":
         p = _saved_file(Path(folder_or_file))
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no saved config (is this a run folder?)") from None
-        for k in _PROVENANCE:
-            data.pop(k, None)
-        return cls.from_dict(data, source=str(p))
+        if not p.is_file():
+            raise ConfigError(f"{p}: no saved config (is this a run folder?)")
+        return cls.from_dict(_read_file(p), source=str(p))
+
+
+def current_key(key: str, source: str) -> str:
+    """``key`` under its current name (``MOVED``), saying so once per key and source."""
+    new = MOVED.get(key)
+    if new is None:
+        return key
+    if (key, source) not in _WARNED:
+        _WARNED.add((key, source))
+        log.warning("%s: %s is now %s (read as that; rename it to silence this)", source, key, new)
+    return new
+
+
+def _migrated(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with every ``MOVED`` key under its new name; both names with different values is an error."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in MOVED.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        section = data.get(osec)
+        if not isinstance(section, dict) or okey not in section:
+            continue
+        value = section.pop(okey)
+        target = data.setdefault(nsec, {})
+        if not isinstance(target, dict):
+            continue  # pydantic names the malformed section
+        if nkey in target and target[nkey] != value:
+            raise ConfigError(f"{source}: {old}={value!r} and {new}={target[nkey]!r} disagree; {old} is the old "
+                              f"name of {new}: keep only {new}")
+        target[nkey] = value
+        current_key(old, source)
+    return data
 
 
 def taken_keys(saved_keys: Iterable[str], told: Iterable[str]) -> list[str]:

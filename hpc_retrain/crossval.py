@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_retrain import evaluate as E
+from hpc_retrain import evaluation as E
 from hpc_retrain.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     """Cross-validate ``cfg``'s recipe on ``cfg.plate``; writes ``out/crossval.json`` and returns it."""
     from hpc_retrain import infer
     from hpc_retrain import model as M
-    from hpc_retrain import prepare, train
+    from hpc_retrain import preparation, training
     from hpc_retrain.plate import open_plate
     from hpc_retrain.labels import real_cells
 
@@ -84,9 +84,9 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
         view = _write_plate(train_fields, [pc.brightfield, pc.fluorescence], fold_dir / "train_plate")
         fcfg = cfg.updated(plate__path=str(view), plate__layout="tiff")
         store = fold_dir / "train.zarr"
-        prepare.run(fcfg, store, prepare.STAGES["prepare"], progress=False)
+        preparation.run(fcfg, store, preparation.STAGES["prepare"], progress=False)
         run_dir = fold_dir / "run"
-        metrics = train.train(fcfg, store, run_dir)
+        metrics = training.train(fcfg, store, run_dir)
         run_cfg = RunConfig.read_saved(run_dir)
         retrained = M.load(run_dir)
         fold = {"test_fields": [fields[j].key for j in test], "train_fields": [f.key for f in train_fields],

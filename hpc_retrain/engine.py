@@ -1,4 +1,4 @@
-"""Which engine runs the model: OpenVINO on a CPU, TensorFlow on a GPU (``infer.engine``).
+"""Which engine runs the model: OpenVINO on a CPU, TensorFlow on a GPU (``compute.engine``).
 
 ``auto`` (the default) picks OpenVINO when it is installed, TensorFlow sees no GPU and the CPU has no AVX-512
 (there TensorFlow's oneDNN kernels were as fast: benchmarks/RESULTS.md), TensorFlow otherwise;
@@ -62,29 +62,29 @@ def gpu_visible() -> bool:
 
 
 def resolve(engine: str = "auto") -> str:
-    """``tensorflow`` or ``openvino`` for an ``infer.engine`` value; logged once per process."""
+    """``tensorflow`` or ``openvino`` for a ``compute.engine`` value; logged once per process."""
     if engine not in ENGINES:
         raise EngineError(f"unknown inference engine {engine!r}; use one of {ENGINES}")
     if engine not in _RESOLVED:
         ov = openvino_version()
         if engine == "tensorflow":
-            _RESOLVED[engine] = ("tensorflow", "infer.engine=tensorflow")
+            _RESOLVED[engine] = ("tensorflow", "compute.engine=tensorflow")
         elif engine == "openvino":
             if ov is None:
-                raise EngineError("infer.engine=openvino, but OpenVINO is not installed here "
-                                  "(pip install openvino, or use infer.engine=auto)")
-            _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, infer.engine=openvino")
+                raise EngineError("compute.engine=openvino, but OpenVINO is not installed here "
+                                  "(pip install openvino, or use compute.engine=auto)")
+            _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, compute.engine=openvino")
         elif gpu_visible():
-            _RESOLVED[engine] = ("tensorflow", "infer.engine=auto: a GPU is visible to TensorFlow")
+            _RESOLVED[engine] = ("tensorflow", "compute.engine=auto: a GPU is visible to TensorFlow")
         elif ov is None:
-            _RESOLVED[engine] = ("tensorflow", "infer.engine=auto: CPU only, OpenVINO not installed")
+            _RESOLVED[engine] = ("tensorflow", "compute.engine=auto: CPU only, OpenVINO not installed")
         elif "avx512f" in cpu_flags():
             # Measured side by side: OpenVINO 1.34-1.49x TensorFlow on a 2-core AVX2 CPU, but 0.68-0.93x on a
             # 2-core AVX-512 (+BF16) one, where TensorFlow's oneDNN kernels use AVX-512 too (float32 both).
-            _RESOLVED[engine] = ("tensorflow", "infer.engine=auto: an AVX-512 CPU, where TensorFlow is as fast "
-                                 "(infer.engine=openvino forces OpenVINO)")
+            _RESOLVED[engine] = ("tensorflow", "compute.engine=auto: an AVX-512 CPU, where TensorFlow is as fast "
+                                 "(compute.engine=openvino forces OpenVINO)")
         else:
-            _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, infer.engine=auto: no GPU visible to TensorFlow")
+            _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, compute.engine=auto: no GPU visible to TensorFlow")
     name, why = _RESOLVED[engine]
     _log_once(name, why)
     return name
@@ -174,7 +174,7 @@ def for_model(model, engine: str = "auto", tile: int = 256, threads: int | None 
     except EngineError as e:
         if engine == "openvino":
             raise
-        key = ("tensorflow", f"infer.engine=auto: {e}")
+        key = ("tensorflow", f"compute.engine=auto: {e}")
         if key not in _LOGGED:
             _LOGGED.add(key)
             log.warning("inference engine: tensorflow (%s)", key[1])

@@ -10,7 +10,7 @@ Two ways to put tiles back together:
 - ``blend``: the same tiles, but every pixel of each tile counts, weighted by a window that ramps as
   sin^2 over the tiles' overlap (weights of neighbouring tiles sum to one there), so no seams show.
 
-Fields larger than ``infer.chunk`` (``blocks.is_large``) are processed in bounded memory with the block
+Fields larger than ``compute.chunk`` (``blocks.is_large``) are processed in bounded memory with the block
 engine (``blocks``) and give the whole-image result: tiles are predicted in blocks aligned to the tile
 stride (so every tile is exactly the whole-image tiling's tile, reflect padding at the true image edges
 included), from features computed for each block's window only (``targets.ScanFeatures``), into a
@@ -46,10 +46,10 @@ class InferError(ValueError):
 
 # ------------------------------------------------------------------------------------------ model
 class Predictor:
-    """The model on its engine (``infer.engine``, see ``hpc_retrain.engine``), tiles in batches of ``batch_size``:
+    """The model on its engine (``compute.engine``, see ``hpc_retrain.engine``), tiles in batches of ``batch_size``:
     OpenVINO compiled once per model (CPU), or TensorFlow as one traced function with a dynamic batch (no
     retracing and none of ``predict``'s per-call pipeline set-up). ``engine``: the one it runs on
-    ("tensorflow" or "openvino"), for provenance; ``requested``: the ``infer.engine`` value asked for."""
+    ("tensorflow" or "openvino"), for provenance; ``requested``: the ``compute.engine`` value asked for."""
 
     def __init__(self, model, batch_size: int = 8, tile: int = 256, engine: str = "auto"):
         from hpc_retrain import engine as E
@@ -97,10 +97,12 @@ def predictor_for(model, batch_size: int = 8, tile: int = 256, engine: str = "au
 
 
 def as_predictor(model, cfg: RunConfig) -> Predictor:
-    if (isinstance(model, Predictor) and model.batch_size == cfg.infer.batch_size
-            and cfg.infer.engine in (model.requested, model.engine)):
+    """``model`` as a ``Predictor`` with ``cfg``'s compute settings: itself when it is one already."""
+    if (isinstance(model, Predictor) and model.batch_size == cfg.compute.batch_size
+            and cfg.compute.engine in (model.requested, model.engine)):
         return model
-    return Predictor(model, cfg.infer.batch_size, cfg.tiling.size, cfg.infer.engine)
+    return predictor_for(model.model if isinstance(model, Predictor) else model, cfg.compute.batch_size, cfg.tiling.size,
+                         cfg.compute.engine)
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -288,7 +290,7 @@ def segment_scan(model, image, cfg: RunConfig, prob_out, labels_out, mode: str |
 
     mode = _mode(mode, cfg)
     prep = prep or cfg.preprocess.brightfield
-    chunk = int(chunk or cfg.infer.chunk)
+    chunk = int(chunk or cfg.compute.chunk)
     predict = as_predictor(model, cfg)
     if not isinstance(image, da.Array):
         image = da.from_array(image, chunks=chunk)

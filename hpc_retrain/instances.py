@@ -86,7 +86,7 @@ def label_scan(prob, labels, cfg: RunConfig, chunk: int | None = None, progress=
 
     Returns the number of cells. Peak memory is a few copies of one (chunk + 2 halo)^2 window.
     """
-    chunk = chunk or cfg.infer.chunk
+    chunk = chunk or cfg.compute.chunk
     pairs, next_id = [], 1
     for b in B.blocks(tuple(labels.shape), chunk, halo(cfg)):
         wr, wc = b.window

@@ -63,7 +63,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.run_dir = str(run_dir)
 
     def __call__(self) -> dict:
-        from hpc_retrain.train import TrainingInterrupted, train
+        from hpc_retrain.training import TrainingInterrupted, train
 
         if not logging.getLogger().handlers:  # in a job process: progress goes to submitit's log too
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -175,7 +175,7 @@ def train_inline(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     """Train in this process (signals reach the training directly); the metrics ``train.train`` returns.
 
     A failure with a one-line cause is recorded in the run's status and raised as :class:`TrainFailed`."""
-    from hpc_retrain.train import TrainingInterrupted, train
+    from hpc_retrain.training import TrainingInterrupted, train
 
     with run_lock(run_dir):  # the first write; a second training of this folder stops here
         cfg.save(run_dir)
@@ -289,7 +289,7 @@ def failure_line(e: BaseException, run_dir: Path, store: Path | None = None) -> 
     TensorFlow's input pipeline could not read, another store chunk that does not decode (the validation
     fields' probabilities), or the file system (disk full, read-only...); else None."""
     from hpc_retrain.store import ENVIRONMENT_ERRORS, environment_error
-    from hpc_retrain.train import TileReader
+    from hpc_retrain.training import TileReader
 
     if type(e).__module__.startswith("tensorflow") and TileReader.failure:
         return TileReader.failure
@@ -335,7 +335,7 @@ def record_failure(run_dir: Path, error: str, epochs) -> None:
     """status.json says "failed" with ``error``, also on a full disk: this process's own temporary files
     (a half-written checkpoint) are removed first, and as a last resort the file is overwritten in place,
     which needs no new space."""
-    from hpc_retrain.train import STATUS_FILE, write_status
+    from hpc_retrain.history import STATUS_FILE, write_status
 
     run_dir = Path(run_dir)
     _remove_own_temporaries(run_dir)
@@ -355,7 +355,7 @@ def record_failure(run_dir: Path, error: str, epochs) -> None:
 
 def _remove_own_temporaries(run_dir: Path) -> None:
     """The temporary files and folders this process was writing in ``run_dir`` when it failed."""
-    from hpc_retrain.train import CKPT_DIR
+    from hpc_retrain.training import CKPT_DIR
 
     pid = os.getpid()
     for p in [*run_dir.glob(f".tmp-{pid}-*"), *run_dir.glob("*.tmp"), *(run_dir / CKPT_DIR).glob(f".tmp-*-{pid}")]:

@@ -37,7 +37,7 @@ _MODELS: dict[str, Any] = {}
 def get_model(path=None, threads: int | None = None, engine: str | None = None):
     """The labelling model, loaded once per process (Dask process workers each load their own).
 
-    ``threads``: TensorFlow's (and so OpenVINO's) thread limit; ``engine``: ``infer.engine`` to run it with
+    ``threads``: TensorFlow's (and so OpenVINO's) thread limit; ``engine``: ``compute.engine`` to run it with
     in ``predict_tiles`` (None: keep the one set before, else "auto": OpenVINO on a CPU, see ``engine``)."""
     key = str(path or "pretrained")
     if key not in _MODELS:
@@ -64,7 +64,7 @@ def predict_tiles(model, tiles: np.ndarray, batch_size: int = 8, engine: str | N
     """Model outputs (N, S, S, 2) float32 (body, contour), in batches of ``batch_size``: ``infer.Predictor``,
     the one predictor of labels and inference.
 
-    ``engine``: an ``infer.engine`` value; None: the one ``get_model`` was given for this model, else "auto"
+    ``engine``: an ``compute.engine`` value; None: the one ``get_model`` was given for this model, else "auto"
     (OpenVINO on a CPU, compiled once per model; TensorFlow as one traced function)."""
     from hpc_retrain import engine as E
     from hpc_retrain.infer import predictor_for
@@ -191,7 +191,7 @@ def field_probabilities(fluo: np.ndarray, model, cfg: RunConfig, source: str = "
     feats = P.features_np(fluo, cfg.preprocess.fluorescence, cfg.preprocess, source)
     tiles, grid = T.extract_tiles(feats, cfg.tiling.size, cfg.tiling.margin)
     del feats
-    prob = T.stitch_tiles(predict_tiles(model, tiles, cfg.infer.batch_size), grid)
+    prob = T.stitch_tiles(predict_tiles(model, tiles, cfg.compute.batch_size), grid)
     return np.ascontiguousarray(prob[..., :2], np.float32), grid
 
 
@@ -297,7 +297,7 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
                                      chunks=(k * s, k * s, 2), fill_value=0)
 
         def predict_block(win: np.ndarray, b: TG.Block) -> None:
-            y = predict_tiles(model, TG.cut(win, grid, b), cfg.infer.batch_size)[..., :2]
+            y = predict_tiles(model, TG.cut(win, grid, b), cfg.compute.batch_size)[..., :2]
             stitched[b.r0 * s: b.r1 * s, b.c0 * s: b.c1 * s] = T.stitch_tiles(
                 y, T.TileGrid(((b.r1 - b.r0) * s, (b.c1 - b.c0) * s), S, m))
 

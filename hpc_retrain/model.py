@@ -189,7 +189,7 @@ def resolve(path: str | Path | None) -> ModelSource:
         info = _describe(path, _state(path), _epochs(run))
         return ModelSource(path, run, info, f"using checkpoint {path} ({info.pop('phrase')})")
 
-    from hpc_retrain import train as tr
+    from hpc_retrain import training as tr
 
     if path.name == tr.CKPT_DIR and (path.parent / "config.yaml").is_file():
         return resolve(path.parent)  # the run's checkpoints folder stands for the run

@@ -12,7 +12,7 @@ import logging
 from hpc_retrain.config import RunConfig
 from hpc_retrain.trainingdata import TrainingError
 
-log = logging.getLogger("hpc_retrain.train")  # the run's train.log collects this logger's records
+log = logging.getLogger("hpc_retrain.training")  # the run's train.log collects this logger's records
 
 EPS = 1e-7
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from hpc_retrain import ngff
+from hpc_retrain.config import MOVED
 from hpc_retrain.runstate import pid_alive
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ def remove_result(field_group, name: str) -> None:
 
 
 # Settings that do not change a result: a rerun with other values of these still finds its fields done.
-# (The engine too: OpenVINO and TensorFlow agree within 1e-5, tests/integration/test_engine.py.)
-_NOT_RESULT_SETTINGS = ("infer.batch_size", "infer.chunk", "infer.model", "infer.name", "infer.engine")
+# The compute section is not read at all (the engine neither: OpenVINO and TensorFlow agree within 1e-5,
+# tests/integration/test_engine.py); outputs written before it existed list those settings under infer.
+_NOT_RESULT_SETTINGS = ("infer.model", "infer.name", *MOVED)
 
 
 def result_settings(prov) -> dict[str, Any]:

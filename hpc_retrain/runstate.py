@@ -118,7 +118,7 @@ def read_job(run_dir: Path) -> dict:
 def run_status(run_dir: Path) -> dict:
     """State of a run from its own files (status.json written by the training, job.json by the launcher)
     and, for Slurm jobs that have not reported yet, the scheduler."""
-    from hpc_retrain.train import STATUS_FILE, read_history
+    from hpc_retrain.history import STATUS_FILE, read_history
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

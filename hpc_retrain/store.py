@@ -183,16 +183,12 @@ def stored_config(root: zarr.Group) -> dict[str, Any]:
         return dict(saved)
     folder = _store_folder(root)
     if folder is not None and (folder / OLD_CONFIG_FILE).is_file():
-        import yaml
+        from hpc_retrain.config import ConfigError, RunConfig
 
         try:
-            data = yaml.safe_load((folder / OLD_CONFIG_FILE).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            data = {}
-        if isinstance(data, dict):
-            from hpc_retrain.config import _PROVENANCE  # the keys RunConfig.save adds beside the settings
-
-            return {k: v for k, v in data.items() if k not in _PROVENANCE}
+            return RunConfig.read_saved(folder / OLD_CONFIG_FILE).to_dict()
+        except (OSError, ConfigError):  # unreadable: the store is then treated as having no settings
+            pass
     return {}
 
 

@@ -48,20 +48,18 @@ def target_stats(tiles: np.ndarray) -> dict[str, float]:
 # ------------------------------------------------------------------------------------- large scans
 # Kept for callers and tests that set it; blocks now go one row of blocks (a strip) at a time.
 STRIP_PX = 8192
-# Preparation takes fields up to this many chunks on a side whole (one float64 image in memory).
-WHOLE_CHUNKS = 2
 
 
 def is_large(shape: tuple[int, int], cfg: RunConfig) -> bool:
-    """Fields this big are processed block by block (never as one float64 image): ``blocks.is_large``
-    with preparation's limit, ``WHOLE_CHUNKS`` chunks."""
-    return B.is_large(shape, WHOLE_CHUNKS * cfg.infer.chunk)
+    """Fields this big are processed block by block (never as one float64 image): ``blocks.is_large`` at
+    ``compute.chunk``, the limit segment uses too."""
+    return B.is_large(shape, cfg.compute.chunk)
 
 
 def block_tiles(cfg: RunConfig) -> int:
-    """Tiles per block edge: a block is about ``infer.chunk`` scaled pixels, a whole number of strides."""
+    """Tiles per block edge: a block is about ``compute.chunk`` scaled pixels, a whole number of strides."""
     stride = cfg.tiling.size - 2 * cfg.tiling.margin
-    return max(1, int(round(cfg.infer.chunk / stride)))
+    return max(1, int(round(cfg.compute.chunk / stride)))
 
 
 def strip_blocks(cfg: RunConfig) -> int:
@@ -93,7 +91,7 @@ class ScanFeatures:
 
     def __init__(self, im, prep, cfg: RunConfig, source: str = "image"):
         if not isinstance(im, da.Array):  # percentiles as the chunked path takes them
-            im = da.from_array(np.asarray(im), chunks=cfg.infer.chunk)
+            im = da.from_array(np.asarray(im), chunks=cfg.compute.chunk)
         P.check_image(im, source)
         self.im, self.prep, self.sigmas = im, prep, cfg.preprocess.sigmas
         self.lo, self.hi = P.intensity_range(im, prep.percentiles, source)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from hpc_retrain import evaluate as E
+from hpc_retrain import evaluation as E
 from hpc_retrain import instances as I
 from hpc_retrain import store as st
 from hpc_retrain.config import RunConfig

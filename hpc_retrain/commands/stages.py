@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from hpc_retrain import api, crossval, infer, jobs, prepare, runstate, segment, synth
+from hpc_retrain import api, crossval, infer, jobs, preparation, runstate, segmentation, synth
 from hpc_retrain.commands.common import CliError, config_from_args
 from hpc_retrain.config import RunConfig
 
@@ -81,7 +81,7 @@ def prepare_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, **{"plate.path": plate, "cluster.workers": args.workers,
                                     "cluster.scheduler_address": args.scheduler,
                                     "preprocess.mean_width": args.mean_width})
-    summary = api.prepare(cfg, args.out, prepare.STAGES[args.command], overwrite=args.overwrite)
+    summary = api.prepare(cfg, args.out, preparation.STAGES[args.command], overwrite=args.overwrite)
     print(summary.text())
     return 0
 
@@ -128,7 +128,7 @@ def build_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from hpc_retrain.train import TrainingInterrupted
+    from hpc_retrain.training import TrainingInterrupted
 
     run_dir = Path(args.run)
     store = jobs.resolve_store(run_dir, args.store)
@@ -196,10 +196,10 @@ def segment_arguments(p: argparse.ArgumentParser, name: str = "segment") -> None
                    help="OME-Zarr plate to write (default: into an OME-Zarr input plate itself; "
                         "<folder>.ome.zarr next to a TIFF plate)")
     p.add_argument("--name", help="label image name under each field's labels/ (default: infer.name)")
-    p.add_argument("--channel", choices=segment.CHANNELS, default="brightfield",
+    p.add_argument("--channel", choices=segmentation.CHANNELS, default="brightfield",
                    help="which plate channel to segment, with its preprocessing (default: brightfield)")
     p.add_argument("--mode", choices=infer.MODES, help="crop-and-stitch (MISIC) or blended tiles (default: infer.mode)")
-    p.add_argument("--batch-size", type=int, help="tiles per model call (default: infer.batch_size)")
+    p.add_argument("--batch-size", type=int, help="tiles per model call (default: compute.batch_size)")
     p.add_argument("--chunk", type=int, help="fields larger than this (px) are processed in chunks")
     p.add_argument("--tiff", nargs="?", const="", metavar="DIR",
                    help="also write TIFFs {well}_s{field}_{name}.tif (labels) and _prob.tif (default DIR: "
@@ -210,11 +210,11 @@ def segment_arguments(p: argparse.ArgumentParser, name: str = "segment") -> None
 
 
 def segment_command(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, infer__mode=args.mode, infer__batch_size=args.batch_size,
-                           infer__name=args.name, infer__chunk=args.chunk, infer__model=args.model,
+    cfg = config_from_args(args, infer__mode=args.mode, compute__batch_size=args.batch_size,
+                           infer__name=args.name, compute__chunk=args.chunk, infer__model=args.model,
                            plate__path=args.plate)
     if args.list_wells:
-        print("\n".join(segment.plate_wells(cfg)))
+        print("\n".join(segmentation.plate_wells(cfg)))
         return 0
     wells = [w.strip() for w in args.wells.split(",") if w.strip()] if args.wells else None
     done = api.segment(cfg, args.out, channel=args.channel, wells=wells, tiff=args.tiff,

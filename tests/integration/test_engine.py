@@ -1,4 +1,4 @@
-"""The inference engine (``infer.engine``): OpenVINO gives TensorFlow's probabilities (to 1e-5) and the same
+"""The inference engine (``compute.engine``): OpenVINO gives TensorFlow's probabilities (to 1e-5) and the same
 binarized labels on real ColiCoords fields; ``tensorflow`` forces TensorFlow; unknown values are refused."""
 
 import logging
@@ -63,14 +63,14 @@ def test_openvino_is_compiled_once_per_model_and_takes_any_batch(pretrained_mode
 
 def test_engine_tensorflow_forces_tensorflow(pretrained_model, caplog, monkeypatch):
     monkeypatch.setattr(E, "_LOGGED", set())
-    cfg = CFG.updated(infer__engine="tensorflow")
+    cfg = CFG.updated(compute__engine="tensorflow")
     with caplog.at_level(logging.INFO, logger="hpc_retrain.engine"):
         p = infer.as_predictor(pretrained_model, cfg)
         assert p.engine == "tensorflow" and p._ov is None
         assert infer.as_predictor(p, cfg) is p
         infer.as_predictor(pretrained_model, cfg)
     # the choice is logged, once
-    assert [r.getMessage() for r in caplog.records] == ["inference engine: tensorflow (infer.engine=tensorflow)"]
+    assert [r.getMessage() for r in caplog.records] == ["inference engine: tensorflow (compute.engine=tensorflow)"]
     assert E.for_model(pretrained_model, "tensorflow") == ("tensorflow", None)
     # labels: get_model's engine is what predict_tiles uses when it is given none
     monkeypatch.setattr(E, "_PREFERRED", {})
@@ -89,18 +89,19 @@ def test_auto_is_openvino_on_a_cpu_without_avx512(pretrained_model, monkeypatch,
         pytest.skip("a GPU is visible: auto runs TensorFlow")
     monkeypatch.setattr(E, "cpu_flags", lambda: flags)
     monkeypatch.setattr(E, "_RESOLVED", {})
+    monkeypatch.setattr(infer, "_PREDICTORS", {})  # another machine: nothing resolved or made before
     p = infer.as_predictor(pretrained_model, CFG)
     want = "tensorflow" if "avx512f" in flags else "openvino"
-    assert CFG.infer.engine == "auto" and p.engine == want
-    p = infer.as_predictor(pretrained_model, CFG.updated(infer__engine="openvino"))
+    assert CFG.compute.engine == "auto" and p.engine == want
+    p = infer.as_predictor(pretrained_model, CFG.updated(compute__engine="openvino"))
     assert p.engine == "openvino"
     # a predictor on another engine than the config asks for is not reused
-    assert infer.as_predictor(p, CFG.updated(infer__engine="tensorflow")).engine == "tensorflow"
+    assert infer.as_predictor(p, CFG.updated(compute__engine="tensorflow")).engine == "tensorflow"
 
 
 def test_unknown_engine_is_refused():
-    with pytest.raises(ConfigError, match="infer.engine"):
-        RunConfig.load(overrides=["infer.engine=onnx"])
+    with pytest.raises(ConfigError, match="compute.engine"):
+        RunConfig.load(overrides=["compute.engine=onnx"])
     with pytest.raises(E.EngineError, match="unknown inference engine 'onnx'"):
         E.resolve("onnx")
-    assert RunConfig.load(overrides=["infer.engine=openvino"]).infer.engine == "openvino"
+    assert RunConfig.load(overrides=["compute.engine=openvino"]).compute.engine == "openvino"

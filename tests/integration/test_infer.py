@@ -116,7 +116,7 @@ def test_segment_writes_ngff_labels_and_refuses_to_overwrite(plate):
     assert arr.dtype.kind == "i" and arr.shape == (200, 230) and arr[...].max() > 5
     prov = lab.attrs["hpc_retrain"]
     assert prov["model"].endswith("MiSiDC04082020.h5") and len(prov["model_sha256"]) == 64
-    assert prov["config"]["infer"]["batch_size"] == 4 and prov["cells"] == arr[...].max()
+    assert prov["config"]["compute"]["batch_size"] == 4 and prov["cells"] == arr[...].max()
     prob = fld["probabilities/misic"]
     assert [a["name"] for a in _ome(prob)["multiscales"][0]["axes"]] == ["c", "y", "x"]
     p = prob["0"][...]

@@ -16,7 +16,7 @@ import tifffile
 import zarr
 from skimage.transform import resize
 
-from hpc_retrain import prepare, synth
+from hpc_retrain import preparation, synth
 from hpc_retrain.commands import common, stages
 from hpc_retrain import store as S
 from hpc_retrain.config import RunConfig
@@ -39,7 +39,7 @@ def built(plate, tmp_path_factory) -> Path:
     """The reference store: one uninterrupted run in this process, one worker."""
     out = tmp_path_factory.mktemp("ref") / "ref.train.zarr"
     cfg = RunConfig().updated(plate__path=plate, preprocess__mean_width=W)
-    prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
+    preparation.run(cfg, out, preparation.STAGES["prepare"], progress=False)
     return out
 
 
@@ -108,7 +108,7 @@ def test_store_layout_and_provenance(built, plate):
     assert np.mean(body & ~thresholded) < 1e-3  # float16 rounding only
     assert body.sum() > 0.8 * thresholded.sum()
     assert 0.3 < g["targets"][:4].std() < 0.8
-    qc = prepare.qc_path(built).read_text().splitlines()
+    qc = preparation.qc_path(built).read_text().splitlines()
     assert len(qc) == 9 and qc[0].startswith("index,well,field,status")
 
 
@@ -192,11 +192,11 @@ def test_targets_then_labels_equal_prepare(plate, built, tmp_path):
     """The stages run as separate commands fill the same store; a field is done only after both."""
     out = tmp_path / "staged.train.zarr"
     cfg = RunConfig().updated(plate__path=plate, preprocess__mean_width=W)
-    prepare.run(cfg, out, prepare.STAGES["targets"], progress=False)
+    preparation.run(cfg, out, preparation.STAGES["targets"], progress=False)
     g = zarr.open_group(str(out), mode="r")
     assert g["targets_done"][:].all() and not g["labels_done"][:].any() and not g["field_done"][:].any()
     assert not g["labels"][:].any() and np.isnan(g["field_qc"][:, 0]).all()
-    prepare.run(cfg, out, prepare.STAGES["labels"], progress=False)
+    preparation.run(cfg, out, preparation.STAGES["labels"], progress=False)
     _assert_same_store(out, built)
 
 
@@ -221,8 +221,8 @@ def test_bad_fields_are_flagged_not_fatal(tmp_path):
     trunc = folder / "A1_s4_fluorescence.tif"  # header fine, pixel data cut short
     trunc.write_bytes(trunc.read_bytes()[: trunc.stat().st_size // 2])
     out = tmp_path / "bad.train.zarr"
-    summary = prepare.run(RunConfig().updated(plate__path=folder, preprocess__mean_width=W), out,
-                          prepare.STAGES["prepare"], progress=False)
+    summary = preparation.run(RunConfig().updated(plate__path=folder, preprocess__mean_width=W), out,
+                              preparation.STAGES["prepare"], progress=False)
     rows = {r["field"]: r for r in summary.rows}
     assert rows["0"]["status"] == "ok" and rows["0"]["error"] == ""
     assert rows["1"]["status"] == "flagged" and "constant image" in rows["1"]["error"]
@@ -234,7 +234,7 @@ def test_bad_fields_are_flagged_not_fatal(tmp_path):
     assert S.done_fields(g).tolist() == [0]  # flagged fields are finished but never trained on
     assert g["field_done"][:].tolist() == [1] * 5
     assert g.attrs["fields"][3]["status"] == "flagged"
-    assert "no cells" in prepare.qc_path(out).read_text()
+    assert "no cells" in preparation.qc_path(out).read_text()
     assert "FLAGGED A1 1" in summary.text()
 
 
@@ -268,7 +268,7 @@ def test_unusable_plate_is_a_clear_error(tmp_path, problem):
 def test_two_worker_processes_give_the_same_store(plate, built, tmp_path):
     out = tmp_path / "w2.train.zarr"
     cfg = RunConfig().updated(plate__path=plate, cluster__workers=2, preprocess__mean_width=W)
-    summary = prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
+    summary = preparation.run(cfg, out, preparation.STAGES["prepare"], progress=False)
     assert len(summary.rows) == 8 and not summary.flagged
     # "The same store" (README, Training store): targets, layout and provenance bit-identical; MISIC's
     # probabilities within PROB_ATOL (TensorFlow's CPU kernels sum in an order that depends on the thread

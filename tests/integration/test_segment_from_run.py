@@ -76,7 +76,7 @@ def plate(tmp_path_factory):
 def _expected(model, plate: Path, cfg: RunConfig) -> np.ndarray:
     """(2, H, W) probabilities of ``model`` on the plate's field, computed directly (no CLI)."""
     f = PL.open_plate(cfg.plate, plate).fields[0]
-    prob, _ = infer.segment_field(infer.Predictor(model, cfg.infer.batch_size), np.asarray(f.channel("brightfield")),
+    prob, _ = infer.segment_field(infer.Predictor(model, cfg.compute.batch_size), np.asarray(f.channel("brightfield")),
                                   cfg)
     return np.moveaxis(prob, -1, 0)
 
@@ -85,7 +85,7 @@ def _reference(run: Path, ckpt: Path):
     """The run's model with ``ckpt``'s weights, as the training itself loads them to resume."""
     import keras
 
-    from hpc_retrain import train as tr
+    from hpc_retrain import training as tr
 
     cfg = RunConfig.read_saved(run)
     net, _ = tr.build_model(cfg, mixed=False)
@@ -182,10 +182,11 @@ def test_a_mixed_precision_checkpoint_loads_into_the_float32_model(tmp_path):
     """Under mixed_float16 the trained net's variables are the float32 model's, in the same order."""
     import keras
 
-    from hpc_retrain import train as tr
+    from hpc_retrain import network as nw
+    from hpc_retrain import training as tr
 
     cfg = RunConfig()
-    net = tr.with_policy(M.load(), "mixed_float16")
+    net = nw.with_policy(M.load(), "mixed_float16")
     rng = np.random.default_rng(0)
     for v in net.trainable_variables:
         v.assign(np.asarray(v.numpy()) + rng.normal(0, 0.01, v.shape).astype(np.float32))

@@ -197,7 +197,7 @@ def test_missing_chunks_refuse_training_and_prepare_redoes_them(plate, reference
     assert out.returncode == 0, out.stderr[-3000:]
     assert "redoing 2 finished field(s) whose tile chunks are missing" in out.stderr
     _assert_same_store(store, reference)
-    from hpc_retrain.train import TileReader
+    from hpc_retrain.training import TileReader
 
     TileReader(store)  # opens: nothing missing any more
 

@@ -14,9 +14,9 @@ import pytest
 import yaml
 import zarr
 
-from hpc_retrain import prepare, synth
+from hpc_retrain import preparation, synth
 from hpc_retrain import store as S
-from hpc_retrain import train as tr
+from hpc_retrain import training as tr
 from hpc_retrain.config import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -144,7 +144,7 @@ def test_prepare_writes_a_self_describing_store_and_fixes_an_old_one(tmp_path):
                               shape=(128, 128), seed=5)
     cfg = RunConfig().updated(plate__path=plate, preprocess__mean_width=7.0)
     out = tmp_path / "p.train.zarr"
-    prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
+    preparation.run(cfg, out, preparation.STAGES["prepare"], progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(out)
@@ -156,7 +156,7 @@ def test_prepare_writes_a_self_describing_store_and_fixes_an_old_one(tmp_path):
     assert saved["plate"]["path"] == str(plate) and "hpc_retrain_version" in saved
     # an old-style store: the rerun (nothing left to compute) resumes it and moves its config.yaml out
     _make_old_style(out, cfg, keep_attr=True)
-    prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
+    preparation.run(cfg, out, preparation.STAGES["prepare"], progress=False)
     assert not (out / S.OLD_CONFIG_FILE).exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

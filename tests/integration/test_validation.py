@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zarr
 
-from hpc_retrain import cli, prepare, synth
+from hpc_retrain import cli, preparation, synth
 from hpc_retrain import store as S
-from hpc_retrain import train as tr
+from hpc_retrain import training as tr
 from hpc_retrain.config import RunConfig
 from hpc_retrain.validation import FieldValidator, drop_specks
 
@@ -33,7 +33,7 @@ def plate(tmp_path_factory) -> Path:
 def store(plate, tmp_path_factory) -> Path:
     """A real store: labels and probabilities from pretrained MISIC on the synthetic fluorescence."""
     out = tmp_path_factory.mktemp("val") / "train.zarr"
-    prepare.run(CFG.updated(plate__path=plate), out, prepare.STAGES["prepare"],
+    preparation.run(CFG.updated(plate__path=plate), out, preparation.STAGES["prepare"],
                 progress=False)
     return out
 
@@ -106,7 +106,7 @@ def test_training_stops_when_validation_stops_improving(store, tmp_path, caplog)
     cfg = CFG.updated(train__epochs=6, train__patience=2, train__min_epochs=3, train__batch_size=2,
                       train__steps_per_epoch=1, train__learning_rate=1e-12, train__val_fraction=0.5,
                       train__calibrate=False)
-    with caplog.at_level(logging.INFO, logger="hpc_retrain.train"):
+    with caplog.at_level(logging.INFO, logger="hpc_retrain.training"):
         m = tr.train(cfg, store, run)
     assert "stopping early" in caplog.text
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [0, 1, 2, 3]
@@ -125,7 +125,7 @@ def test_too_few_validation_cells_keep_misics_thresholds(store, tmp_path, caplog
     v = V.FieldValidator(zarr.open_group(str(store), mode="r"), np.array([0]), cfg)
     assert v.n_cells > 0
     monkeypatch.setattr(V, "MIN_CALIBRATION_CELLS", 10 ** 6)
-    with caplog.at_level(logging.INFO, logger="hpc_retrain.train"):
+    with caplog.at_level(logging.INFO, logger="hpc_retrain.training"):
         m = tr.train(cfg, store, run)
     assert "post-processing not calibrated" in caplog.text
     assert m["validation"]["calibrated"] is False and m["validation"]["validation_cells"] > 0

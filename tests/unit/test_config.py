@@ -89,3 +89,32 @@ def test_a_saved_config_is_a_valid_config_file(tmp_path):
     cfg = RunConfig.load(None, ["train.epochs=4"])
     path = cfg.save(tmp_path)
     assert RunConfig.load(path) == cfg
+
+
+def test_settings_moved_to_compute_still_load_from_old_files_and_options(tmp_path, caplog):
+    # 0.1 kept the model's batch size, the block edge and the engine under infer; every stage that runs the
+    # model reads them, so they are compute.* now. Old config files, saved runs and --set items still work.
+    old = tmp_path / "old" / "config.yaml"
+    old.parent.mkdir()
+    old.write_text(yaml.safe_dump({"hpc_retrain_version": "0.1.0", "infer": {"batch_size": 4, "chunk": 1024,
+                                                                              "engine": "tensorflow", "name": "x"}}))
+    with caplog.at_level("WARNING", logger="hpc_retrain.config"):
+        for cfg in (RunConfig.load(old), RunConfig.read_saved(old.parent), RunConfig.layered(saved=old.parent)):
+            assert (cfg.compute.batch_size, cfg.compute.chunk, cfg.compute.engine) == (4, 1024, "tensorflow")
+            assert cfg.infer.name == "x" and "batch_size" not in cfg.to_dict()["infer"]
+    assert any("infer.chunk is now compute.chunk" in r.getMessage() and str(old) in r.getMessage()
+               for r in caplog.records)
+    assert RunConfig.load(None, ["infer.chunk=512"]).compute.chunk == 512
+    assert RunConfig().updated(infer__engine="openvino").compute.engine == "openvino"
+    assert RunConfig.layered(options={"infer__batch_size": 2}).compute.batch_size == 2
+    # a --set under the old name beats the file's new name, as any later layer does
+    assert RunConfig.load(RunConfig.read_saved(old.parent).save(tmp_path / "new"), ["infer.chunk=4096"]
+                          ).compute.chunk == 4096
+    # the same file naming both, with different values, is refused with both names
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"infer": {"chunk": 1024}, "compute": {"chunk": 4096}}))
+    with pytest.raises(ConfigError, match="infer.chunk=1024 and compute.chunk=4096 disagree"):
+        RunConfig.load(both)
+    # a new config is written under the new names only
+    saved = yaml.safe_load(RunConfig.load(old).save(tmp_path / "re").read_text())
+    assert saved["compute"]["chunk"] == 1024 and "chunk" not in saved["infer"]

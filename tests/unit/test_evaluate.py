@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from hpc_retrain import cli, ngff
-from hpc_retrain.evaluate import Score, classify, iou_pairs, match, summarize
+from hpc_retrain.evaluation import Score, classify, iou_pairs, match, summarize
 from hpc_retrain.overlays import COLOURS, contact_sheet, outline_rgb, overlay_figure, tile_rgb
 
 
@@ -159,13 +159,13 @@ def test_evaluate_command_against_labels_of_the_same_plate(tmp_path, capsys):
 
 
 def test_contact_sheet_has_one_panel_per_field(tmp_path, monkeypatch):
-    from hpc_retrain import evaluate, overlays
+    from hpc_retrain import evaluation, overlays
 
     plate, _ = _plate(tmp_path)
     sheets = []
     real = overlays.contact_sheet
     monkeypatch.setattr(overlays, "contact_sheet", lambda *a: sheets.append(real(*a)) or sheets[-1])
-    res = evaluate.evaluate_plate(plate, "misic", "truth", out=tmp_path / "ev", overlays=1)
+    res = evaluation.evaluate_plate(plate, "misic", "truth", out=tmp_path / "ev", overlays=1)
     assert len(res["overlays"]) == 1 and (tmp_path / "ev" / "contact_misic.png").is_file()
     titles = [t.get_text() for t in sheets[0].axes[0].texts if t.get_gid() == "tile"]
     assert titles == ["A1/0  F1 1.00", "A1/1  F1 0.67"]

@@ -7,7 +7,7 @@ from skimage.segmentation import find_boundaries
 
 from hpc_retrain import instances as I
 from hpc_retrain.config import RunConfig
-from hpc_retrain.evaluate import match
+from hpc_retrain.evaluation import match
 from hpc_retrain.synth import render_field
 
 CFG = RunConfig().updated(preprocess__mean_width=7.0)  # the synthetic cells' width

@@ -46,7 +46,7 @@ def test_large_scan_target_tiles_equal_whole_image(mean_width, size, margin, mon
     it goes in vertical strips of 2 blocks that recompute their shared chunks."""
     monkeypatch.setattr(TG, "STRIP_PX", 1)
     im = synth.render_field(4, (600, 540), mean_width=7.0).brightfield
-    cfg = RunConfig().updated(preprocess__mean_width=mean_width, infer__chunk=256,
+    cfg = RunConfig().updated(preprocess__mean_width=mean_width, compute__chunk=256,
                               tiling__size=size, tiling__margin=margin)
     assert TG.is_large(im.shape, cfg)
     tiles, grid = TG.target_tiles(im, cfg)
@@ -62,8 +62,9 @@ def test_large_scan_target_tiles_equal_whole_image(mean_width, size, margin, mon
 
 
 def test_large_scan_switch():
-    cfg = RunConfig().updated(infer__chunk=1024)
-    assert not TG.is_large((2048, 2048), cfg) and TG.is_large((2049, 100), cfg)
+    # the same limit as segment's (blocks.is_large at compute.chunk): one rule for every stage
+    cfg = RunConfig().updated(compute__chunk=1024)
+    assert not TG.is_large((1024, 1024), cfg) and TG.is_large((1025, 100), cfg)
 
 
 def test_large_scan_labels_equal_whole_image(pretrained_model, monkeypatch):
@@ -74,7 +75,7 @@ def test_large_scan_labels_equal_whole_image(pretrained_model, monkeypatch):
     predict = L.predict_tiles
     monkeypatch.setattr(L, "predict_tiles", lambda m, t, b: calls.append(len(t)) or predict(m, t, b))
     f = synth.render_field(5, (560, 530), mean_width=10.0)
-    cfg = RunConfig().updated(preprocess__mean_width=10.0, infer__chunk=256)
+    cfg = RunConfig().updated(preprocess__mean_width=10.0, compute__chunk=256)
     assert TG.is_large(f.fluorescence.shape, cfg)
     ptiles, ltiles, grid, stats = L.label_tiles(f.fluorescence, pretrained_model, cfg)
     pa, la = _tile_array(len(grid), 2, "float16"), _tile_array(len(grid), 2, "uint8")

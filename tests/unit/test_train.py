@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from hpc_retrain import store as st
-from hpc_retrain import train as tr
+from hpc_retrain import network as nw
+from hpc_retrain import trainingdata as td
+from hpc_retrain import training as tr
 from hpc_retrain.config import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,13 +38,13 @@ def test_weighted_bce_matches_numpy():
     p = rng.random((2, 8, 8, 2)).astype(np.float32)
     p[0, 0, 0] = [0.0, 1.0]  # saturated predictions: the clip keeps the loss finite
     w = np.array([3.0, 15.0])
-    got = float(tr.weighted_bce(y, p, w))
-    pc = np.clip(p.astype(np.float64), tr.EPS, 1 - tr.EPS)
+    got = float(nw.weighted_bce(y, p, w))
+    pc = np.clip(p.astype(np.float64), nw.EPS, 1 - nw.EPS)
     want = np.mean(-(w * y * np.log(pc) + (1 - y) * np.log(1 - pc)))
     assert got == pytest.approx(want, rel=1e-5)
     # The weight applies to positives only: with all-negative labels it has no effect.
     z = np.zeros_like(y)
-    assert float(tr.weighted_bce(z, p, w)) == pytest.approx(float(tr.weighted_bce(z, p, [1.0, 1.0])), rel=1e-6)
+    assert float(nw.weighted_bce(z, p, w)) == pytest.approx(float(nw.weighted_bce(z, p, [1.0, 1.0])), rel=1e-6)
 
 
 def test_positive_weights_from_training_fields(small_store):
@@ -119,7 +121,7 @@ def test_augmentation_moves_target_and_label_together():
     x = rng.random((6, 6, 3)).astype(np.float32)
     y = (rng.random((6, 6, 2)) < 0.5).astype(np.float32)
     for code in range(8):
-        ax, ay = (a.numpy() for a in tr.augment_pair(x, y, np.int32(code)))
+        ax, ay = (a.numpy() for a in td.augment_pair(x, y, np.int32(code)))
         want = lambda a: np.rot90(a, code % 4)[:, ::-1] if code >= 4 else np.rot90(a, code % 4)  # noqa: E731
         np.testing.assert_array_equal(ax, want(x))
         np.testing.assert_array_equal(ay, want(y))
@@ -141,7 +143,7 @@ def test_dataset_reads_store_tiles_in_order(small_store):
 def test_finetune_decoder_freezes_through_the_bottleneck(misic):
     import keras
 
-    enc = tr.encoder_layers(misic)
+    enc = nw.encoder_layers(misic)
     nxt = misic.layers[len(enc)]
     assert isinstance(nxt, keras.layers.UpSampling2D)
     pools = [l for l in enc if isinstance(l, keras.layers.MaxPooling2D)]
@@ -150,7 +152,7 @@ def test_finetune_decoder_freezes_through_the_bottleneck(misic):
 
 
 def test_mixed_precision_model_keeps_weights_and_a_float32_output(misic):
-    net = tr.with_policy(misic, "mixed_float16")
+    net = nw.with_policy(misic, "mixed_float16")
     assert net.layers[1].compute_dtype == "float16" and net.layers[-1].compute_dtype == "float32"
     for a, b in zip(net.get_weights(), misic.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -179,7 +181,7 @@ def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store
     from hpc_retrain import model
 
     pre, got = model.load(), model.load(run / "checkpoints" / "ckpt-e00001")
-    n_enc = len(tr.encoder_layers(pre))
+    n_enc = len(nw.encoder_layers(pre))
     for a, b in zip(pre.layers[:n_enc], got.layers[:n_enc]):
         for wa, wb in zip(a.get_weights(), b.get_weights()):
             np.testing.assert_array_equal(wa, wb)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 import zarr
 
-from hpc_retrain import prepare, synth
+from hpc_retrain import preparation, synth
 from hpc_retrain import store as S
 from hpc_retrain import width as W
 from hpc_retrain.config import PlateConfig, RunConfig
@@ -59,7 +59,7 @@ def test_synthetic_plate_auto_width_is_measured_and_recorded_in_the_store(tmp_pa
     assert cfg.preprocess.mean_width == "auto"
     out = tmp_path / "auto.train.zarr"
     with caplog.at_level(logging.INFO, logger="hpc_retrain"):
-        prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
+        preparation.run(cfg, out, preparation.STAGES["prepare"], progress=False)
     m = re.search(r"mean width: measured ([\d.]+) px from (\d+) fields", caplog.text)
     assert m and m.group(2) == "4", caplog.text
     width = float(m.group(1))
@@ -72,7 +72,7 @@ def test_synthetic_plate_auto_width_is_measured_and_recorded_in_the_store(tmp_pa
     # rerunning with auto resumes that store (its number is reused, not measured again)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hpc_retrain"):
-        prepare.run(cfg, out, prepare.STAGES["prepare"], progress=False)
+        preparation.run(cfg, out, preparation.STAGES["prepare"], progress=False)
     assert "measured when" in caplog.text and "mean width: measured" not in caplog.text
 
 

@@ -34,14 +34,14 @@ import numpy as np
 from hpc_retrain import atomic
 from hpc_retrain import store as st
 from hpc_retrain.checkpoints import (  # noqa: F401 (re-exported: the training API)
-    _RESUME_FIXED, BEST, CKPT_DIR, Progress, _check_resume, latest_checkpoint, load_checkpoint, save_checkpoint)
+    BEST, CKPT_DIR, Progress, _check_resume, latest_checkpoint, load_checkpoint, save_checkpoint)
 from hpc_retrain.config import RunConfig
 from hpc_retrain.history import (  # noqa: F401
-    HISTORY_COLUMNS, STATUS_FILE, plot_curves, read_history, selection_score, write_history, write_status)
+    plot_curves, selection_score, write_history, write_status)
 from hpc_retrain.network import (  # noqa: F401
-    EPS, build_model, encoder_layers, make_steps, use_mixed_precision, weighted_bce, with_policy)
+    build_model, make_steps, use_mixed_precision)
 from hpc_retrain.trainingdata import (  # noqa: F401
-    TileReader, TrainingError, augment_pair, epoch_plan, field_tiles, make_dataset, positive_weights, split_fields)
+    TileReader, TrainingError, epoch_plan, field_tiles, make_dataset, positive_weights, split_fields)
 
 log = logging.getLogger(__name__)
 

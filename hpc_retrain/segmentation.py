@@ -8,7 +8,7 @@ settings it refuses unless ``overwrite`` (or another result name).
 Fields that cannot be segmented (unreadable, NaN pixels, constant such as all zeros) are skipped with one
 line each, like ``prepare`` flags them; the run fails only when no field was segmented. With ``wells`` (one
 well per job-array task) only the fields asked for are checked and written; the output plate of a TIFF plate
-holds every field (``outputs.output_plate``). Fields larger than ``infer.chunk`` go chunk by chunk
+holds every field (``outputs.output_plate``). Fields larger than ``compute.chunk`` go chunk by chunk
 (``infer.segment_scan``), the others through the in-memory pipeline (``infer.segment_fields``).
 """
 
@@ -123,7 +123,7 @@ def segment(cfg: RunConfig, out: str | Path | None = None, channel: str = "brigh
     prep = getattr(cfg.preprocess, channel)
     # A run still training (or preempted) gives its best, else latest, checkpoint; a line says which.
     model, source = M.load_with_source(cfg.infer.model, cfg.tiling.size)
-    predict = infer.Predictor(model, cfg.infer.batch_size, cfg.tiling.size, cfg.infer.engine)
+    predict = infer.Predictor(model, cfg.compute.batch_size, cfg.tiling.size, cfg.compute.engine)
     provenance = {"version": __version__, "model": str(source.path), "model_sha256": source.sha256,
                   "mode": cfg.infer.mode, "channel": source_channel, "engine": predict.engine,
                   "config": cfg.to_dict()}
@@ -195,14 +195,14 @@ class _Run:
         self.result: Segmented | None = None
 
     def __call__(self, plate, fields, out: Path | None, tiff) -> Segmented:
-        out_path, groups = O.output_plate(plate, out, fields, self.cfg.infer.chunk)
+        out_path, groups = O.output_plate(plate, out, fields, self.cfg.compute.chunk)
         todo, kept = self._plan(out_path, fields, groups)
         if tiff is not None and tiff is not False:
             self.tiff_dir = Path(tiff) if tiff not in (True, "") else \
                 plate.path.parent / f"{plate.path.name}_{self.name}_tiff"
             self.tiff_dir.mkdir(parents=True, exist_ok=True)
         self.result = Segmented(out_path, self.name, kept=kept)
-        chunk = self.cfg.infer.chunk
+        chunk = self.cfg.compute.chunk
         small = [(f, g) for f, g in todo if max(f.shape) <= chunk]
         large = [(f, g) for f, g in todo if B.is_large(tuple(f.shape), chunk)]
         with _progress(len(todo), "segment") as self.bar:
@@ -288,7 +288,7 @@ class _Run:
         self.bar(f"{f.key}: skipped")
 
     def _begin(self, f, grp):
-        shape, chunk = tuple(f.shape), self.cfg.infer.chunk
+        shape, chunk = tuple(f.shape), self.cfg.compute.chunk
         O.begin_result(grp, self.name)  # marked unfinished before any array changes
         return (O.write_probabilities(grp, self.name, shape, chunk, True),
                 ngff.create_label(grp, self.name, shape, I.LABEL_DTYPE, chunk=chunk, overwrite=True))

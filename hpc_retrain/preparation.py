@@ -18,7 +18,6 @@ beside the store summarize the run for people.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -30,14 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from hpc_retrain import atomic
 from hpc_retrain import store as S
 from hpc_retrain.config import RunConfig
+from hpc_retrain.qc import FIELD_STAGES, Summary, finalize, qc_path, set_field_state
 
 log = logging.getLogger(__name__)
 
-STAGES: dict[str, tuple[str, ...]] = {"labels": ("labels",), "targets": ("targets",),
-                                      "prepare": ("labels", "targets")}
+STAGES: dict[str, tuple[str, ...]] = {"labels": ("labels",), "targets": ("targets",), "prepare": FIELD_STAGES}
 # Sections whose values change what is stored; a store made with other values is refused.
 COMPARED = ("plate", "preprocess", "labels", "tiling")
 STAGE_QC = {"labels": S.QC_COLUMNS[:8], "targets": S.QC_COLUMNS[8:]}
@@ -80,11 +78,6 @@ def default_store(plate: Path) -> Path:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return Path.cwd() / f"{name}.train.zarr"
-
-
-def qc_path(store_path: Path) -> Path:
-    p = Path(store_path)
-    return p.with_name((p.name[:-5] if p.name.endswith(".zarr") else p.name) + ".qc.csv")
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -141,7 +134,11 @@ def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: b
         tasks = [dask.delayed(process_field, pure=False)(_FieldRef(plate.fields[e.index]), e, str(store_path),
                                                           cfg, stages, threads) for e in todo]
         _compute(tasks, cfg, progress)
-    return finalize(store_path, stages)
+    summary = finalize(store_path, stages)
+    if summary.nothing_usable:
+        raise PrepareError(f"{store_path}: every field was flagged, nothing to train on:\n"
+                           + "\n".join(summary.text().splitlines()[1:]))
+    return summary
 
 
 def resolve_width(cfg: RunConfig, plate, store_path: Path, overwrite: bool = False) -> RunConfig:
@@ -329,7 +326,7 @@ def _process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: Ru
             errors[stage] = error
             log.info("%s %s: %s (%.1f s)", entry.well, entry.field, f"{stage} FLAGGED: {error}" if error
                      else f"{stage} ok", time.time() - t0)
-    _set_field_state(root, i)
+    set_field_state(root, i)
     return errors
 
 
@@ -343,7 +340,7 @@ def _run_stage(stage: str, field, entry: S.FieldEntry, root, cfg: RunConfig, thr
     try:
         im = _read(field, cfg.plate.fluorescence if stage == "labels" else cfg.plate.brightfield, cfg, source)
         if stage == "labels":
-            model = L.get_model(None, threads, cfg.infer.engine)
+            model = L.get_model(None, threads, cfg.compute.engine)
             grid, qc = L.write_label_tiles(im, model, cfg, root["probabilities"], root["labels"],
                                            entry.first_tile, source)
             reasons = L.qc_flags(qc)
@@ -375,69 +372,3 @@ def _read(field, channel: str, cfg: RunConfig, source: str):
         if S.environment_error(e) is not None:
             raise  # disk, permission or I/O errors are the machine's, not the field's
         raise PlateError(f"{source}: pixels unreadable ({type(e).__name__}: {e})") from None
-
-
-def _set_field_state(root, i: int) -> None:
-    done = [bool(root[f"{s}_done"][i]) for s in STAGES["prepare"]]
-    errors = [str(root[f"{s}_error"][i]) for s, d in zip(STAGES["prepare"], done) if d]
-    if any(done):
-        root["field_status"][i] = S.FLAGGED if any(errors) else S.OK
-    if all(done):
-        root["field_done"][i] = 1
-
-
-# ---------------------------------------------------------------------------------------- summary
-class Summary:
-    def __init__(self, path: Path, rows: list[dict[str, Any]], stages: tuple[str, ...]):
-        self.path, self.rows, self.stages = path, rows, stages
-
-    @property
-    def flagged(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["status"] == "flagged"]
-
-    def text(self) -> str:
-        n = len(self.rows)
-        ok = sum(r["status"] == "ok" for r in self.rows)
-        lines = [f"{self.path}: {n} fields, {ok} ok, {len(self.flagged)} flagged "
-                 f"({' + '.join(self.stages)}); QC table: {qc_path(self.path)}"]
-        for r in self.flagged[:20]:
-            lines.append(f"  FLAGGED {r['well']} {r['field']}: {r['error']}")
-        if len(self.flagged) > 20:
-            lines.append(f"  ... and {len(self.flagged) - 20} more (see the QC table)")
-        return "\n".join(lines)
-
-
-def finalize(store_path: Path, stages: tuple[str, ...]) -> Summary:
-    """Field states, attrs and the QC table from what the tasks wrote; fails when no field is usable."""
-    import zarr
-
-    root = zarr.open_group(str(store_path), mode="r+")
-    nf = root["field_done"].shape[0]
-    for i in range(nf):  # repairs a run killed between a stage's flag and the field's
-        _set_field_state(root, i)
-    qc = root["field_qc"][:]
-    status = root["field_status"][:]
-    st = {s: (root[f"{s}_done"][:], root[f"{s}_error"][:]) for s in STAGES["prepare"]}
-    names = {S.PENDING: "pending", S.OK: "ok", S.FLAGGED: "flagged"}
-    fields = list(root.attrs["fields"])
-    rows = []
-    for i, f in enumerate(fields):
-        error = "; ".join(str(st[s][1][i]) for s in STAGES["prepare"] if st[s][0][i] and st[s][1][i])
-        f = dict(f, status=names[int(status[i])], error=error)
-        fields[i] = f
-        row = {"index": i, "well": f["well"], "field": f["field"], "status": f["status"],
-               **{f"{s}_done": int(st[s][0][i]) for s in STAGES["prepare"]}, "n_tiles": f["n_tiles"]}
-        row.update({c: float(v) for c, v in zip(S.QC_COLUMNS, qc[i])})
-        row.update(source=f["source"], error=error)
-        rows.append(row)
-    root.attrs["fields"] = fields
-    with atomic.replacing(qc_path(store_path), newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    summary = Summary(Path(store_path), rows, stages)
-    finished = [r for r in rows if all(r[f"{s}_done"] for s in stages)]
-    if finished and len(finished) == len(rows) and not any(r["status"] == "ok" for r in rows):
-        raise PrepareError(f"{store_path}: every field was flagged, nothing to train on:\n"
-                           + "\n".join(summary.text().splitlines()[1:]))
-    return summary
