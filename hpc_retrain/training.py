@@ -12,11 +12,12 @@ explicit and saved together, so a run killed at any point continues bit-for-bit 
 Checkpoints (``run_dir/checkpoints``) are written at every epoch end and, on SIGTERM/SIGUSR2, after the
 training step in flight finishes ("interrupt" checkpoints, holding the batch position within the epoch), so
 a preempted job loses at most one step. Each is written to a temporary folder and renamed into place. The
-last ``keep_checkpoints`` epoch-end checkpoints and the best one (lowest validation loss) are kept.
+last ``keep_checkpoints`` epoch-end checkpoints and the best one (``history.selection_score``: validation
+instance F1, epoch 0 included) are kept.
 
 The pieces live beside this loop: :mod:`trainingdata` (split, weights, tile order, tile pipeline),
 :mod:`network` (loss, precision, encoder freezing, compiled steps), :mod:`checkpoints` and :mod:`history`
-(history, curves, status); their public names are re-exported here.
+(history, curves, status).
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ import numpy as np
 
 from hpc_retrain import atomic
 from hpc_retrain import store as st
-from hpc_retrain.checkpoints import (  # noqa: F401 (re-exported: the training API)
+from hpc_retrain.checkpoints import (
     BEST, CKPT_DIR, Progress, _check_resume, latest_checkpoint, load_checkpoint, save_checkpoint)
 from hpc_retrain.config import RunConfig
-from hpc_retrain.history import (  # noqa: F401
+from hpc_retrain.history import (
     plot_curves, selection_score, write_history, write_status)
-from hpc_retrain.network import (  # noqa: F401
+from hpc_retrain.network import (
     build_model, make_steps, use_mixed_precision)
-from hpc_retrain.trainingdata import (  # noqa: F401
+from hpc_retrain.trainingdata import (
     TileReader, TrainingError, epoch_plan, field_tiles, make_dataset, positive_weights, split_fields)
 
 log = logging.getLogger(__name__)
