@@ -4,7 +4,8 @@
 (there TensorFlow's oneDNN kernels were as fast: benchmarks/RESULTS.md), TensorFlow otherwise;
 ``tensorflow`` and ``openvino`` force one. The choice is logged once per process. OpenVINO converts the
 loaded Keras model object itself (any MISIC-style model: pretrained, retrained, a checkpoint), once per
-model per process, with a dynamic batch, and runs it in float32: OpenVINO's CPU default on CPUs with
+model per process, with a dynamic batch and nearest ``UpSampling2D`` as an equal resize (``nearest_as_resize``),
+splits each batch over its throughput streams, and runs it in float32: OpenVINO's CPU default on CPUs with
 bfloat16 support (AVX512_BF16, AMX) is bfloat16, which moves MISIC's probabilities by up to ~0.03; in
 float32 they equal TensorFlow's to ~1e-5. Its threads follow TensorFlow's intra-op limit when the caller set
 one (``labels.get_model(threads=...)``), else OpenVINO's default (all cores).
@@ -79,8 +80,9 @@ def resolve(engine: str = "auto") -> str:
         elif ov is None:
             _RESOLVED[engine] = ("tensorflow", "compute.engine=auto: CPU only, OpenVINO not installed")
         elif "avx512f" in cpu_flags():
-            # Measured side by side: OpenVINO 1.34-1.49x TensorFlow on a 2-core AVX2 CPU, but 0.68-0.93x on a
-            # 2-core AVX-512 (+BF16) one, where TensorFlow's oneDNN kernels use AVX-512 too (float32 both).
+            # Measured side by side: OpenVINO 1.34-1.49x TensorFlow on a 2-core AVX2 CPU, but 1.0-1.1x on a
+            # 2-core AVX-512 (+BF16) one (streams, Interpolate), where TensorFlow's oneDNN kernels use AVX-512
+            # too (float32 both): within the noise of a loaded machine, so TensorFlow stays.
             _RESOLVED[engine] = ("tensorflow", "compute.engine=auto: an AVX-512 CPU, where TensorFlow is as fast "
                                  "(compute.engine=openvino forces OpenVINO)")
         else:
@@ -108,26 +110,78 @@ def tensorflow_threads() -> int | None:
 
 class OpenVINOModel:
     """A Keras model compiled by OpenVINO for the CPU: ``(N, S, S, 3) float32 -> (N, S, S, C) float32`` for
-    any N. Each thread gets its own infer request, so threads may share one compiled model."""
+    any N. A batch is split over the compiled model's streams (THROUGHPUT hint: on 2 cores, 2 streams of one
+    thread each), run at once. Each thread gets its own infer requests, so threads may share one compiled
+    model."""
 
     def __init__(self, model, tile: int = 256, threads: int | None = None):
         import openvino as ov
 
         self.tile, self.threads = int(tile), threads
-        converted = ov.convert_model(model, input=[(-1, self.tile, self.tile, 3)])
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        converted = ov.convert_model(nearest_as_resize(model), input=[(-1, self.tile, self.tile, 3)])
+        # Streams of one thread each need no barrier between threads, which loaded cores made costly
+        # (benchmarks/RESULTS.md section 7); unpinned threads can yield to the pipeline's helper thread.
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT",
+                                  "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = ov.Core().compile_model(converted, "CPU", config)
+        self.requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.channels = self.compiled.output(0).get_partial_shape()[-1].get_length()
         self._local = threading.local()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        req = getattr(self._local, "request", None)
-        if req is None:
-            req = self._local.request = self.compiled.create_infer_request()
+        reqs = getattr(self._local, "requests", None)
+        if reqs is None:
+            reqs = self._local.requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
         batch = np.ascontiguousarray(batch, np.float32)
-        req.infer({0: batch}, share_inputs=True)
-        return np.array(req.get_output_tensor(0).data, np.float32)  # a copy: the request reuses its buffer
+        if not len(batch):
+            return np.empty((0, self.tile, self.tile, self.channels), np.float32)
+        step = -(-len(batch) // self.requests)
+        parts = [(req, i) for req, i in zip(reqs, range(0, len(batch), step))]
+        for req, i in parts:
+            req.start_async({0: batch[i:i + step]}, share_inputs=True)
+        out = np.empty((len(batch), self.tile, self.tile, self.channels), np.float32)
+        for req, i in parts:
+            req.wait()
+            out[i:i + step] = req.get_output_tensor(0).data  # a copy: the request reuses its buffer
+        return out
+
+
+def nearest_as_resize(model):
+    """``model`` with each nearest ``UpSampling2D`` as a nearest resize, the same values (an integer factor
+    copies pixels): Keras 3 writes UpSampling2D as repeat ops that OpenVINO runs as reference Tile and
+    Transpose kernels (~10% of MISIC's time on CPU); a resize becomes its JIT Interpolate. Other layers are
+    fresh copies with the same weights, so ``model`` itself is untouched. ``model`` unchanged when it has no
+    such layer or cannot be cloned (not functional, custom layers, unknown tile size)."""
+    import keras
+
+    class NearestResize(keras.layers.Layer):
+        def __init__(self, size, **kw):
+            super().__init__(**kw)
+            self.size = tuple(size)
+
+        def call(self, x):
+            h, w = x.shape[1], x.shape[2]
+            if h is None or w is None:
+                raise ValueError("needs a static height and width")
+            return keras.ops.image.resize(x, (h * self.size[0], w * self.size[1]), interpolation="nearest")
+
+    def clone(layer):
+        if (isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation == "nearest"
+                and layer.data_format == "channels_last"):
+            return NearestResize(layer.size, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    if not any(isinstance(layer, keras.layers.UpSampling2D) for layer in getattr(model, "layers", ())):
+        return model
+    try:
+        out = keras.models.clone_model(model, clone_function=clone)
+        out.set_weights(model.get_weights())
+        return out
+    except Exception as e:  # keep the repeat ops: slower, same values
+        log.debug("OpenVINO: UpSampling2D kept (%s: %s)", type(e).__name__, e)
+        return model
 
 
 def openvino_model(model, tile: int = 256, threads: int | None = None) -> OpenVINOModel:

@@ -61,6 +61,20 @@ def test_openvino_is_compiled_once_per_model_and_takes_any_batch(pretrained_mode
         assert got.shape == ref.shape and np.abs(got - ref).max() < TOL
 
 
+@needs_openvino
+def test_openvino_runs_upsampling_as_interpolate_and_leaves_the_model_alone(pretrained_model):
+    import openvino as ov
+
+    layers, weights = list(pretrained_model.layers), pretrained_model.get_weights()
+    m = E.nearest_as_resize(pretrained_model)
+    assert m is not pretrained_model and pretrained_model.layers == layers
+    assert all((a == b).all() for a, b in zip(pretrained_model.get_weights(), weights))
+    ops = {op.get_type_name() for op in ov.convert_model(m, input=[(-1, 256, 256, 3)]).get_ops()}
+    assert "Interpolate" in ops and "Tile" not in ops  # Keras' repeat ops run as reference kernels
+    x = np.random.default_rng(1).random((2, 256, 256, 3), dtype=np.float32)
+    np.testing.assert_array_equal(m([x], training=False).numpy(), pretrained_model([x], training=False).numpy())
+
+
 def test_engine_tensorflow_forces_tensorflow(pretrained_model, caplog, monkeypatch):
     monkeypatch.setattr(E, "_LOGGED", set())
     cfg = CFG.updated(compute__engine="tensorflow")
