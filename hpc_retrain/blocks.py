@@ -58,11 +58,20 @@ def take(array, rows: np.ndarray, cols: np.ndarray, fill=0) -> np.ndarray:
     vr, vc = rows[rows >= 0], cols[cols >= 0]
     r0, c0 = int(vr.min()), int(vc.min())
     win = np.asarray(array[r0:int(vr.max()) + 1, c0:int(vc.max()) + 1])
-    out = win[np.maximum(rows - r0, 0)][:, np.maximum(cols - c0, 0)]
+    ri, ci = np.maximum(rows - r0, 0), np.maximum(cols - c0, 0)
     if (rows < 0).any() or (cols < 0).any():
+        out = win[ri[:, None], ci[None, :]]  # one copy, not one per axis
         out[rows < 0] = fill
         out[:, cols < 0] = fill
-    return out
+        return out
+    if _run(ri) and _run(ci):  # no reflection inside: the window itself, uncopied
+        return win[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1]
+    return win[ri[:, None], ci[None, :]]
+
+
+def _run(idx: np.ndarray) -> bool:
+    """``idx`` is k, k+1, ..., a plain slice."""
+    return len(idx) > 0 and int(idx[-1]) - int(idx[0]) == len(idx) - 1 and bool((np.diff(idx) == 1).all())
 
 
 class Window:

@@ -293,8 +293,10 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
     k = TG.block_tiles(cfg)
     h, w = grid.shape
     with tempfile.TemporaryDirectory(prefix="hpc-retrain-prob-") as scratch:
+        # Chunks of one tile stride: block edges fall on chunk edges, and a window's read decodes small chunks
+        # instead of up to four whole blocks (~50 MB at once).
         stitched = zarr.create_array(f"{scratch}/p.zarr", shape=grid.padded_shape + (2,), dtype="float32",
-                                     chunks=(k * s, k * s, 2), fill_value=0)
+                                     chunks=(s, s, 2), fill_value=0)
 
         def predict_block(win: np.ndarray, b: TG.Block) -> None:
             y = predict_tiles(model, TG.cut(win, grid, b), cfg.compute.batch_size)[..., :2]

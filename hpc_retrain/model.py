@@ -35,11 +35,28 @@ _TF_STARTUP_NOISE = ("before absl::InitializeLog", "port.cc:", "cudart_stub.cc:"
                      "Could not find cuda drivers")
 
 
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """``mallopt(M_ARENA_MAX, n)`` (``MALLOC_ARENA_MAX``, set at run time) before TensorFlow starts its threads:
+    glibc gives each thread its own arena, up to 8 per core, each keeping its own freed activation memory, so
+    RSS grew with the core count. A user's MALLOC_ARENA_MAX wins; False where there is no glibc."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-8, int(n)))  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):  # musl or another libc
+        return False
+
+
 def import_tensorflow():
     """``import tensorflow``, dropping its native start-up lines unless TF_CPP_MIN_LOG_LEVEL is 0 (``-v``).
 
     Standard error is captured at the file-descriptor level for the import only; every other line it wrote
-    (a real error, a warning) is written back unchanged."""
+    (a real error, a warning) is written back unchanged. glibc's malloc arenas are capped first
+    (``limit_malloc_arenas``)."""
+    if "tensorflow" not in sys.modules:
+        limit_malloc_arenas()
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         import tensorflow as tf
 

@@ -107,7 +107,12 @@ def _checked_range(lo, hi, vmin, vmax, source):
 
 def normalize(x, lo: float, hi: float):
     """Map [lo, hi] to [0, 1], clipped: gamma needs non-negative input, outliers must not dominate."""
-    return ((x.astype(np.float64) - lo) / (hi - lo)).clip(0.0, 1.0)
+    if not isinstance(x, np.ndarray):
+        return ((x.astype(np.float64) - lo) / (hi - lo)).clip(0.0, 1.0)
+    y = x.astype(np.float64)  # the same operations in place: one float64 copy instead of three
+    y -= lo
+    y /= hi - lo
+    return np.clip(y, 0.0, 1.0, out=y)
 
 
 # ------------------------------------------------------------------------------------------ whole image
@@ -188,12 +193,21 @@ def _in_window(o0: int, o1: int, factor: float, n_in: int) -> tuple[int, int]:
     return max(int(math.floor(lo)) - 2, 0), min(int(math.ceil(hi)) + 3, n_in)
 
 
+_ZOOM_ROWS = 128
+
+
 def _zoom_window(win: np.ndarray, rows, cols, origin, factors) -> np.ndarray:
     rr = (np.arange(rows[0], rows[1]) + 0.5) * factors[0] - 0.5 - origin[0]
     cc = (np.arange(cols[0], cols[1]) + 0.5) * factors[1] - 0.5 - origin[1]
     # Coordinates past the window only occur at true image edges, where 'mirror' is what ndi.zoom does.
-    coords = np.meshgrid(rr, cc, indexing="ij")
-    return ndi.map_coordinates(np.asarray(win, np.float64), coords, order=1, mode="mirror")
+    win = np.asarray(win, np.float64)
+    out = np.empty((len(rr), len(cc)), np.float64)
+    # Bands of rows: order 1 has no prefilter, each output pixel reads only its 2 x 2 neighbours, so this is the
+    # whole call's result without two float64 coordinate arrays of the window's full size.
+    for i in range(0, len(rr), _ZOOM_ROWS):
+        coords = np.meshgrid(rr[i:i + _ZOOM_ROWS], cc, indexing="ij")
+        out[i:i + _ZOOM_ROWS] = ndi.map_coordinates(win, coords, order=1, mode="mirror")
+    return out
 
 
 def _filter(x: da.Array, func, depth: int, pad_mode: str, **pad_kw) -> da.Array:

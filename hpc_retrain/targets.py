@@ -31,7 +31,8 @@ def target_tiles(bf: np.ndarray, cfg: RunConfig, source: str = "image") -> tuple
 
 def stats_parts(tiles: np.ndarray) -> dict[str, Any]:
     t = tiles.astype(np.float64)
-    return {"sum": float(t.sum()), "sumsq": float((t * t).sum()), "n": int(t.size)}
+    total = float(t.sum())
+    return {"sum": total, "sumsq": float(np.square(t, out=t).sum()), "n": int(t.size)}  # squared in place
 
 
 def stats_from_parts(parts: list[dict[str, Any]]) -> dict[str, float]:
@@ -48,6 +49,8 @@ def target_stats(tiles: np.ndarray) -> dict[str, float]:
 # ------------------------------------------------------------------------------------- large scans
 # Kept for callers and tests that set it; blocks now go one row of blocks (a strip) at a time.
 STRIP_PX = 8192
+# Rows of a block's window whose shape index is computed at once (``ScanFeatures``).
+FEATURE_ROWS = 256
 
 
 def is_large(shape: tuple[int, int], cfg: RunConfig) -> bool:
@@ -111,15 +114,27 @@ class ScanFeatures:
 
         if self.shape == self.in_shape:
             return read(r0, r1, c0, c1)
-        return B.rescale_window(read, self.in_shape, self.shape, (r0, r1), (c0, c1))
+        # In bands of rows (each with its own halo, so the same pixels): the float64 input window, its
+        # anti-aliased copy and the interpolation temporaries cover one band at a time.
+        out = np.empty((r1 - r0, c1 - c0), np.float64)
+        for a in range(r0, r1, FEATURE_ROWS):
+            b = min(a + FEATURE_ROWS, r1)
+            out[a - r0:b - r0] = B.rescale_window(read, self.in_shape, self.shape, (a, b), (c0, c1))
+        return out
 
     def __getitem__(self, key) -> np.ndarray:
         (r0, r1, _), (c0, c1, _) = (k.indices(n) for k, n in zip(key, self.shape))
         h, off = self.halo, P.MISIC_PAD
         x = B.take(B.Window(self.shape, self.prepared), self._index[0][r0 + off: r1 + off + 2 * h],
                    self._index[1][c0 + off: c1 + off + 2 * h], 0.0)
-        out = np.stack([P._shape_index(x, s)[h:-h, h:-h] for s in self.sigmas], axis=-1).astype(np.float32)
-        return -out if self.prep.light_background else out
+        out = np.empty((r1 - r0, c1 - c0, len(self.sigmas)), np.float32)
+        # Bands of rows, each with the halo: the same pixels (the filters reach ``h``), while skimage's float64
+        # Hessian and eigenvalue temporaries (~7 per pixel) cover one band, not the whole window.
+        for a in range(0, r1 - r0, FEATURE_ROWS):
+            b = min(a + FEATURE_ROWS, r1 - r0)
+            for i, s in enumerate(self.sigmas):
+                out[a:b, :, i] = P._shape_index(x[a:b + 2 * h], s)[h:-h, h:-h]
+        return np.negative(out, out=out) if self.prep.light_background else out
 
 
 def lazy_features(im, prep, cfg: RunConfig, source: str) -> ScanFeatures:
