@@ -127,8 +127,11 @@ def _store_rate(store: Path) -> float:
 
 
 # ------------------------------------------------------------------------------------ benchmarks
-def memory(work: Path, quick: bool, sizes: list[int] | None = None, stage: str = "targets") -> list[dict]:
-    mw = 14.0 if quick else 7.0  # quick: ColiCoords-like cells, half the pixels after scaling
+def memory(work: Path, quick: bool, sizes: list[int] | None = None, stage: str = "targets",
+           mean_width: float | None = None) -> list[dict]:
+    # quick: ColiCoords-like cells, half the pixels after scaling; wider cells (fewer tiles) reach the largest
+    # scans in minutes: blocks are fixed in input pixels, so the memory pattern holds at any magnification.
+    mw = mean_width or (14.0 if quick else 7.0)
     rows = []
     plan = [(4096, "targets", 4096), (4096, "targets", 1024), (8192, "targets", 1024), (16384, "targets", 1024),
             (4096, "labels", 1024)]
@@ -144,8 +147,8 @@ def memory(work: Path, quick: bool, sizes: list[int] | None = None, stage: str =
         r = _run_child(["--child-cli", stage, "--plate", str(scans[size]), "--out", str(out), "--mean-width", str(mw),
                         "--set", f"compute.chunk={chunk}"], work)
         path = "chunked" if size > chunk else "whole image"  # blocks.is_large
-        rows.append({"scan": size, "stage": stage, "path": path, "chunk": chunk, "peak_rss_mb": r["peak_rss_mb"],
-                     "seconds": r["seconds"]})
+        rows.append({"scan": size, "stage": stage, "path": path, "chunk": chunk, "mean_width": mw,
+                     "peak_rss_mb": r["peak_rss_mb"], "seconds": r["seconds"]})
         print(f"  {stage:8s} {size:6d} px  {path:11s} chunk {chunk:5d}: peak RSS {r['peak_rss_mb']:7.0f} MB "
               f"in {r['seconds']:6.1f} s", flush=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory part: only chunked runs on these scan sizes, e.g. 16384,32768")
     p.add_argument("--stage", choices=("targets", "labels", "prepare"), default="targets",
                    help="with --sizes: the stage measured (prepare: labels + targets in one process)")
+    p.add_argument("--mean-width", type=float, help="memory part: cell width of the scans (default 14 quick, 7)")
     p.add_argument("--skip-throughput", action="store_true")
     args = p.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="prepare-bench-"))
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_memory:
             print("peak memory, one field per scan (OME-Zarr, 1024 px chunks):")
-            rows = results["memory"] = memory(work, args.quick, args.sizes, args.stage)
+            rows = results["memory"] = memory(work, args.quick, args.sizes, args.stage, args.mean_width)
             t = {r["scan"]: r["peak_rss_mb"] for r in rows if r["stage"] == "targets" and r["path"] == "chunked"}
             if 4096 in t:
                 print("  targets peak RSS relative to the 4096 px scan (chunked): "
