@@ -118,15 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (CliError, ConfigError) as e:
-        print(f"hpc-retrain {args.command}: {e}", file=sys.stderr)
-        return 2
+        return _report(args.command, e)
     except ValueError as e:
         # Our own input errors (PlateError, ImageError, ModelError, StoreError...) are ValueErrors whose
         # message already names the file and the problem; anything else is a bug and keeps its traceback.
         if type(e).__module__.startswith("hpc_retrain"):
-            print(f"hpc-retrain {args.command}: {e}", file=sys.stderr)
-            return 2
+            return _report(args.command, e)
         raise
+
+
+def _report(command: str, e: Exception) -> int:
+    """The one line a failed command prints (exit status 2)."""
+    print(f"hpc-retrain {command}: {e}", file=sys.stderr)
+    # Writes zarr still had in flight on its own event loop (a full disk fails them all) are abandoned with
+    # the command, and asyncio would log each one at exit, tracebacks included ("Task was destroyed but it
+    # is pending", "Future exception was never retrieved"): noise after the line that says what to do.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    return 2
 
 
 if __name__ == "__main__":
