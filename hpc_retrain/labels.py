@@ -64,7 +64,7 @@ def predict_tiles(model, tiles: np.ndarray, batch_size: int = 8, engine: str | N
     """Model outputs (N, S, S, 2) float32 (body, contour), in batches of ``batch_size``: ``infer.Predictor``,
     the one predictor of labels and inference.
 
-    ``engine``: an ``compute.engine`` value; None: the one ``get_model`` was given for this model, else "auto"
+    ``engine``: a ``compute.engine`` value; None: the one ``get_model`` was given for this model, else "auto"
     (OpenVINO on a CPU, compiled once per model; TensorFlow as one traced function)."""
     from hpc_retrain import engine as E
     from hpc_retrain.infer import predictor_for
