@@ -10,7 +10,7 @@ Two ways to put tiles back together:
 - ``blend``: the same tiles, but every pixel of each tile counts, weighted by a window that ramps as
   sin^2 over the tiles' overlap (weights of neighbouring tiles sum to one there), so no seams show.
 
-Fields larger tha ``compute.chunk`` (``blocks.is_large``) are processed in bounded memory with the block
+Fields larger than ``compute.chunk`` (``blocks.is_large``) are processed in bounded memory with the block
 engine (``blocks``) and give the whole-image result: tiles are predicted in blocks aligned to the tile
 stride (so every tile is exactly the whole-image tiling's tile, reflect padding at the true image edges
 included), from features computed for each block's window only (``targets.ScanFeatures``), into a

@@ -8,7 +8,7 @@ settings it refuses unless ``overwrite`` (or another result name).
 Fields that cannot be segmented (unreadable, NaN pixels, constant such as all zeros) are skipped with one
 line each, like ``prepare`` flags them; the run fails only when no field was segmented. With ``wells`` (one
 well per job-array task) only the fields asked for are checked and written; the output plate of a TIFF plate
-holds every field (``outputs.output_plate``). Fields larger tha ``compute.chunk`` go chunk by chunk
+holds every field (``outputs.output_plate``). Fields larger than ``compute.chunk`` go chunk by chunk
 (``infer.segment_scan``), the others through the in-memory pipeline (``infer.segment_fields``).
 """
 
