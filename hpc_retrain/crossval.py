@@ -5,9 +5,9 @@ targets from brightfield) and train a run (``train``, the configured recipe); th
 model never saw, are then segmented from brightfield by the pretrained and by the retrained model, exactly
 as ``segment`` does, and both are scored against the same references:
 
-* ``teacher``: pretrained MISIC on the same fields' fluorescence (the source of the training labels), less
-  the objects the labels leave out too (``labels.real_cells``: specks under half a cell-width square, and
-  blobs not ``labels.min_snr`` noise s.d. brighter than the background);
+* ``teacher``: pretrained MISIC on the same fields' fluorescence, as the training labels are made
+  (``labels.teacher``: over ``labels.width_factors``, less specks under half a cell-width square and blobs
+  not ``labels.min_snr`` noise s.d. brighter than the background);
 * the plate's reference channel (``plate.reference``, e.g. hand-made masks) when it has one: recall only,
   since such masks are often partial.
 
@@ -59,7 +59,7 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     from hpc_retrain import model as M
     from hpc_retrain import preparation, training
     from hpc_retrain.plate import open_plate
-    from hpc_retrain.labels import real_cells
+    from hpc_retrain import labels as L
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,8 +95,7 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
             f = fields[j]
             fluo = np.asarray(f.channel(pc.fluorescence))
             bf = np.asarray(f.channel(pc.brightfield))
-            _, teacher = infer.segment_field(pretrained, fluo, cfg, prep=cfg.preprocess.fluorescence)
-            teacher = real_cells(teacher, fluo, cfg, width)
+            teacher = L.teacher(fluo, pretrained, cfg, f.key)
             _, pre = infer.segment_field(pretrained, bf, cfg)
             _, post = infer.segment_field(retrained, bf, run_cfg)
             row = {"teacher_cells": int(len(np.unique(teacher)) - 1)}

@@ -185,9 +185,14 @@ def scaled_intensity(fluo: np.ndarray, cfg: RunConfig, source: str = "image") ->
     return P.prepare_np(fluo, prep, cfg.preprocess.scale, source)
 
 
-def field_probabilities(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
-                        ) -> tuple[np.ndarray, T.TileGrid]:
-    """Stitched MISIC probabilities (H', W', 2) float32 at the rescaled resolution, and their tile grid."""
+def width_configs(cfg: RunConfig) -> list[RunConfig]:
+    """``cfg`` told each of the other ``labels.width_factors`` times the mean width (1.0 is ``cfg`` itself, whose
+    rescaled grid the labels are on)."""
+    w = cfg.preprocess.width
+    return [cfg.updated(preprocess__mean_width=w * f) for f in cfg.labels.width_factors if f != 1.0]
+
+
+def _stitched(fluo: np.ndarray, model, cfg: RunConfig, source: str) -> tuple[np.ndarray, T.TileGrid]:
     feats = P.features_np(fluo, cfg.preprocess.fluorescence, cfg.preprocess, source)
     tiles, grid = T.extract_tiles(feats, cfg.tiling.size, cfg.tiling.margin)
     del feats
@@ -195,9 +200,37 @@ def field_probabilities(fluo: np.ndarray, model, cfg: RunConfig, source: str = "
     return np.ascontiguousarray(prob[..., :2], np.float32), grid
 
 
+def field_probabilities(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
+                        ) -> tuple[np.ndarray, T.TileGrid, np.ndarray]:
+    """Stitched MISIC probabilities (H', W', 2) float32 at the rescaled resolution, their tile grid, and the body
+    probability of the pass at the mean width itself (what QC judges: its limits were set on MISIC's own
+    pass, and the maximum over passes widens every cell's uncertain fringe). The probabilities are the
+    maximum over ``labels.width_factors``, each pass resized to this grid as MISIC resizes its output."""
+    from hpc_retrain.infer import resize_to
+
+    prob, grid = _stitched(fluo, model, cfg, source)
+    own = prob[..., 0].copy()
+    for c in width_configs(cfg):
+        np.maximum(prob, resize_to(_stitched(fluo, model, c, source)[0], prob.shape[:2]), out=prob)
+    return prob, grid, own
+
+
+def teacher(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image") -> np.ndarray:
+    """The teacher's cells on the fluorescence image's own pixel grid (as ``segment`` outputs cells): MISIC over
+    ``labels.width_factors`` as for the labels, ``instances`` with ``cfg``'s thresholds, then ``real_cells``."""
+    from hpc_retrain import infer
+    from hpc_retrain import instances as I
+
+    prep = cfg.preprocess.fluorescence
+    prob = infer.predict_field(model, fluo, cfg, None, prep, source)
+    for c in width_configs(cfg):
+        np.maximum(prob, infer.predict_field(model, fluo, c, None, prep, source), out=prob)
+    return real_cells(I.instances(prob, cfg), fluo, cfg, cfg.preprocess.width)
+
+
 def label_field(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (H', W', 2) float32, labels (H', W', 2) uint8) of one in-memory fluorescence image."""
-    prob, _ = field_probabilities(fluo, model, cfg, source)
+    prob = field_probabilities(fluo, model, cfg, source)[0]
     return prob, clean(prob, binarize(prob, cfg), scaled_intensity(fluo, cfg, source), cfg)[0]
 
 
@@ -205,20 +238,22 @@ def label_tiles(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
                 ) -> tuple[np.ndarray, np.ndarray, T.TileGrid, dict[str, float]]:
     """What the store holds for one field: probability tiles (N, S, S, 2) float32, label tiles uint8,
     the grid (identical to the target tiles' grid) and the field's QC statistics."""
-    prob, grid = field_probabilities(fluo, model, cfg, source)
+    prob, grid, own = field_probabilities(fluo, model, cfg, source)
     labels, dropped = clean(prob, binarize(prob, cfg), scaled_intensity(fluo, cfg, source), cfg)
     ptiles, _ = T.extract_tiles(prob, cfg.tiling.size, cfg.tiling.margin)
     # Label tiles are cut from the cleaned field (its tile margins reflect like the probabilities').
     ltiles, _ = T.extract_tiles(labels, cfg.tiling.size, cfg.tiling.margin)
-    parts = stats_parts(prob, labels, ltiles)
+    parts = stats_parts(prob, labels, ltiles, body=own)
     parts["dropped"] = dropped
     return ptiles, ltiles, grid, stats_from_parts([parts])
 
 
 # ----------------------------------------------------------------------------------------------- QC
-def stats_parts(prob: np.ndarray, labels: np.ndarray, label_tiles: np.ndarray | None = None) -> dict[str, Any]:
-    """Additive pieces of the QC statistics, so a large scan can sum them over its blocks."""
-    hist = np.histogram(prob[..., 0], bins=[0, 0.25, 0.5, 0.75, np.inf])[0]
+def stats_parts(prob: np.ndarray, labels: np.ndarray, label_tiles: np.ndarray | None = None,
+                body: np.ndarray | None = None) -> dict[str, Any]:
+    """Additive pieces of the QC statistics, so a large scan can sum them over its blocks. ``body``: the body
+    probability the histogram is taken of (``field_probabilities``' own pass); default ``prob``'s."""
+    hist = np.histogram(prob[..., 0] if body is None else body, bins=[0, 0.25, 0.5, 0.75, np.inf])[0]
     lt = labels if label_tiles is None else label_tiles
     _, cells = ndi.label(labels[..., 0])
     return {"hist": hist.astype(np.int64), "pixels": int(prob[..., 0].size),
@@ -295,22 +330,39 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
     with tempfile.TemporaryDirectory(prefix="hpc-retrain-prob-") as scratch:
         # Chunks of one tile stride: block edges fall on chunk edges, and a window's read decodes small chunks
         # instead of up to four whole blocks (~50 MB at once).
-        stitched = zarr.create_array(f"{scratch}/p.zarr", shape=grid.padded_shape + (2,), dtype="float32",
-                                     chunks=(s, s, 2), fill_value=0)
+        def predict(feats_c: TG.ScanFeatures, grid_c: T.TileGrid, path: str):
+            out = zarr.create_array(path, shape=grid_c.padded_shape + (2,), dtype="float32", chunks=(s, s, 2),
+                                    fill_value=0)
 
-        def predict_block(win: np.ndarray, b: TG.Block) -> None:
-            y = predict_tiles(model, TG.cut(win, grid, b), cfg.compute.batch_size)[..., :2]
-            stitched[b.r0 * s: b.r1 * s, b.c0 * s: b.c1 * s] = T.stitch_tiles(
-                y, T.TileGrid(((b.r1 - b.r0) * s, (b.c1 - b.c0) * s), S, m))
+            def predict_block(win: np.ndarray, b: TG.Block) -> None:
+                y = predict_tiles(model, TG.cut(win, grid_c, b), cfg.compute.batch_size)[..., :2]
+                out[b.r0 * s: b.r1 * s, b.c0 * s: b.c1 * s] = T.stitch_tiles(
+                    y, T.TileGrid(((b.r1 - b.r0) * s, (b.c1 - b.c0) * s), S, m))
 
-        TG.run_blocks(feats, grid, k, predict_block)
+            TG.run_blocks(feats_c, grid_c, k, predict_block)
+            return out
+
+        stitched = predict(feats, grid, f"{scratch}/p.zarr")
+        # The other widths' passes, each on its own rescaled grid; windows of them are resized to this grid
+        # (``blocks.rescale_window``: what ``resize_to`` gives for the whole map) and joined by maximum.
+        others = []
+        for i, c in enumerate(width_configs(cfg)):
+            f_c = TG.lazy_features(fluo, cfg.preprocess.fluorescence, c, source)
+            g_c = T.TileGrid(tuple(f_c.shape[:2]), S, m)
+            others.append((predict(f_c, g_c, f"{scratch}/p{i}.zarr"), g_c.shape))
+            del f_c
         # The linear intensity rides along as a third channel, so each window is cleaned (``clean``) with the
         # fluorescence under it; a dropped object's fate is decided per window (the window holds it whole
-        # unless it crosses the window's edge).
+        # unless it crosses the window's edge). The body of the pass at the mean width rides as a fourth, for QC.
 
         def both(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
             x = feats.prepared(r0, r1, c0, c1, gamma=1.0).astype(np.float32)
-            return np.concatenate([np.asarray(stitched[r0:r1, c0:c1]), x[..., None]], axis=-1)
+            p = np.asarray(stitched[r0:r1, c0:c1])
+            own = p[..., :1].copy()  # the pass at the mean width, for QC (see field_probabilities)
+            for arr, shape in others:
+                read = lambda a0, a1, b0, b1, arr=arr: np.asarray(arr[a0:a1, b0:b1])  # noqa: E731
+                np.maximum(p, B.rescale_window(read, shape, (h, w), (r0, r1), (c0, c1), np.float32), out=p)
+            return np.concatenate([p, x[..., None], own], axis=-1)
 
         def write(win: np.ndarray, b: TG.Block) -> dict[str, Any]:
             pwin = win[..., :2]
@@ -321,7 +373,7 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             TG.write_block(label_arr, first_tile, grid, b, ltiles)
             # the block's own part of the field (no margins, no padding) for the histogram and cell count
             rows, cols = slice(m, m + min(b.r1 * s, h) - b.r0 * s), slice(m, m + min(b.c1 * s, w) - b.c0 * s)
-            parts = stats_parts(pwin[rows, cols], lwin[rows, cols], ltiles)
+            parts = stats_parts(pwin[rows, cols], lwin[rows, cols], ltiles, body=win[rows, cols, 3])
             parts["dropped"] = dropped
             return parts
 

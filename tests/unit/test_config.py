@@ -10,6 +10,8 @@ def test_defaults_are_the_published_recipe():
     assert cfg.preprocess.brightfield.light_background is True
     assert cfg.preprocess.sigmas == (1.0, 1.5, 2.0)
     assert (cfg.labels.body_threshold, cfg.labels.contour_threshold) == (0.4, 0.1)
+    assert cfg.labels.width_factors == (0.7, 0.85, 1.0)  # MISIC's pass at the width, and two told narrower
+    assert RunConfig.load(None, ["labels.width_factors=[1,0.7,0.7]"]).labels.width_factors == (0.7, 1.0)
     assert (cfg.tiling.size, cfg.tiling.margin) == (256, 16)
     # Adam 1e-4, not the original 1e-3: see the learning_rate field; MISIC's post-processing by default
     assert cfg.train.learning_rate == 1e-4 and cfg.train.batch_size == 8
@@ -51,6 +53,8 @@ def test_yaml_then_overrides(tmp_path):
         ("preprocess.sigmas=[1,2]", "preprocess.sigmas"),
         ("train.epoch=3", "train.epoch"),  # a typo is refused, not ignored
         ("plate.pattern={well}.tif", "plate.pattern"),
+        ("labels.width_factors=[0.7,0.85]", "labels.width_factors"),  # 1.0: the labels' own grid
+        ("labels.width_factors=[0,1]", "labels.width_factors"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
