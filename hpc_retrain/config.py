@@ -168,8 +168,8 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: mixed_float16 on GPU only")
     keep_checkpoints: int = Field(3, ge=1)
     deterministic: bool = Field(False, description="TensorFlow op determinism (slower; for exact resumes)")
-    patience: int | None = Field(5, ge=1, description="stop after this many epochs without a better validation "
-                                 "instance F1 (none: run every epoch)")
+    patience: int | None = Field(5, ge=1, description="stop after this many epochs without a better epoch "
+                                 "(history.replaces_best: validation F1, then IoU; none: run every epoch)")
     # Fine-tuning first costs instance F1 while the masks grow to the labels' size, then gains: on ColiCoords the
     # folds stopped at epoch 5 exported epoch 0, those that ran on peaked at epochs 16-19.
     min_epochs: int = Field(10, ge=0, description="never stop early before this epoch")

@@ -12,8 +12,8 @@ explicit and saved together, so a run killed at any point continues bit-for-bit 
 Checkpoints (``run_dir/checkpoints``) are written at every epoch end and, on SIGTERM/SIGUSR2, after the
 training step in flight finishes ("interrupt" checkpoints, holding the batch position within the epoch), so
 a preempted job loses at most one step. Each is written to a temporary folder and renamed into place. The
-last ``keep_checkpoints`` epoch-end checkpoints and the best one (``history.selection_score``: validation
-instance F1, epoch 0 included) are kept.
+last ``keep_checkpoints`` epoch-end checkpoints and the best one (``history.replaces_best``: validation
+instance F1, equal within one validation cell, then body IoU; epoch 0 included) are kept.
 
 The pieces live beside this loop: :mod:`trainingdata` (split, weights, tile order, tile pipeline),
 :mod:`network` (loss, precision, encoder freezing, compiled steps), :mod:`checkpoints` and :mod:`history`
@@ -38,7 +38,7 @@ from hpc_retrain.checkpoints import (
     BEST, CKPT_DIR, Progress, _check_resume, latest_checkpoint, load_checkpoint, save_checkpoint)
 from hpc_retrain.config import RunConfig
 from hpc_retrain.history import (
-    plot_curves, selection_score, write_history, write_status)
+    plot_curves, replaces_best, selection_score, write_history, write_status)
 from hpc_retrain.network import (
     build_model, make_steps, use_mixed_precision)
 from hpc_retrain.trainingdata import (
@@ -234,8 +234,8 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         for epoch in range(prog.epoch + 1, tc.epochs + 1):
             if (tc.patience is not None and validator is not None and prog.since_best >= tc.patience
                     and prog.epoch >= tc.min_epochs):
-                log.info("stopping early: validation F1 has not improved for %d epochs (best %.4f at epoch %d)",
-                         prog.since_best, prog.best_score, prog.best_epoch)
+                log.info("stopping early: no better epoch by validation F1 and IoU for %d epochs (best: epoch %d)",
+                         prog.since_best, prog.best_epoch)
                 break
             order, codes, steps = epoch_plan(train_tiles, epoch, cfg.seed, tc.batch_size, tc.steps_per_epoch,
                                              tc.augment, tc.tiles_per_epoch)
@@ -275,10 +275,10 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
             row = validate({"epoch": epoch, "loss": prog.loss_sum / prog.seen, "accuracy": prog.acc_sum / prog.seen,
                             "time_s": round(dt, 3), "tiles_per_s": round(prog.seen / dt, 3) if dt > 0 else None})
             prog.history.append(row)
-            score = selection_score(row)
-            is_best = prog.best_score is None or score > prog.best_score
+            chosen = next((h for h in prog.history if h["epoch"] == prog.best_epoch), None)
+            is_best = replaces_best(row, chosen, prog.history, validator.n_cells if validator else 1)
             if is_best:
-                prog.best_score, prog.best_epoch, prog.since_best = score, epoch, 0
+                prog.best_score, prog.best_epoch, prog.since_best = selection_score(row), epoch, 0
             else:
                 prog.since_best += 1
             prog.epoch, prog.step, prog.loss_sum, prog.acc_sum, prog.seen, prog.elapsed_s = epoch, 0, 0.0, 0.0, 0, 0.0
@@ -315,12 +315,14 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
                "best_epoch": prog.best_epoch, "best_score": prog.best_score, "pos_weight": prog.pos_weight,
                "train_fields": prog.train_fields, "val_fields": prog.val_fields,
                "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1")}}
+    if validator is not None:
+        metrics["validation"]["validation_cells"] = validator.n_cells
     from hpc_retrain.validation import MIN_CALIBRATION_CELLS
 
     if validator is not None and cfg.train.calibrate and validator.n_cells < MIN_CALIBRATION_CELLS:
         log.info("post-processing not calibrated: the validation fields hold %d cells (fewer than %d); "
                  "MISIC's thresholds are kept", validator.n_cells, MIN_CALIBRATION_CELLS)
-        metrics["validation"].update(calibrated=False, validation_cells=validator.n_cells)
+        metrics["validation"].update(calibrated=False)
     elif validator is not None and cfg.train.calibrate:
         th = validator.calibrate(val_pass()[1])
         cfg = cfg.updated(infer__body_threshold=th.body, infer__marker_threshold=th.marker)

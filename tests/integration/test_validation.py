@@ -15,6 +15,7 @@ from hpc_retrain import cli, preparation, synth
 from hpc_retrain import store as S
 from hpc_retrain import training as tr
 from hpc_retrain.config import RunConfig
+from hpc_retrain.history import replaces_best
 from hpc_retrain.validation import FieldValidator, drop_specks
 
 cli.build_parser()  # import every stage before TensorFlow (see test_infer.py)
@@ -71,8 +72,11 @@ def test_run_exports_best_epoch_with_calibrated_thresholds_and_the_store_preproc
     # The exported model is the best epoch's: its weights are that checkpoint's.
     best = run / "checkpoints" / "best"
     assert json.loads((best / "state.json").read_text())["epoch"] == m["best_epoch"]
-    scores = [tr.selection_score(h) for h in hist]
-    assert m["best_epoch"] == int(np.argmax(scores))
+    chosen = None
+    for h in hist:  # the rule replayed epoch by epoch: F1 within one validation cell counts as equal, then IoU
+        if replaces_best(h, chosen, [g for g in hist if g["epoch"] <= h["epoch"]], m["validation"]["validation_cells"]):
+            chosen = h
+    assert m["best_epoch"] == chosen["epoch"]
     from hpc_retrain import model as M
 
     exported = M.load(run / "model.keras")

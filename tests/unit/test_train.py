@@ -211,3 +211,41 @@ def test_resume_compares_fixed_settings_and_a_field_added_since_with_its_default
     assert changed_fixed_settings(dict(old, batch_size=2), cfg) == [("batch_size", 2, cfg.train.batch_size)]
     assert [k for k, _, _ in changed_fixed_settings(old, cfg.updated(train__tiles_per_epoch=32))] == \
         ["tiles_per_epoch"]
+
+
+def test_best_epoch_counts_f1_within_one_validation_cell_as_equal_then_iou():
+    from hpc_retrain.history import replaces_best
+
+    def replay(rows, cells):
+        hist, chosen, picks = [], None, []
+        for e, (f1, iou) in enumerate(rows):
+            row = {"epoch": e, "loss": 1.0, "val_f1": f1, "val_iou": iou}
+            hist.append(row)
+            if replaces_best(row, chosen, hist, cells):
+                chosen = row
+            picks.append(chosen["epoch"])
+        return picks
+
+    # ColiCoords fold 2 (14 validation cells): F1 peaks early by less than a cell while IoU keeps rising
+    f1 = [0.522, 0.667, 0.720, 0.720, 0.692, 0.667, 0.667, 0.667, 0.667, 0.667, 0.643]
+    iou = [0.34, 0.38, 0.41, 0.44, 0.46, 0.47, 0.48, 0.49, 0.50, 0.51, 0.53]
+    assert replay(list(zip(f1, iou)), 14) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]  # 0.643 is more than 1/14 below
+    # with many validation cells the same numbers are real differences: the top F1 stays chosen
+    assert replay(list(zip(f1, iou)), 1000) == [0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3]
+    # an F1 more than a cell above the chosen epoch wins even with a lower IoU
+    assert replay([(0.5, 0.6), (0.7, 0.4)], 10) == [0, 1]
+    # without validation fields: the lower training loss
+    assert replace_loss_only() == [0, 0, 2]
+
+
+def replace_loss_only():
+    from hpc_retrain.history import replaces_best
+
+    hist, chosen, picks = [], None, []
+    for e, loss in enumerate([1.0, 1.2, 0.8]):
+        row = {"epoch": e, "loss": loss}
+        hist.append(row)
+        if replaces_best(row, chosen, hist, 0):
+            chosen = row
+        picks.append(chosen["epoch"])
+    return picks
