@@ -201,18 +201,17 @@ def _stitched(fluo: np.ndarray, model, cfg: RunConfig, source: str) -> tuple[np.
 
 
 def field_probabilities(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
-                        ) -> tuple[np.ndarray, T.TileGrid, np.ndarray]:
-    """Stitched MISIC probabilities (H', W', 2) float32 at the rescaled resolution, their tile grid, and the body
-    probability of the pass at the mean width itself (what QC judges: its limits were set on MISIC's own
-    pass, and the maximum over passes widens every cell's uncertain fringe). The probabilities are the
-    maximum over ``labels.width_factors``, each pass resized to this grid as MISIC resizes its output."""
+                        ) -> tuple[np.ndarray, T.TileGrid]:
+    """Stitched MISIC probabilities (H', W', 2) float32 at the rescaled resolution, and their tile grid: the
+    maximum over ``labels.width_factors``, each pass resized to this grid as MISIC resizes its output. QC
+    judges these, the labels' own probabilities (on ColiCoords a field MISIC is unsure of at the mean width
+    alone, 51 % of its candidate pixels uncertain, is 45 % over the passes)."""
     from hpc_retrain.infer import resize_to
 
     prob, grid = _stitched(fluo, model, cfg, source)
-    own = prob[..., 0].copy()
     for c in width_configs(cfg):
         np.maximum(prob, resize_to(_stitched(fluo, model, c, source)[0], prob.shape[:2]), out=prob)
-    return prob, grid, own
+    return prob, grid
 
 
 def teacher(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image") -> np.ndarray:
@@ -230,7 +229,7 @@ def teacher(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image") -> n
 
 def label_field(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (H', W', 2) float32, labels (H', W', 2) uint8) of one in-memory fluorescence image."""
-    prob = field_probabilities(fluo, model, cfg, source)[0]
+    prob, _ = field_probabilities(fluo, model, cfg, source)
     return prob, clean(prob, binarize(prob, cfg), scaled_intensity(fluo, cfg, source), cfg)[0]
 
 
@@ -238,22 +237,20 @@ def label_tiles(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image"
                 ) -> tuple[np.ndarray, np.ndarray, T.TileGrid, dict[str, float]]:
     """What the store holds for one field: probability tiles (N, S, S, 2) float32, label tiles uint8,
     the grid (identical to the target tiles' grid) and the field's QC statistics."""
-    prob, grid, own = field_probabilities(fluo, model, cfg, source)
+    prob, grid = field_probabilities(fluo, model, cfg, source)
     labels, dropped = clean(prob, binarize(prob, cfg), scaled_intensity(fluo, cfg, source), cfg)
     ptiles, _ = T.extract_tiles(prob, cfg.tiling.size, cfg.tiling.margin)
     # Label tiles are cut from the cleaned field (its tile margins reflect like the probabilities').
     ltiles, _ = T.extract_tiles(labels, cfg.tiling.size, cfg.tiling.margin)
-    parts = stats_parts(prob, labels, ltiles, body=own)
+    parts = stats_parts(prob, labels, ltiles)
     parts["dropped"] = dropped
     return ptiles, ltiles, grid, stats_from_parts([parts])
 
 
 # ----------------------------------------------------------------------------------------------- QC
-def stats_parts(prob: np.ndarray, labels: np.ndarray, label_tiles: np.ndarray | None = None,
-                body: np.ndarray | None = None) -> dict[str, Any]:
-    """Additive pieces of the QC statistics, so a large scan can sum them over its blocks. ``body``: the body
-    probability the histogram is taken of (``field_probabilities``' own pass); default ``prob``'s."""
-    hist = np.histogram(prob[..., 0] if body is None else body, bins=[0, 0.25, 0.5, 0.75, np.inf])[0]
+def stats_parts(prob: np.ndarray, labels: np.ndarray, label_tiles: np.ndarray | None = None) -> dict[str, Any]:
+    """Additive pieces of the QC statistics, so a large scan can sum them over its blocks."""
+    hist = np.histogram(prob[..., 0], bins=[0, 0.25, 0.5, 0.75, np.inf])[0]
     lt = labels if label_tiles is None else label_tiles
     _, cells = ndi.label(labels[..., 0])
     return {"hist": hist.astype(np.int64), "pixels": int(prob[..., 0].size),
@@ -353,16 +350,15 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             del f_c
         # The linear intensity rides along as a third channel, so each window is cleaned (``clean``) with the
         # fluorescence under it; a dropped object's fate is decided per window (the window holds it whole
-        # unless it crosses the window's edge). The body of the pass at the mean width rides as a fourth, for QC.
+        # unless it crosses the window's edge).
 
         def both(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
             x = feats.prepared(r0, r1, c0, c1, gamma=1.0).astype(np.float32)
             p = np.asarray(stitched[r0:r1, c0:c1])
-            own = p[..., :1].copy()  # the pass at the mean width, for QC (see field_probabilities)
             for arr, shape in others:
                 read = lambda a0, a1, b0, b1, arr=arr: np.asarray(arr[a0:a1, b0:b1])  # noqa: E731
                 np.maximum(p, B.rescale_window(read, shape, (h, w), (r0, r1), (c0, c1), np.float32), out=p)
-            return np.concatenate([p, x[..., None], own], axis=-1)
+            return np.concatenate([p, x[..., None]], axis=-1)
 
         def write(win: np.ndarray, b: TG.Block) -> dict[str, Any]:
             pwin = win[..., :2]
@@ -373,7 +369,7 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             TG.write_block(label_arr, first_tile, grid, b, ltiles)
             # the block's own part of the field (no margins, no padding) for the histogram and cell count
             rows, cols = slice(m, m + min(b.r1 * s, h) - b.r0 * s), slice(m, m + min(b.c1 * s, w) - b.c0 * s)
-            parts = stats_parts(pwin[rows, cols], lwin[rows, cols], ltiles, body=win[rows, cols, 3])
+            parts = stats_parts(pwin[rows, cols], lwin[rows, cols], ltiles)
             parts["dropped"] = dropped
             return parts
 

@@ -223,18 +223,6 @@ def test_qc_flags_sharp_blurred_and_empty_fluorescence(pretrained_model):
     assert seen["empty"] and "no cells" in seen["empty"][0]
 
 
-def test_qc_judges_the_pass_at_the_mean_width(pretrained_model):
-    """The probability histogram QC reads comes from MISIC's pass at the mean width, whatever other passes
-    ``labels.width_factors`` adds to the labels (their maximum widens each cell's uncertain fringe)."""
-    f = synth.render_field(2, (256, 256), mean_width=7.0)
-    cfg = RunConfig().updated(preprocess__mean_width=7.0)
-    one = L.label_tiles(f.fluorescence, pretrained_model, cfg.updated(labels__width_factors=(1.0,)))
-    multi = L.label_tiles(f.fluorescence, pretrained_model, cfg)
-    assert cfg.labels.width_factors != (1.0,)
-    for k in ("body_q1", "body_q2", "body_q3", "body_q4"):
-        assert multi[3][k] == pytest.approx(one[3][k], abs=1e-9)
-    assert multi[3]["positive_body"] > one[3]["positive_body"]  # the labels did change
-
 
 # ------------------------------------------------------------------------------- label cleaning
 def _blob_probs(shape, boxes):
