@@ -30,11 +30,13 @@ def test_demo_runs_every_stage_into_one_folder(tmp_path):
     for name in ("pretrained", "retrained"):
         f1 = next(r["f1"] for r in summary["scores"][name] if r["threshold"] == 0.5)
         assert 0 < f1 <= 1
-    # The exported model is the best epoch on the validation fields, the starting model included, and the
-    # thresholds calibrated there never score below MISIC's on those fields. (A margin against the true
-    # masks needs more training than fits in CI; benchmarks/RESULTS.md has the full demo's figures.)
+    # The exported model is the best epoch on the validation fields, the starting model included (F1s within
+    # one validation cell count as equal, history.replaces_best), and the thresholds calibrated there never
+    # score below MISIC's on those fields. (A margin against the true masks needs more training than fits in
+    # CI; benchmarks/RESULTS.md has the full demo's figures.)
     v = json.loads((out / "run" / "metrics.json").read_text())["validation"]
-    assert v["exported_model_f1"] >= v["starting_model_f1"] and v["calibrated_f1"] >= v["exported_model_f1"]
+    assert v["exported_model_f1"] >= v["starting_model_f1"] - 1 / v["validation_cells"]
+    assert v["calibrated_f1"] >= v["exported_model_f1"]
     text = (out / "summary.txt").read_text()
     assert "pretrained" in text and "retrained" in text and "F1 at IoU 0.5" in text
 
