@@ -68,11 +68,8 @@ class FieldValidator:
             else:  # a store without MISIC's probabilities (made by hand): the body label's regions
                 cells = ndi.label(body)[0].astype(I.LABEL_DTYPE)
             self.teacher.append(drop_specks(cells, SCALED_WIDTH))
-
-    @property
-    def n_cells(self) -> int:
-        """Teacher cells over all validation fields."""
-        return sum(len(np.unique(t)) - 1 for t in self.teacher)
+        # Teacher cells over all validation fields: counted once (training reads it every epoch).
+        self.n_cells = sum(len(np.unique(t)) - 1 for t in self.teacher)
 
     @property
     def n_tiles(self) -> int:
