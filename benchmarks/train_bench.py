@@ -3,10 +3,12 @@
 Pipelines: ``zarr`` is the real one (tf.data reading tiles from the training store, augmenting, batching,
 prefetching); ``device`` feeds one batch already resident on the accelerator, the upper bound the model
 itself allows. Their ratio shows how much the input pipeline costs; mixed/float32 shows what
-``mixed_float16`` buys.
+``mixed_float16`` buys on a GPU, bfloat16/float32 what ``mixed_bfloat16`` buys on a CPU that has it natively
+(training's ``train.mixed_precision: auto`` picks it there).
 
     python -m benchmarks.train_bench                       # GPU: batches 8 and 32, float32 and mixed
     python -m benchmarks.train_bench --quick               # CPU smoke run: tiny store, few steps
+    python -m benchmarks.train_bench --parts precision --steps 3 --reps 3   # float32 vs the auto policy, alternating
     python -m benchmarks.train_bench --store STORE --out results.json
 
 Without ``--store`` a synthetic store of random tiles is written to a temporary folder (throughput does not
@@ -66,7 +68,10 @@ def synthetic_store(path: Path, n_tiles: int, size: int = 256) -> Path:
     return path
 
 
-def bench_one(store: Path, batch: int, mixed: bool, pipeline: str, steps: int, warmup: int) -> float:
+POLICIES = {"float32": "float32", "mixed": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+
+
+def bench_one(store: Path, batch: int, precision: str, pipeline: str, steps: int, warmup: int) -> float:
     """Tiles per second over ``steps`` training steps after ``warmup`` (tracing, autotuning)."""
     import keras
     import tensorflow as tf
@@ -75,9 +80,9 @@ def bench_one(store: Path, batch: int, mixed: bool, pipeline: str, steps: int, w
 
     keras.backend.clear_session()
     cfg = RunConfig()
-    net, _ = tr.build_model(cfg, mixed)
+    net, _ = tr.build_model(cfg, POLICIES[precision])
     opt = keras.optimizers.Adam(1e-3)
-    if mixed:
+    if precision == "mixed":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     reader = tr.TileReader(store)
     train_step, _ = tr.make_steps(net, opt, np.array([3.0, 15.0]), reader.size)
@@ -165,7 +170,7 @@ def efficiency(store: Path, batch: int, infer_batch: int, steps: int, warmup: in
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     cfg = RunConfig()
-    net, _ = tr.build_model(cfg, False)
+    net, _ = tr.build_model(cfg, "float32")
     opt = keras.optimizers.Adam(cfg.train.learning_rate)
     opt.build(net.trainable_variables)
     reader = tr.TileReader(store)
@@ -280,16 +285,56 @@ def efficiency_table(e: dict) -> str:
     return "\n".join(out)
 
 
+def precision_speedup(store: Path, batch: int, policy: str, steps: int, warmup: int, reps: int) -> dict:
+    """The training step in float32 and in ``policy`` (what ``train.mixed_precision: auto`` picks here), same
+    in-memory batch, alternating repetition by repetition; speed-ups on the wall clock and on CPU time."""
+    import keras
+    import tensorflow as tf
+
+    from hpc_retrain import training as tr
+
+    keras.backend.clear_session()
+    reader = tr.TileReader(store)
+    xs, ys = zip(*(reader.read(i % int(st.open_store(store)["targets"].shape[0])) for i in range(batch)))
+    x, y = tf.constant(np.stack(xs)), tf.constant(np.stack(ys).astype(np.float32))
+    steps_by = {}
+    for pol in ("float32", policy):
+        net, _ = tr.build_model(RunConfig(), pol)
+        opt = keras.optimizers.Adam(1e-4)
+        if pol == "mixed_float16":
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+        steps_by[pol] = tr.make_steps(net, opt, np.array([3.0, 15.0]), reader.size)[0]
+        for _ in range(max(warmup, 1)):
+            float(steps_by[pol](x, y)[0])
+    wall = {p: [] for p in steps_by}
+    cpu = {p: [] for p in steps_by}
+    for _ in range(reps):
+        for pol, step in steps_by.items():
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                loss = step(x, y)[0]
+            float(loss)
+            wall[pol].append((time.perf_counter() - t) / steps)
+            cpu[pol].append((time.process_time() - c) / steps)
+    med = {p: (float(np.median(wall[p])), float(np.median(cpu[p]))) for p in steps_by}
+    return {"policy": policy, "batch": batch, "steps": steps, "reps": reps,
+            "s_per_step": {p: {"wall": w, "cpu": c} for p, (w, c) in med.items()},
+            "speedup": med["float32"][0] / med[policy][0], "speedup_cpu": med["float32"][1] / med[policy][1]}
+
+
 def main(argv: list[str] | None = None) -> int:
     from hpc_retrain.config import InferConfig, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, help="training store to read (default: a synthetic one)")
     p.add_argument("--parts", default="table,efficiency",
-                   help="table (batch sizes x precisions x pipelines) and/or efficiency (default both)")
+                   help="table (batch sizes x precisions x pipelines), efficiency and/or precision (the "
+                   "training step in float32 vs the policy `train.mixed_precision: auto` picks here, alternating; "
+                   "default table,efficiency)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 8,32; --quick: 2)")
     p.add_argument("--precisions", default=None,
-                   help="float32 and/or mixed (default both; --quick on a CPU: float32, as float16 is emulated there)")
+                   help="float32, mixed (float16) and/or bfloat16 (default on a GPU: float32,mixed; on a CPU: "
+                   "float32, and bfloat16 where the CPU has it natively, as training does)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 20; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --quick: 1)")
     p.add_argument("--efficiency-batch", type=int, default=TrainConfig().batch_size,
@@ -309,12 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    precisions = [x.strip() for x in (a.precisions or ("float32" if a.quick and not gpus else "float32,mixed")).split(",")]
+    from hpc_retrain.network import cpu_has_native_bfloat16
+
+    cpu_default = "float32,bfloat16" if cpu_has_native_bfloat16() else "float32"
+    precisions = [x.strip() for x in (a.precisions or ("float32,mixed" if gpus else cpu_default)).split(",")]
     for g in gpus:
         tf.config.experimental.set_memory_growth(g, True)
     device = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else \
         f"CPU ({platform.processor() or platform.machine()})"
-    rows, eff = [], None
+    rows, eff, prec = [], None, None
     with tempfile.TemporaryDirectory() as tmp:
         store = a.store or synthetic_store(Path(tmp) / "bench.zarr", 8 if a.quick else 64)
         if "table" in parts:
@@ -322,12 +370,17 @@ def main(argv: list[str] | None = None) -> int:
                 for prec in precisions:
                     r = {"batch": batch, "precision": prec}
                     for pipe in ("zarr", "device"):
-                        r[pipe] = bench_one(store, batch, prec == "mixed", pipe, steps, warmup)
+                        r[pipe] = bench_one(store, batch, prec, pipe, steps, warmup)
                         print(f"  batch {batch:3d} {prec:8s} {pipe:6s} {r[pipe]:8.2f} tiles/s", file=sys.stderr,
                               flush=True)
                     rows.append(r)
         if "efficiency" in parts:
             eff = efficiency(store, a.efficiency_batch, InferConfig().batch_size, steps, warmup, reps, a.xla)
+        if "precision" in parts:
+            from hpc_retrain.network import precision_policy
+
+            pol = precision_policy("auto")
+            prec = None if pol == "float32" else precision_speedup(store, a.efficiency_batch, pol, steps, warmup, reps)
 
     if rows:
         f32 = {r["batch"]: r for r in rows if r["precision"] == "float32"}
@@ -347,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         out.update({k: eff[k] for k in ("efficiency", "efficiency_device", "efficiency_cpu", "efficiency_device_cpu",
                                         "train_tiles_s", "inference_tiles_s")},
                    efficiency_batch=eff["batch"], efficiency_detail=eff)
+    if prec is not None:
+        sp = prec["s_per_step"]
+        print(f"\ntraining step, batch {prec['batch']}: float32 {sp['float32']['wall']:.2f} s, {prec['policy']} "
+              f"{sp[prec['policy']]['wall']:.2f} s: {prec['speedup']:.2f}x ({prec['speedup_cpu']:.2f}x in CPU time)")
+        out.update(precision_speedup=prec["speedup"], precision_speedup_cpu=prec["speedup_cpu"], precision_detail=prec)
+    elif "precision" in parts:
+        print("\nprecision: `train.mixed_precision: auto` trains in float32 here; nothing to compare")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1))
     print(f"written {a.out}")

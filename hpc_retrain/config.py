@@ -165,7 +165,9 @@ class TrainConfig(_Section):
     # recall from 0.25 to 0.63 (benchmarks/RESULTS.md, section 5).
     tiles_per_epoch: int | None = Field(64, ge=1, description="at least this many tiles an epoch (tiles repeat, "
                                         "augmented anew); none: each tile once")
-    mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: mixed_float16 on GPU only")
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bfloat16 "
+        "(AVX512_BF16 or AMX), else float32; on: also bfloat16 on other CPUs (emulated, slow); off: float32")
     keep_checkpoints: int = Field(3, ge=1)
     deterministic: bool = Field(False, description="TensorFlow op determinism (slower; for exact resumes)")
     patience: int | None = Field(5, ge=1, description="stop after this many epochs without a better epoch "

@@ -40,7 +40,7 @@ from hpc_retrain.config import RunConfig
 from hpc_retrain.history import (
     plot_curves, replaces_best, selection_score, write_history, write_status)
 from hpc_retrain.network import (
-    build_model, make_steps, use_mixed_precision)
+    build_model, make_steps, precision_policy)
 from hpc_retrain.trainingdata import (
     TileReader, TrainingError, epoch_plan, field_tiles, make_dataset, positive_weights, split_fields)
 
@@ -152,10 +152,10 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     if tc.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(cfg.seed)  # before building: Dropout seed generators draw from it
-    mixed = use_mixed_precision(tc.mixed_precision)
-    net, export = build_model(cfg, mixed)
+    policy = precision_policy(tc.mixed_precision)
+    net, export = build_model(cfg, policy)
     opt = keras.optimizers.Adam(tc.learning_rate)
-    if mixed:
+    if policy == "mixed_float16":  # float16's narrow range needs loss scaling; bfloat16 has float32's
         opt = keras.optimizers.LossScaleOptimizer(opt)
 
     ckpt = latest_checkpoint(run_dir)
@@ -183,7 +183,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     log.info("store %s: %d training tiles (%d fields), %d validation tiles (%d fields); pos_weight %s; "
              "batch %d; lr %g; init %s; %s", store, len(train_tiles), len(train_fields), len(val_tiles),
              len(val_fields), np.round(pos_w, 3).tolist(), tc.batch_size, tc.learning_rate, tc.init,
-             "mixed_float16" if mixed else "float32")
+             policy)
     if len(val_tiles) == 0:
         log.warning("no validation fields (need at least 2 usable fields); the last epoch is exported, "
                     "thresholds stay MISIC's")
@@ -294,10 +294,11 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                             signal.Signals(stop.signum).name, epoch)
                 raise TrainingInterrupted(stop.signum, latest_checkpoint(run_dir), stop.previous.get(stop.signum))
 
-    return _finish(cfg, run_dir, prog, net, opt, export, validator, val_pass)
+    return _finish(cfg, run_dir, prog, net, opt, export, validator, val_pass, policy)
 
 
-def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_pass) -> dict:
+def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_pass,
+            policy: str) -> dict:
     """Export the best epoch's float32 model with thresholds calibrated on the validation fields."""
     best = run_dir / CKPT_DIR / BEST
     if validator is not None and (best / "state.json").is_file():
@@ -313,7 +314,7 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
     chosen = next((h for h in prog.history if h["epoch"] == prog.best_epoch), prog.history[-1] if prog.history else {})
     metrics = {"epochs": prog.epoch, "final": prog.history[-1] if prog.history else {},
                "best_epoch": prog.best_epoch, "best_score": prog.best_score, "pos_weight": prog.pos_weight,
-               "train_fields": prog.train_fields, "val_fields": prog.val_fields,
+               "train_fields": prog.train_fields, "val_fields": prog.val_fields, "precision": policy,
                "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1")}}
     if validator is not None:
         metrics["validation"]["validation_cells"] = validator.n_cells

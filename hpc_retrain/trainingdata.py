@@ -127,6 +127,9 @@ def _unreadable_tile(reader: TileReader, i: int, e: Exception) -> str:
             f"fields with missing chunks")
 
 
+PIPELINE_DEPTH = 2
+
+
 def make_dataset(reader: TileReader, tiles: np.ndarray, codes: np.ndarray, batch: int):
     """Batches of (target, label) read in parallel from Zarr, in the given order, augmented by code."""
     import tensorflow as tf
@@ -140,8 +143,14 @@ def make_dataset(reader: TileReader, tiles: np.ndarray, codes: np.ndarray, batch
         return augment_pair(x, tf.cast(y, tf.float32), code)
 
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(tiles, np.int64), np.asarray(codes, np.int32)))
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(load, num_parallel_calls=PIPELINE_DEPTH, deterministic=True)
+    # Fixed depths with tf.data's autotuning off: its background thread sleeps in periods that double up to 60 s,
+    # and an epoch's iterator waited for it at its end, so epochs took multiples of 20.5 s (20.5, 41, 82, 142 s
+    # for ~20 s of steps, 2 cores; benchmarks/RESULTS.md section 4). A tile reads in ~4 ms: 2 in flight and 2
+    # batches ready keep a step fed.
+    opts = tf.data.Options()
+    opts.autotune.enabled = False
+    return ds.batch(batch).prefetch(PIPELINE_DEPTH).with_options(opts)
 
 
 def augment_pair(x, y, code):

@@ -88,7 +88,7 @@ def _reference(run: Path, ckpt: Path):
     from hpc_retrain import training as tr
 
     cfg = RunConfig.read_saved(run)
-    net, _ = tr.build_model(cfg, mixed=False)
+    net, _ = tr.build_model(cfg)
     tr.load_checkpoint(ckpt, net, keras.optimizers.Adam(cfg.train.learning_rate))
     return net
 

@@ -162,6 +162,36 @@ def test_mixed_precision_model_keeps_weights_and_a_float32_output(misic):
     np.testing.assert_allclose(out.numpy(), misic(x, training=False).numpy(), atol=0.05)
 
 
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert nw.cpu_has_native_bfloat16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")  # AVX-512 alone: emulated
+    assert not nw.cpu_has_native_bfloat16(str(info))
+    assert not nw.cpu_has_native_bfloat16(str(tmp_path / "absent"))  # not Linux: float32
+
+
+@pytest.mark.parametrize("native, setting, policy", [
+    (True, "auto", "mixed_bfloat16"), (False, "auto", "float32"), (False, "on", "mixed_bfloat16"),
+    (True, "off", "float32")])
+def test_precision_policy_on_a_cpu(monkeypatch, native, setting, policy):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU takes float16")
+    monkeypatch.setattr(nw, "cpu_has_native_bfloat16", lambda: native)
+    assert nw.precision_policy(setting) == policy
+
+
+def test_bfloat16_model_keeps_weights_and_a_float32_output(misic):
+    net = nw.with_policy(misic, "mixed_bfloat16")
+    assert net.layers[1].compute_dtype == "bfloat16" and net.layers[-1].compute_dtype == "float32"
+    x = np.random.default_rng(0).standard_normal((1, 256, 256, 3)).astype(np.float32)
+    out = net(x, training=False)
+    assert out.dtype == "float32"
+    np.testing.assert_allclose(out.numpy(), misic(x, training=False).numpy(), atol=0.05)
+
+
 # ------------------------------------------------------------------------------------------ training
 def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store, tmp_path):
     """Batch 8 (the default) on CPU; a second call with more epochs continues, not restarts."""
@@ -173,6 +203,7 @@ def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store
                  "config.yaml", "train.log", "metrics.json"):
         assert (run / name).is_file(), name
     assert m["epochs"] == 1 and 0 <= m["final"]["val_dice"] <= 1 and m["final"]["val_loss"] > 0
+    assert m["precision"] == nw.precision_policy(cfg.train.mixed_precision)  # recorded beside the model
     assert RunConfig.read_saved(run).train.batch_size == 8
     assert "epoch 1/1 loss" in (run / "train.log").read_text()
 
