@@ -274,7 +274,7 @@ def efficiency_table(e: dict) -> str:
            f"{e['efficiency_device']:.2f} (in memory){xla('')}",
            f"  the same on CPU time (robust to other jobs): {e['efficiency_cpu']:.2f} (Zarr), "
            f"{e['efficiency_device_cpu']:.2f} (in memory){xla('_cpu')}",
-           f"  where a training step's time goes (per tile; share of the Zarr step):",
+           "  where a training step's time goes (per tile; share of the Zarr step):",
            f"    {'':30s} {'wall s':>8} {'share':>7} {'CPU s':>8} {'share':>7}"]
     for k in w["seconds_per_tile"]:
         out.append(f"    {k:30s} {w['seconds_per_tile'][k]:8.3f} {w['share_of_step'][k]:7.1%} "
