@@ -4,11 +4,11 @@ Pipelines: ``zarr`` is the real one (tf.data reading tiles from the training sto
 prefetching); ``device`` feeds one batch already resident on the accelerator, the upper bound the model
 itself allows. Their ratio shows how much the input pipeline costs; mixed/float32 shows what
 ``mixed_float16`` buys on a GPU, bfloat16/float32 what ``mixed_bfloat16`` buys on a CPU that has it natively
-(training's ``train.mixed_precision: auto`` picks it there).
+(training's ``train.mixed_precision: on`` picks it there).
 
     python -m benchmarks.train_bench                       # GPU: batches 8 and 32, float32 and mixed
     python -m benchmarks.train_bench --quick               # CPU smoke run: tiny store, few steps
-    python -m benchmarks.train_bench --parts precision --steps 3 --reps 3   # float32 vs the auto policy, alternating
+    python -m benchmarks.train_bench --parts precision --steps 3 --reps 3   # float32 vs the `on` policy, alternating
     python -m benchmarks.train_bench --store STORE --out results.json
 
 Without ``--store`` a synthetic store of random tiles is written to a temporary folder (throughput does not
@@ -286,7 +286,7 @@ def efficiency_table(e: dict) -> str:
 
 
 def precision_speedup(store: Path, batch: int, policy: str, steps: int, warmup: int, reps: int) -> dict:
-    """The training step in float32 and in ``policy`` (what ``train.mixed_precision: auto`` picks here), same
+    """The training step in float32 and in ``policy`` (what ``train.mixed_precision: on`` picks here), same
     in-memory batch, alternating repetition by repetition; speed-ups on the wall clock and on CPU time."""
     import keras
     import tensorflow as tf
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, help="training store to read (default: a synthetic one)")
     p.add_argument("--parts", default="table,efficiency",
                    help="table (batch sizes x precisions x pipelines), efficiency and/or precision (the "
-                   "training step in float32 vs the policy `train.mixed_precision: auto` picks here, alternating; "
+                   "training step in float32 vs the policy `train.mixed_precision: on` picks here, alternating; "
                    "default table,efficiency)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 8,32; --quick: 2)")
     p.add_argument("--precisions", default=None,
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if "precision" in parts:
             from hpc_retrain.network import precision_policy
 
-            pol = precision_policy("auto")
+            pol = precision_policy("on")
             prec = None if pol == "float32" else precision_speedup(store, a.efficiency_batch, pol, steps, warmup, reps)
 
     if rows:
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{sp[prec['policy']]['wall']:.2f} s: {prec['speedup']:.2f}x ({prec['speedup_cpu']:.2f}x in CPU time)")
         out.update(precision_speedup=prec["speedup"], precision_speedup_cpu=prec["speedup_cpu"], precision_detail=prec)
     elif "precision" in parts:
-        print("\nprecision: `train.mixed_precision: auto` trains in float32 here; nothing to compare")
+        print("\nprecision: `train.mixed_precision: on` trains in float32 here; nothing to compare")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1))
     print(f"written {a.out}")

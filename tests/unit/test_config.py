@@ -43,6 +43,16 @@ def test_yaml_then_overrides(tmp_path):
     assert str(cfg.plate.path) == "/data/plate"
 
 
+def test_bare_on_and_off_mean_the_words_yaml_would_read_as_booleans(tmp_path):
+    for word in ("on", "off"):
+        assert RunConfig.load(None, [f"train.mixed_precision={word}"]).train.mixed_precision == word
+        p = tmp_path / f"{word}.yaml"
+        p.write_text(f"train:\n  mixed_precision: {word}\n")
+        assert RunConfig.load(p).train.mixed_precision == word
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        RunConfig.load(None, ["train.mixed_precision=1"])
+
+
 @pytest.mark.parametrize(
     "override, field",
     [

@@ -172,7 +172,7 @@ def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
 
 
 @pytest.mark.parametrize("native, setting, policy", [
-    (True, "auto", "mixed_bfloat16"), (False, "auto", "float32"), (False, "on", "mixed_bfloat16"),
+    (True, "auto", "float32"), (True, "on", "mixed_bfloat16"), (False, "on", "mixed_bfloat16"),
     (True, "off", "float32")])
 def test_precision_policy_on_a_cpu(monkeypatch, native, setting, policy):
     import tensorflow as tf
