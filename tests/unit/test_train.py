@@ -139,6 +139,12 @@ def test_dataset_reads_store_tiles_in_order(small_store):
     np.testing.assert_array_equal(y, root["labels"][:][order].astype(np.float32))
 
 
+def test_dataset_runs_without_the_autotuner(small_store):
+    # The autotuner's thread made each epoch's iterator wait 20-60 s at its end (benchmarks/RESULTS.md, 4b).
+    ds = tr.make_dataset(tr.TileReader(small_store), np.arange(4), np.zeros(4, np.int32), batch=2)
+    assert ds.options().autotune.enabled is False
+
+
 # ------------------------------------------------------------------------------------------ model
 def test_finetune_decoder_freezes_through_the_bottleneck(misic):
     import keras
