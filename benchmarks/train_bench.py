@@ -81,9 +81,7 @@ def bench_one(store: Path, batch: int, precision: str, pipeline: str, steps: int
     keras.backend.clear_session()
     cfg = RunConfig()
     net, _ = tr.build_model(cfg, POLICIES[precision])
-    opt = keras.optimizers.Adam(1e-3)
-    if precision == "mixed":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
+    opt = tr.make_optimizer(1e-3, POLICIES[precision])
     reader = tr.TileReader(store)
     train_step, _ = tr.make_steps(net, opt, np.array([3.0, 15.0]), reader.size)
     n_tiles = int(st.open_store(store)["targets"].shape[0])
@@ -295,15 +293,13 @@ def precision_speedup(store: Path, batch: int, policy: str, steps: int, warmup: 
 
     keras.backend.clear_session()
     reader = tr.TileReader(store)
-    xs, ys = zip(*(reader.read(i % int(st.open_store(store)["targets"].shape[0])) for i in range(batch)))
+    n_tiles = int(reader.targets.shape[0])
+    xs, ys = zip(*(reader.read(i % n_tiles) for i in range(batch)))
     x, y = tf.constant(np.stack(xs)), tf.constant(np.stack(ys).astype(np.float32))
     steps_by = {}
     for pol in ("float32", policy):
         net, _ = tr.build_model(RunConfig(), pol)
-        opt = keras.optimizers.Adam(1e-4)
-        if pol == "mixed_float16":
-            opt = keras.optimizers.LossScaleOptimizer(opt)
-        steps_by[pol] = tr.make_steps(net, opt, np.array([3.0, 15.0]), reader.size)[0]
+        steps_by[pol] = tr.make_steps(net, tr.make_optimizer(1e-4, pol), np.array([3.0, 15.0]), reader.size)[0]
         for _ in range(max(warmup, 1)):
             float(steps_by[pol](x, y)[0])
     wall = {p: [] for p in steps_by}
@@ -362,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         tf.config.experimental.set_memory_growth(g, True)
     device = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else \
         f"CPU ({platform.processor() or platform.machine()})"
-    rows, eff, prec = [], None, None
+    rows, eff, speed = [], None, None
     with tempfile.TemporaryDirectory() as tmp:
         store = a.store or synthetic_store(Path(tmp) / "bench.zarr", 8 if a.quick else 64)
         if "table" in parts:
@@ -379,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if "precision" in parts:
             from hpc_retrain.network import precision_policy
 
-            pol = precision_policy("on")
-            prec = None if pol == "float32" else precision_speedup(store, a.efficiency_batch, pol, steps, warmup, reps)
+            speed = precision_speedup(store, a.efficiency_batch, precision_policy("on"), steps, warmup, reps)
 
     if rows:
         f32 = {r["batch"]: r for r in rows if r["precision"] == "float32"}
@@ -400,13 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         out.update({k: eff[k] for k in ("efficiency", "efficiency_device", "efficiency_cpu", "efficiency_device_cpu",
                                         "train_tiles_s", "inference_tiles_s")},
                    efficiency_batch=eff["batch"], efficiency_detail=eff)
-    if prec is not None:
-        sp = prec["s_per_step"]
-        print(f"\ntraining step, batch {prec['batch']}: float32 {sp['float32']['wall']:.2f} s, {prec['policy']} "
-              f"{sp[prec['policy']]['wall']:.2f} s: {prec['speedup']:.2f}x ({prec['speedup_cpu']:.2f}x in CPU time)")
-        out.update(precision_speedup=prec["speedup"], precision_speedup_cpu=prec["speedup_cpu"], precision_detail=prec)
-    elif "precision" in parts:
-        print("\nprecision: `train.mixed_precision: on` trains in float32 here; nothing to compare")
+    if speed is not None:
+        sp = speed["s_per_step"]
+        print(f"\ntraining step, batch {speed['batch']}: float32 {sp['float32']['wall']:.2f} s, {speed['policy']} "
+              f"{sp[speed['policy']]['wall']:.2f} s: {speed['speedup']:.2f}x ({speed['speedup_cpu']:.2f}x in CPU time)")
+        out.update(precision_speedup=speed["speedup"], precision_speedup_cpu=speed["speedup_cpu"],
+                   precision_detail=speed)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1))
     print(f"written {a.out}")

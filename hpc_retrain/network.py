@@ -85,6 +85,14 @@ def precision_policy(setting: str) -> str:
     return "mixed_bfloat16"
 
 
+def make_optimizer(learning_rate: float, policy: str):
+    """Adam, with loss scaling under float16 (its narrow range needs it; bfloat16 has float32's)."""
+    import keras
+
+    opt = keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.LossScaleOptimizer(opt) if policy == "mixed_float16" else opt
+
+
 def build_model(cfg: RunConfig, policy: str = "float32"):
     """(model to train, float32 model to export). Both share one architecture; weights are copied over."""
     from hpc_retrain import model as mdl

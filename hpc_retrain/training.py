@@ -40,7 +40,7 @@ from hpc_retrain.config import RunConfig
 from hpc_retrain.history import (
     plot_curves, replaces_best, selection_score, write_history, write_status)
 from hpc_retrain.network import (
-    build_model, make_steps, precision_policy)
+    build_model, make_optimizer, make_steps, precision_policy)
 from hpc_retrain.trainingdata import (
     TileReader, TrainingError, epoch_plan, field_tiles, make_dataset, positive_weights, split_fields)
 
@@ -154,9 +154,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     keras.utils.set_random_seed(cfg.seed)  # before building: Dropout seed generators draw from it
     policy = precision_policy(tc.mixed_precision)
     net, export = build_model(cfg, policy)
-    opt = keras.optimizers.Adam(tc.learning_rate)
-    if policy == "mixed_float16":  # float16's narrow range needs loss scaling; bfloat16 has float32's
-        opt = keras.optimizers.LossScaleOptimizer(opt)
+    opt = make_optimizer(tc.learning_rate, policy)
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
