@@ -4,7 +4,7 @@
 
 The 12 fields of ../shared/data/colicoords (MIT, not part of this repository) are gathered into one TIFF
 plate in the output folder (brightfield, fluorescence, and the partial ilastik masks as the reference
-channel ``binary``), then ``hpc_retrain.crossval`` trains on some fields and scores the others: brightfield
+channel ``binary``), then ``hpc_retrain.evaluate.crossval`` trains on some fields and scores the others: brightfield
 instances of pretrained and retrained MISIC against the fluorescence teacher's cells, and recall of the
 ilastik cells. Everything else is the tool's defaults unless ``--set`` says otherwise.
 """
@@ -40,7 +40,7 @@ def gather(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpc_retrain import crossval
+    from hpc_retrain.evaluate import crossval
     from hpc_retrain.config import RunConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -58,7 +58,7 @@ def reference_probabilities(model, im: np.ndarray, cfg) -> np.ndarray:
     import misic.utils as mu
     from skimage.transform import resize
 
-    from hpc_retrain import preprocess as P
+    from hpc_retrain.imaging import preprocess as P
 
     sh = P.features_np(im, cfg.preprocess.brightfield, cfg.preprocess).astype(np.float64)
     tiles, params = mu.extract_tiles(sh, size=cfg.tiling.size, exclude=cfg.tiling.margin)
@@ -76,7 +76,7 @@ def reference_instances(im: np.ndarray, prob: np.ndarray) -> np.ndarray:
 
 
 def ours_probabilities(predictor, im: np.ndarray, cfg) -> np.ndarray:
-    from hpc_retrain import infer
+    from hpc_retrain.inference import predictor as infer
 
     return infer.predict_field(predictor, im, cfg, "stitch")
 
@@ -90,8 +90,8 @@ def _timed(fn, *a):
 # ------------------------------------------------------------------------------------------ speed
 def plate_tiles(images: list[np.ndarray], cfg) -> np.ndarray:
     """The model's input for a plate: every field's tiles, as ``segment`` cuts them (stitch mode)."""
-    from hpc_retrain import infer
-    from hpc_retrain import tiling as T
+    from hpc_retrain.inference import predictor as infer
+    from hpc_retrain.imaging import tiling as T
 
     return np.concatenate([T.extract_tiles(infer.field_features(im, cfg), cfg.tiling.size, cfg.tiling.margin)[0]
                            for im in images])
@@ -117,9 +117,10 @@ def speed(plates: dict[int, tuple[int, int]], seed: int = 0, mean_width: float =
           pairs: int = 6) -> tuple[list[dict], dict]:
     """``plates``: field size -> (fields on the plate, repetitions). Segments the plate both ways, and runs
     the bare model on the plate's tiles on each engine; returns the plate rows and the engines' summary."""
-    from hpc_retrain import engine as E
-    from hpc_retrain import infer, synth
-    from hpc_retrain import model as M
+    from hpc_retrain.inference import engine as E
+    from hpc_retrain.inference import predictor as infer
+    from hpc_retrain.synth import plates as synth
+    from hpc_retrain.inference import model as M
 
     cfg = _cfg(mean_width)
     model = M.load()
@@ -190,7 +191,7 @@ def write_scan(folder: Path, n: int, seed: int = 0, mean_width: float = 7.0) -> 
     import tifffile
     import zarr
 
-    from hpc_retrain import synth
+    from hpc_retrain.synth import plates as synth
 
     tile = min(n, 2048)
     base = synth.render_field(seed, (tile, tile), mean_width=mean_width).brightfield
@@ -221,8 +222,8 @@ def _rss_child(side: str, scan: str, mean_width: float, out_dir: str) -> dict:
     import tifffile
     import zarr
 
-    from hpc_retrain import infer
-    from hpc_retrain import model as M
+    from hpc_retrain.inference import predictor as infer
+    from hpc_retrain.inference import model as M
 
     cfg = _cfg(mean_width)
     model = M.load()
@@ -246,7 +247,7 @@ def _rss_child(side: str, scan: str, mean_width: float, out_dir: str) -> dict:
 def memory(sizes: list[int], mean_width: float, workdir: Path) -> list[dict]:
     import psutil
 
-    from hpc_retrain import preprocess as P
+    from hpc_retrain.imaging import preprocess as P
 
     cfg = _cfg(mean_width)
     rows = []

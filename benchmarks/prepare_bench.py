@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------ child modes
 def _child_cli(argv: list[str]) -> None:
-    from hpc_retrain import cli
+    from hpc_retrain import commands
 
     t0 = time.time()
-    rc = cli.main(argv)
+    rc = commands.main(argv)
     _report(rc=rc, seconds=time.time() - t0)
 
 
@@ -45,11 +45,11 @@ def _child_loop(plate: str, out: str) -> None:
     import tifffile
 
     t0 = time.time()
-    from hpc_retrain import labels as L
-    from hpc_retrain import store as S
-    from hpc_retrain import targets as TG
+    from hpc_retrain.prepare import labels as L
+    from hpc_retrain.prepare import store as S
+    from hpc_retrain.prepare import targets as TG
     from hpc_retrain.config import RunConfig
-    from hpc_retrain.plate import open_plate
+    from hpc_retrain.io.plate import open_plate
 
     cfg = RunConfig().updated(plate__path=plate)
     fields = open_plate(cfg.plate).fields
@@ -102,7 +102,8 @@ def _run_child(args: list[str], cwd: Path) -> dict:
 # ------------------------------------------------------------------------------------ inputs
 def _scan(path: Path, size: int, mean_width: float) -> Path:
     """A one-field OME-Zarr plate of size x size px, tiled (with mirror flips) from one rendered field."""
-    from hpc_retrain import ngff, synth
+    from hpc_retrain.io import ngff
+    from hpc_retrain.synth import plates as synth
 
     base = synth.render_field(7, (1024, 1024), mean_width=mean_width)
     reps = size // 1024
@@ -156,7 +157,7 @@ def memory(work: Path, quick: bool, sizes: list[int] | None = None, stage: str =
 
 
 def throughput(work: Path, quick: bool) -> dict:
-    from hpc_retrain import synth
+    from hpc_retrain.synth import plates as synth
 
     n, shape = (6, (512, 512)) if quick else (24, (1024, 1024))
     plate = synth.write_plate(work / "plate", fmt="tiff", wells=["A1", "A2"], fields_per_well=n // 2, shape=shape,

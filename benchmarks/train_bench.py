@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_retrain import store as st
+from hpc_retrain.prepare import store as st
 from hpc_retrain.config import RunConfig
 
 _F = namedtuple("_F", "well field source shape")
@@ -76,7 +76,7 @@ def bench_one(store: Path, batch: int, precision: str, pipeline: str, steps: int
     import keras
     import tensorflow as tf
 
-    from hpc_retrain import training as tr
+    from hpc_retrain.training import loop as tr
 
     keras.backend.clear_session()
     cfg = RunConfig()
@@ -114,7 +114,7 @@ def _cuts(net, opt, pos_w, size: int, xla: bool) -> dict:
     what it computed (the gradients too), so graph pruning cannot drop work."""
     import tensorflow as tf
 
-    from hpc_retrain import network as nw
+    from hpc_retrain.training import network as nw
 
     w = tf.constant(pos_w, tf.float32)
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32), tf.TensorSpec((None, size, size, 2), tf.float32))
@@ -161,8 +161,8 @@ def efficiency(store: Path, batch: int, infer_batch: int, steps: int, warmup: in
     import keras
     import tensorflow as tf
 
-    from hpc_retrain import training as tr
-    from hpc_retrain.infer import Predictor
+    from hpc_retrain.training import loop as tr
+    from hpc_retrain.inference.predictor import Predictor
 
     warmup = max(warmup, 1)  # the Zarr side's pipeline fill is one untimed step
     keras.backend.clear_session()
@@ -289,7 +289,7 @@ def precision_speedup(store: Path, batch: int, policy: str, steps: int, warmup: 
     import keras
     import tensorflow as tf
 
-    from hpc_retrain import training as tr
+    from hpc_retrain.training import loop as tr
 
     keras.backend.clear_session()
     reader = tr.TileReader(store)
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    from hpc_retrain.network import cpu_has_native_bfloat16
+    from hpc_retrain.training.network import cpu_has_native_bfloat16
 
     cpu_default = "float32,bfloat16" if cpu_has_native_bfloat16() else "float32"
     precisions = [x.strip() for x in (a.precisions or ("float32,mixed" if gpus else cpu_default)).split(",")]
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if "efficiency" in parts:
             eff = efficiency(store, a.efficiency_batch, InferConfig().batch_size, steps, warmup, reps, a.xla)
         if "precision" in parts:
-            from hpc_retrain.network import precision_policy
+            from hpc_retrain.training.network import precision_policy
 
             speed = precision_speedup(store, a.efficiency_batch, precision_policy("on"), steps, warmup, reps)
 

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from hpc_retrain.config import RunConfig
-    from hpc_retrain.preparation import Summary
-    from hpc_retrain.segmentation import Segmented
+    from hpc_retrain.prepare.pipeline import Summary
+    from hpc_retrain.segment.pipeline import Segmented
 
 
 def prepare(cfg: RunConfig, out: str | Path | None = None, stages: Iterable[str] = ("labels", "targets"),
             overwrite: bool = False, progress: bool = True) -> Summary:
     """Fill the training store ``out`` (default: ``./<plate name>.train.zarr``) with ``stages`` of every field
     of ``cfg.plate``; a rerun resumes. The summary's ``text()`` lists flagged fields; its QC table is beside."""
-    from hpc_retrain import preparation as PR
+    from hpc_retrain.prepare import pipeline as PR
 
     if cfg.plate.path is None:
         raise PR.PrepareError("no plate: give --plate PATH or set plate.path in the config")
@@ -44,7 +44,7 @@ def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executo
     ``cfg.cluster.executor`` (local or slurm, ``time_min`` its limit) and, with ``wait``, its metrics are
     returned when it ends, else the submitted ``submitit.Job``. A resume with settings the run cannot change
     is refused before anything is written."""
-    from hpc_retrain import jobs
+    from hpc_retrain.training import jobs
 
     run_dir = Path(run_dir)
     store = jobs.resolve_store(run_dir, store)
@@ -59,8 +59,8 @@ def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executo
 
 def segment(cfg: RunConfig, out: str | Path | None = None, **options: Any) -> Segmented:
     """Segment ``cfg.plate`` with ``cfg.infer.model`` into OME-Zarr results named ``cfg.infer.name`` (see
-    :func:`hpc_retrain.segmentation.segment` for ``channel``, ``wells``, ``tiff``, ``overwrite``)."""
-    from hpc_retrain.segmentation import segment as run
+    :func:`hpc_retrain.segment.pipeline.segment` for ``channel``, ``wells``, ``tiff``, ``overwrite``)."""
+    from hpc_retrain.segment.pipeline import segment as run
 
     return run(cfg, out, **options)
 
@@ -69,7 +69,7 @@ def evaluate(cfg: RunConfig, pred: str | Path, ref: str, ref_plate: str | Path |
              out: str | Path | None = None, overlays: int = 3, channel: str | None = None) -> dict:
     """Score the results ``cfg.infer.name`` of plate ``pred`` against the reference masks ``ref`` (a label
     image of that plate, or a channel of ``ref_plate``); with ``out``, the scores and pictures go there."""
-    from hpc_retrain.evaluation import evaluate_plate
+    from hpc_retrain.evaluate.scoring import evaluate_plate
 
     return evaluate_plate(pred, cfg.infer.name, ref, ref_plate, out, overlays, channel or cfg.plate.brightfield,
                           plate_cfg=cfg.plate)

@@ -70,7 +70,7 @@ class ChannelPrep(_Section):
 class PreprocessConfig(_Section):
     mean_width: float | Literal["auto"] = Field(
         "auto", description="mean cell width in pixels (images are scaled by 10/mean_width), or auto: measured "
-        "from the plate (hpc_retrain.width) before any stage scales an image, and saved as the number")
+        "from the plate (hpc_retrain.prepare.width) before any stage scales an image, and saved as the number")
     sigmas: tuple[float, ...] = Field((1.0, 1.5, 2.0), description="shape index scales")
     brightfield: ChannelPrep = ChannelPrep(gamma=0.41, light_background=True)
     fluorescence: ChannelPrep = ChannelPrep(gamma=1.0, light_background=False)
@@ -100,7 +100,7 @@ class PreprocessConfig(_Section):
         """The mean width as a number; "auto" must have been measured (``width.resolve_mean_width``) first."""
         if self.mean_width == "auto":
             raise ConfigError("preprocess.mean_width is 'auto' and was not measured yet: measure it first "
-                              "(hpc_retrain.width.resolve_mean_width) or give a number: --mean-width PX "
+                              "(hpc_retrain.prepare.width.resolve_mean_width) or give a number: --mean-width PX "
                               "(prepare) or --set preprocess.mean_width=PX")
         return float(self.mean_width)
 
@@ -207,7 +207,7 @@ class ComputeConfig(_Section):
                             "segment) on a GPU or OpenVINO; TensorFlow on a CPU takes one tile per call, as fast "
                             "and ~80 MB less per tile (infer.CPU_BATCH); training batches are train.batch_size")
     chunk: int = Field(2048, ge=256, description="block edge in pixels at full resolution: fields larger than "
-                       "this go block by block, strip by strip (hpc_retrain.blocks)")
+                       "this go block by block, strip by strip (hpc_retrain.imaging.blocks)")
     engine: Literal["auto", "tensorflow", "openvino"] = Field(
         "auto", description="what runs the model (segment, and prepare's labels): auto: OpenVINO when installed "
         "and TensorFlow sees no GPU, else TensorFlow; or force either")
@@ -297,7 +297,8 @@ class RunConfig(_Section):
 
     def save(self, folder: str | Path, name: str = CONFIG_NAME) -> Path:
         """Write the config (plus provenance) beside a run's outputs, atomically."""
-        from hpc_retrain import __version__, atomic
+        from hpc_retrain import __version__
+        from hpc_retrain.io import atomic
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def colicoords() -> Path:
 
 @pytest.fixture(scope="session")
 def pretrained_model():
-    from hpc_retrain import model
+    from hpc_retrain.inference import model
 
     return model.load()
 

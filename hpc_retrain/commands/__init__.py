@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if not verbose and args.command not in NO_TENSORFLOW:
-        from hpc_retrain.model import import_tensorflow
+        from hpc_retrain.inference.model import import_tensorflow
 
         import_tensorflow()  # first, so no later import prints TensorFlow's start-up lines
     try:

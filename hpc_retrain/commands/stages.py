@@ -8,7 +8,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from hpc_retrain import api, crossval, infer, jobs, preparation, runstate, segmentation, synth
+from hpc_retrain import api
+from hpc_retrain.evaluate import crossval
+from hpc_retrain.inference import predictor as infer
+from hpc_retrain.training import jobs
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.training import runfolder as runstate
+from hpc_retrain.segment import pipeline as segmentation
+from hpc_retrain.synth import plates as synth
 from hpc_retrain.commands.common import CliError, config_from_args
 from hpc_retrain.config import RunConfig
 
@@ -128,7 +135,7 @@ def build_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from hpc_retrain.training import TrainingInterrupted
+    from hpc_retrain.training.loop import TrainingInterrupted
 
     run_dir = Path(args.run)
     store = jobs.resolve_store(run_dir, args.store)

@@ -89,7 +89,7 @@ def test_image_is_built_on_the_local_base_with_its_metadata(image):
     info = inspect(image)
     cfg = info["Config"]
     assert cfg["User"] == "hpc" and cfg["Entrypoint"] == ["hpc-retrain"]
-    assert healthcheck(image) == ["CMD", "python3", "-m", "hpc_retrain.healthcheck"]
+    assert healthcheck(image) == ["CMD", "python3", "-m", "hpc_retrain.inference.healthcheck"]
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert cfg["Labels"]["org.opencontainers.image.version"] == version
     # Runs as uid 1000, not root; no wheel and no copy of the source stayed in the image; pip finds every
@@ -105,7 +105,7 @@ def test_image_is_built_on_the_local_base_with_its_metadata(image):
 
 def test_healthcheck_in_the_image(image):
     """The image's own HEALTHCHECK command, run read-only (as an Apptainer .sif is) and offline."""
-    from hpc_retrain.model import PRETRAINED_SHA256
+    from hpc_retrain.inference.model import PRETRAINED_SHA256
 
     test = healthcheck(image)
     assert test[0] == "CMD"

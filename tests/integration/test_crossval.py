@@ -7,9 +7,11 @@ import json
 
 import pytest
 
-from hpc_retrain import cli, crossval, synth
+from hpc_retrain import commands
+from hpc_retrain.evaluate import crossval
+from hpc_retrain.synth import plates as synth
 
-cli.build_parser()  # import every stage before TensorFlow (see test_infer.py)
+commands.build_parser()  # import every stage before TensorFlow (see test_infer.py)
 
 
 
@@ -24,7 +26,7 @@ def test_crossval_tests_each_field_on_a_model_that_never_saw_it(tmp_path, capsys
     plate = synth.write_plate(tmp_path / "plate", fmt="tiff", wells=["A1"], fields_per_well=4, shape=(256, 256),
                               seed=11)
     out = tmp_path / "cv"
-    rc = cli.main(["crossval", "--plate", str(plate), "--out", str(out), "--folds", "2", "--mean-width", "7",
+    rc = commands.main(["crossval", "--plate", str(plate), "--out", str(out), "--folds", "2", "--mean-width", "7",
                    "--set", "train.epochs=1", "--set", "train.steps_per_epoch=1", "--set", "train.batch_size=2"])
     assert rc == 0
     res = json.loads((out / "crossval.json").read_text())

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from hpc_retrain import cli, infer
-from hpc_retrain import engine as E
-from hpc_retrain import labels as L
-from hpc_retrain import preprocess as P
-from hpc_retrain import tiling as T
+from hpc_retrain import commands
+from hpc_retrain.inference import predictor as infer
+from hpc_retrain.inference import engine as E
+from hpc_retrain.prepare import labels as L
+from hpc_retrain.imaging import preprocess as P
+from hpc_retrain.imaging import tiling as T
 from hpc_retrain.config import ConfigError, RunConfig
 
 # Import every stage module before TensorFlow (see test_infer.py: submitit's logging set-up vs absl's handler).
-cli.build_parser()
+commands.build_parser()
 
 CFG = RunConfig().updated(preprocess__mean_width=14.0)  # ColiCoords E. coli: 12-16 px wide
 TOL = 1e-5
@@ -78,7 +79,7 @@ def test_openvino_runs_upsampling_as_interpolate_and_leaves_the_model_alone(pret
 def test_engine_tensorflow_forces_tensorflow(pretrained_model, caplog, monkeypatch):
     monkeypatch.setattr(E, "_LOGGED", set())
     cfg = CFG.updated(compute__engine="tensorflow")
-    with caplog.at_level(logging.INFO, logger="hpc_retrain.engine"):
+    with caplog.at_level(logging.INFO, logger="hpc_retrain.inference.engine"):
         p = infer.as_predictor(pretrained_model, cfg)
         assert p.engine == "tensorflow" and p._ov is None
         assert infer.as_predictor(p, cfg) is p

@@ -24,7 +24,7 @@ import pytest
 import tifffile
 
 from hpc_retrain.config import PlateConfig, RunConfig
-from hpc_retrain.plate import PlateError, open_plate
+from hpc_retrain.io.plate import PlateError, open_plate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainstore import build_store  # noqa: E402
@@ -190,7 +190,7 @@ def _model(path: Path, inputs: tuple, outputs: int) -> Path:
 
 
 def test_one_output_channel_model_is_refused_naming_the_file(tmp_path):
-    from hpc_retrain import model
+    from hpc_retrain.inference import model
 
     one = _model(tmp_path / "one_out.keras", (256, 256, 3), 1)
     with pytest.raises(model.ModelError) as e:

@@ -10,7 +10,9 @@ import pytest
 import tifffile
 import zarr
 
-from hpc_retrain import cli, infer, synth
+from hpc_retrain import commands
+from hpc_retrain.inference import predictor as infer
+from hpc_retrain.synth import plates as synth
 from hpc_retrain.config import RunConfig
 
 COLICOORDS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "colicoords"
@@ -19,14 +21,14 @@ CFG = RunConfig().updated(preprocess__mean_width=7.0)  # the synthetic cells' wi
 # Import every stage module now, before TensorFlow: submitit's import runs logging.config.dictConfig,
 # which closes existing handlers, absl's among them, and absl's handler closes the stream it holds, which
 # under pytest is the capture file (pytest then dies with "I/O operation on closed file").
-cli.build_parser()
+commands.build_parser()
 
 
 
 
 @pytest.fixture(scope="module")
 def predictor():
-    from hpc_retrain import model as M
+    from hpc_retrain.inference import model as M
 
     return infer.Predictor(M.load(), batch_size=8)
 
@@ -37,7 +39,7 @@ def test_stitch_mode_equals_the_misic_package_on_a_real_field(predictor):
     import misic.utils as mu
     from skimage.transform import resize
 
-    from hpc_retrain import preprocess as P
+    from hpc_retrain.imaging import preprocess as P
 
     im = tifffile.imread(COLICOORDS / "ds2" / "brightfield" / "00066.tif")
     sh = P.features_np(im, CFG.preprocess.brightfield, CFG.preprocess)
@@ -94,7 +96,7 @@ def run_cli(*argv) -> tuple[int, str]:
     whatever stderr they first saw, and a capsys stream closes under them)."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
+        code = commands.main([str(a) for a in argv])
     return code, err.getvalue()
 
 

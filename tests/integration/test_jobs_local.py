@@ -69,7 +69,7 @@ def test_cli_local_job_batch_8(store, tmp_path, quiet_env):
 def test_preempted_job_checkpoints_requeues_and_finishes(store, tmp_path, quiet_env):
     """SIGUSR2 (Slurm's pre-timeout signal) mid-epoch: train saves, submitit checkpoint() requeues the
     pickled job, and the new attempt resumes from the saved step to the end."""
-    from hpc_retrain import jobs
+    from hpc_retrain.training import jobs
     from hpc_retrain.config import RunConfig
 
     run = tmp_path / "run"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_retrain import synth
+from hpc_retrain.synth import plates as synth
 
 ROOT = Path(__file__).resolve().parents[2]
 W = "7"  # the synthetic cells' width, given: measuring it is tested elsewhere

@@ -14,15 +14,17 @@ from ome_zarr_models.v05.image_label import ImageLabel
 from ome_zarr_models.v05.labels import Labels
 from ome_zarr_models.v05.well import Well
 
-from hpc_retrain import cli, ngff, synth
+from hpc_retrain import commands
+from hpc_retrain.io import ngff
+from hpc_retrain.synth import plates as synth
 
-cli.build_parser()  # import every stage module before TensorFlow (see test_infer.py)
+commands.build_parser()  # import every stage module before TensorFlow (see test_infer.py)
 
 
 def run_cli(*argv) -> int:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
+        code = commands.main([str(a) for a in argv])
     assert code == 0, err.getvalue()
     return code
 

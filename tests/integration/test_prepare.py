@@ -16,11 +16,12 @@ import tifffile
 import zarr
 from skimage.transform import resize
 
-from hpc_retrain import preparation, synth
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.synth import plates as synth
 from hpc_retrain.commands import common, stages
-from hpc_retrain import store as S
+from hpc_retrain.prepare import store as S
 from hpc_retrain.config import RunConfig
-from hpc_retrain.tiling import TileGrid, stitch_tiles
+from hpc_retrain.imaging.tiling import TileGrid, stitch_tiles
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (256, 256)  # 366 px after scaling by 10/7: 2 x 2 tiles per field

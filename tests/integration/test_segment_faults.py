@@ -32,7 +32,8 @@ import pytest
 import tifffile
 import zarr
 
-from hpc_retrain import ngff, synth
+from hpc_retrain.io import ngff
+from hpc_retrain.synth import plates as synth
 
 REPO = Path(__file__).resolve().parents[2]
 W7 = ("--set", "preprocess.mean_width=7")  # the synthetic cells' width: no measuring, fast and deterministic

@@ -21,15 +21,17 @@ import numpy as np
 import pytest
 import zarr
 
-from hpc_retrain import cli, infer, synth
-from hpc_retrain import model as M
-from hpc_retrain import plate as PL
+from hpc_retrain import commands
+from hpc_retrain.inference import predictor as infer
+from hpc_retrain.synth import plates as synth
+from hpc_retrain.inference import model as M
+from hpc_retrain.io import plate as PL
 from hpc_retrain.config import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainstore import build_store  # noqa: E402
 
-cli.build_parser()  # import every stage module before TensorFlow (see test_infer.py)
+commands.build_parser()  # import every stage module before TensorFlow (see test_infer.py)
 
 
 
@@ -37,7 +39,7 @@ cli.build_parser()  # import every stage module before TensorFlow (see test_infe
 def run_cli(*argv) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main([str(a) for a in argv])
+        code = commands.main([str(a) for a in argv])
     return code, err.getvalue()
 
 
@@ -85,7 +87,7 @@ def _reference(run: Path, ckpt: Path):
     """The run's model with ``ckpt``'s weights, as the training itself loads them to resume."""
     import keras
 
-    from hpc_retrain import training as tr
+    from hpc_retrain.training import loop as tr
 
     cfg = RunConfig.read_saved(run)
     net, _ = tr.build_model(cfg)
@@ -124,7 +126,7 @@ def test_segment_a_run_that_is_not_finished(trained, plate, caplog):
     caplog.set_level(logging.INFO)
     code, err = run_cli("segment", "--plate", plate, "--model", run, "--name", "best")
     assert code == 0, err[-3000:]
-    lines = [r.getMessage() for r in caplog.records if r.name == "hpc_retrain.model"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "hpc_retrain.inference.model"]
     assert lines == [f"run {run} is not finished: using checkpoint best (epoch {best_epoch} of 2)"]
     got, prov = _written(plate, "best")
     assert prov["model"] == str(best)
@@ -140,7 +142,7 @@ def test_segment_a_run_that_is_not_finished(trained, plate, caplog):
     caplog.clear()
     code, err = run_cli("segment", "--plate", plate, "--model", run, "--name", "latest")
     assert code == 0, err[-3000:]
-    lines = [r.getMessage() for r in caplog.records if r.name == "hpc_retrain.model"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "hpc_retrain.inference.model"]
     assert lines == [f"run {run} is not finished: using the latest checkpoint ckpt-e00002 "
                      f"(epoch 2 of 2; no best checkpoint yet)"]
     got, prov = _written(plate, "latest")
@@ -182,8 +184,8 @@ def test_a_mixed_precision_checkpoint_loads_into_the_float32_model(tmp_path):
     """Under mixed_float16 the trained net's variables are the float32 model's, in the same order."""
     import keras
 
-    from hpc_retrain import network as nw
-    from hpc_retrain import training as tr
+    from hpc_retrain.training import network as nw
+    from hpc_retrain.training import loop as tr
 
     cfg = RunConfig()
     net = nw.with_policy(M.load(), "mixed_float16")

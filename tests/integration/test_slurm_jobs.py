@@ -131,7 +131,7 @@ def test_job_array_of_learning_rates(store, tmp_path):
     import submitit
 
     from hpc_retrain.config import RunConfig
-    from hpc_retrain.jobs import TrainingJob, make_executor
+    from hpc_retrain.training.jobs import TrainingJob, make_executor
 
     base = RunConfig.load(None, ["cluster.executor=slurm", "cluster.partition=debug", "cluster.gpus=0",
                                  "cluster.cpus=1", "cluster.mem_gb=5", "train.epochs=1",

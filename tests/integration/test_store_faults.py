@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import zarr
 
-from hpc_retrain import store as S
-from hpc_retrain import synth
+from hpc_retrain.prepare import store as S
+from hpc_retrain.synth import plates as synth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainstore import build_store  # noqa: E402
@@ -197,7 +197,7 @@ def test_missing_chunks_refuse_training_and_prepare_redoes_them(plate, reference
     assert out.returncode == 0, out.stderr[-3000:]
     assert "redoing 2 finished field(s) whose tile chunks are missing" in out.stderr
     _assert_same_store(store, reference)
-    from hpc_retrain.training import TileReader
+    from hpc_retrain.training.loop import TileReader
 
     TileReader(store)  # opens: nothing missing any more
 

@@ -14,9 +14,10 @@ import pytest
 import yaml
 import zarr
 
-from hpc_retrain import preparation, synth
-from hpc_retrain import store as S
-from hpc_retrain import training as tr
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.synth import plates as synth
+from hpc_retrain.prepare import store as S
+from hpc_retrain.training import loop as tr
 from hpc_retrain.config import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import zarr
 
-from hpc_retrain import cli, preparation, synth
-from hpc_retrain import store as S
-from hpc_retrain import training as tr
+from hpc_retrain import commands
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.synth import plates as synth
+from hpc_retrain.prepare import store as S
+from hpc_retrain.training import loop as tr
 from hpc_retrain.config import RunConfig
-from hpc_retrain.history import replaces_best
-from hpc_retrain.validation import FieldValidator, drop_specks
+from hpc_retrain.training.history import replaces_best
+from hpc_retrain.training.validation import FieldValidator, drop_specks
 
-cli.build_parser()  # import every stage before TensorFlow (see test_infer.py)
+commands.build_parser()  # import every stage before TensorFlow (see test_infer.py)
 CFG = RunConfig().updated(preprocess__mean_width=7)
 
 
@@ -77,7 +79,7 @@ def test_run_exports_best_epoch_with_calibrated_thresholds_and_the_store_preproc
         if replaces_best(h, chosen, [g for g in hist if g["epoch"] <= h["epoch"]], m["validation"]["validation_cells"]):
             chosen = h
     assert m["best_epoch"] == chosen["epoch"]
-    from hpc_retrain import model as M
+    from hpc_retrain.inference import model as M
 
     exported = M.load(run / "model.keras")
     with np.load(best / "variables.npz") as z:
@@ -94,7 +96,7 @@ def test_run_exports_best_epoch_with_calibrated_thresholds_and_the_store_preproc
 
     # segment --model RUN uses them, without being told; a --set still wins.
     out = tmp_path / "seg.ome.zarr"
-    assert cli.main(["segment", "--plate", str(plate), "--model", str(run), "--out", str(out), "--name", "r",
+    assert commands.main(["segment", "--plate", str(plate), "--model", str(run), "--out", str(out), "--name", "r",
                      "--set", "infer.marker_threshold=0.97"]) == 0
     grp = zarr.open_group(str(out), mode="r")
     used = grp["A/1/0/labels/r"].attrs["hpc_retrain"]["config"]
@@ -111,7 +113,7 @@ def test_training_stops_when_validation_stops_improving(store, tmp_path, caplog,
     cfg = CFG.updated(train__epochs=6, train__patience=2, train__min_epochs=3, train__batch_size=2,
                       train__steps_per_epoch=1, train__learning_rate=1e-12, train__val_fraction=0.5,
                       train__calibrate=False)
-    with caplog.at_level(logging.INFO, logger="hpc_retrain.training"):
+    with caplog.at_level(logging.INFO, logger="hpc_retrain.training.loop"):
         m = tr.train(cfg, store, run)
     assert "stopping early" in caplog.text
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [0, 1, 2, 3]
@@ -122,7 +124,7 @@ def test_training_stops_when_validation_stops_improving(store, tmp_path, caplog,
 def test_too_few_validation_cells_keep_misics_thresholds(store, tmp_path, caplog, monkeypatch):
     """Calibrating on a handful of cells fits noise: below validation.MIN_CALIBRATION_CELLS the run keeps MISIC's
     thresholds, says so, and metrics.json records it; at or above, it calibrates (the test above)."""
-    from hpc_retrain import validation as V
+    from hpc_retrain.training import validation as V
 
     run = tmp_path / "run"
     cfg = CFG.updated(train__epochs=1, train__batch_size=2, train__steps_per_epoch=1, train__learning_rate=1e-12,
@@ -130,7 +132,7 @@ def test_too_few_validation_cells_keep_misics_thresholds(store, tmp_path, caplog
     v = V.FieldValidator(zarr.open_group(str(store), mode="r"), np.array([0]), cfg)
     assert v.n_cells > 0
     monkeypatch.setattr(V, "MIN_CALIBRATION_CELLS", 10 ** 6)
-    with caplog.at_level(logging.INFO, logger="hpc_retrain.training"):
+    with caplog.at_level(logging.INFO, logger="hpc_retrain.training.loop"):
         m = tr.train(cfg, store, run)
     assert "post-processing not calibrated" in caplog.text
     assert m["validation"]["calibrated"] is False and m["validation"]["validation_cells"] > 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import train_bench as tb
-from hpc_retrain import store as st
+from hpc_retrain.prepare import store as st
 
 
 def _raw(rates: dict[str, float], cpu_factor: float = 0.5) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from hpc_retrain import blocks as B
+from hpc_retrain.imaging import blocks as B
 
 
 @pytest.mark.parametrize("shape,block", [((100, 130), 32), ((64, 64), 64), ((50, 71), (20, 33)), ((5, 300), 7)])

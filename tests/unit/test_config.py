@@ -16,7 +16,7 @@ def test_defaults_are_the_published_recipe():
     # Adam 1e-4, not the original 1e-3: see the learning_rate field; MISIC's post-processing by default
     assert cfg.train.learning_rate == 1e-4 and cfg.train.batch_size == 8
     assert (cfg.infer.body_threshold, cfg.infer.marker_threshold) == (0.4, 0.95)
-    assert cfg.preprocess.mean_width == "auto"  # measured from the plate (hpc_retrain.width)
+    assert cfg.preprocess.mean_width == "auto"  # measured from the plate (hpc_retrain.prepare.width)
     assert cfg.updated(preprocess__mean_width=7).preprocess.scale == round(10 / 7, 2)
 
 

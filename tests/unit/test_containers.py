@@ -197,7 +197,7 @@ def test_apptainer_recipe_has_its_sections(singularity):
     assert singularity.cmd == 'exec hpc-retrain "$@"'
     # spython turns %test into a script written by extra %post lines.
     assert singularity.test is not None
-    assert any("hpc_retrain.healthcheck" in line for line in singularity.install)
+    assert any("hpc_retrain.inference.healthcheck" in line for line in singularity.install)
     labels = dict(label.split(None, 1) for label in singularity.labels)
     assert labels.get("License") == "GPL-3.0-or-later"
     assert labels.get("org.opencontainers.image.licenses") == pyproject()["project"]["license"]
@@ -208,7 +208,7 @@ def test_dockerfile_entrypoint_healthcheck_and_weights_check(docker):
     assert docker.entrypoint == ["hpc-retrain"]
     assert "hpc-retrain" in pyproject()["project"]["scripts"]
     health = [args for word, args in ins if word == "HEALTHCHECK"]
-    assert len(health) == 1 and "hpc_retrain.healthcheck" in health[0]
+    assert len(health) == 1 and "hpc_retrain.inference.healthcheck" in health[0]
     runs = " ".join(args for word, args in ins if word == "RUN")
     assert "pretrained_path()" in runs, "the build must fail when the MISIC weights are missing"
     labels = " ".join(args for word, args in ins if word == "LABEL")
@@ -308,11 +308,11 @@ def test_environment_runs_the_pinned_versions():
 
 
 def test_healthcheck_loads_pretrained_model_in_a_subprocess(tmp_path):
-    from hpc_retrain.model import PRETRAINED_SHA256
+    from hpc_retrain.inference.model import PRETRAINED_SHA256
 
     # A real interpreter from an unrelated folder, as the container's HEALTHCHECK runs it.
     proc = subprocess.run(
-        [sys.executable, "-m", "hpc_retrain.healthcheck"],
+        [sys.executable, "-m", "hpc_retrain.inference.healthcheck"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     lines = proc.stdout.strip().splitlines()

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from hpc_retrain import cli, ngff
-from hpc_retrain.evaluation import Score, classify, iou_pairs, match, summarize
-from hpc_retrain.overlays import COLOURS, contact_sheet, outline_rgb, overlay_figure, tile_rgb
+from hpc_retrain import commands
+from hpc_retrain.io import ngff
+from hpc_retrain.evaluate.scoring import Score, classify, iou_pairs, match, summarize
+from hpc_retrain.evaluate.overlays import COLOURS, contact_sheet, outline_rgb, overlay_figure, tile_rgb
 
 
 def square(shape, top, left, size, value, out=None):
@@ -145,7 +146,7 @@ def _plate(tmp_path):
 def test_evaluate_command_against_labels_of_the_same_plate(tmp_path, capsys):
     plate, _ = _plate(tmp_path)
     out = tmp_path / "ev"
-    assert cli.main(["evaluate", "--pred", str(plate), "--ref", "truth", "--out", str(out)]) == 0
+    assert commands.main(["evaluate", "--pred", str(plate), "--ref", "truth", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "A1/1" in printed
     res = json.loads((out / "scores_misic.json").read_text())
@@ -159,7 +160,8 @@ def test_evaluate_command_against_labels_of_the_same_plate(tmp_path, capsys):
 
 
 def test_contact_sheet_has_one_panel_per_field(tmp_path, monkeypatch):
-    from hpc_retrain import evaluation, overlays
+    from hpc_retrain.evaluate import scoring as evaluation
+    from hpc_retrain.evaluate import overlays
 
     plate, _ = _plate(tmp_path)
     sheets = []
@@ -182,7 +184,7 @@ def test_evaluate_command_against_a_tiff_plate_channel(tmp_path):
         tifffile.imwrite(tiffs / f"A1_s{f}_masks.tif", t)
         tifffile.imwrite(tiffs / f"A1_s{f}_brightfield.tif", t.astype(np.uint16))
     out = tmp_path / "ev"
-    assert cli.main(["evaluate", "--pred", str(plate), "--ref", "masks", "--ref-plate", str(tiffs),
+    assert commands.main(["evaluate", "--pred", str(plate), "--ref", "masks", "--ref-plate", str(tiffs),
                      "--out", str(out), "--overlays", "0"]) == 0
     assert not list(out.glob("*.png"))
     o50 = json.loads((out / "scores_misic.json").read_text())["overall"][0]
@@ -191,8 +193,8 @@ def test_evaluate_command_against_a_tiff_plate_channel(tmp_path):
 
 def test_evaluate_names_a_missing_label_image(tmp_path, capsys):
     plate, _ = _plate(tmp_path)
-    assert cli.main(["evaluate", "--pred", str(plate), "--ref", "nosuch"]) == 2
+    assert commands.main(["evaluate", "--pred", str(plate), "--ref", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert "nosuch" in err and "truth" in err
-    assert cli.main(["evaluate", "--pred", str(plate), "--name", "other", "--ref", "truth"]) == 2
+    assert commands.main(["evaluate", "--pred", str(plate), "--name", "other", "--ref", "truth"]) == 2
     assert "no label image 'other'" in capsys.readouterr().err

@@ -14,9 +14,10 @@ import cloudpickle
 import pytest
 import submitit
 
-from hpc_retrain import jobs, runstate
+from hpc_retrain.training import jobs
+from hpc_retrain.training import runfolder as runstate
 from hpc_retrain.commands import stages
-from hpc_retrain.cli import build_parser
+from hpc_retrain.commands import build_parser
 from hpc_retrain.config import RunConfig
 
 

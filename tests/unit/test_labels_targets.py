@@ -9,10 +9,10 @@ import pytest
 import tifffile
 import zarr
 
-from hpc_retrain import labels as L
-from hpc_retrain import preprocess as P
-from hpc_retrain import synth
-from hpc_retrain import targets as TG
+from hpc_retrain.prepare import labels as L
+from hpc_retrain.imaging import preprocess as P
+from hpc_retrain.synth import plates as synth
+from hpc_retrain.prepare import targets as TG
 from hpc_retrain.config import RunConfig
 
 
@@ -156,7 +156,7 @@ def test_parity_with_misic_recipe_on_colicoords(colicoords, pretrained_model, na
 def test_width_factors_find_the_cells_a_single_pass_misses(colicoords, pretrained_model):
     """Judged by the hand-made ilastik masks (partial, so recall only): ds1 fields where MISIC on the
     fluorescence, told the measured width, misses bright cells that passes told narrower widths find."""
-    from hpc_retrain import evaluation as E
+    from hpc_retrain.evaluate import scoring as E
 
     cfg = RunConfig().updated(preprocess__mean_width=19.2)  # what width.py measures on ds1
     found = {}

@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 
-from hpc_retrain import model
+from hpc_retrain.inference import model
 
 
 def test_pretrained_is_pinned_and_found_in_the_package():

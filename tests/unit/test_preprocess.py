@@ -5,7 +5,7 @@ import tifffile
 from skimage.feature import shape_index
 from skimage.transform import rescale as sk_rescale
 
-from hpc_retrain import preprocess as P
+from hpc_retrain.imaging import preprocess as P
 from hpc_retrain.config import PreprocessConfig
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hpc_retrain.tiling import TileGrid, extract_tiles, stitch_tiles
+from hpc_retrain.imaging.tiling import TileGrid, extract_tiles, stitch_tiles
 
 
 @pytest.mark.parametrize("shape", [(512, 512), (731, 600), (224, 224), (100, 300), (225, 449)])

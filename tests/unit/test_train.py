@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_retrain import store as st
-from hpc_retrain import network as nw
-from hpc_retrain import trainingdata as td
-from hpc_retrain import training as tr
+from hpc_retrain.prepare import store as st
+from hpc_retrain.training import network as nw
+from hpc_retrain.training import data as td
+from hpc_retrain.training import loop as tr
 from hpc_retrain.config import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,7 +26,7 @@ def small_store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def misic():
-    from hpc_retrain import model
+    from hpc_retrain.inference import model
 
     return model.load()
 
@@ -215,7 +215,7 @@ def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store
 
     # The encoder was frozen: its weights are the pretrained ones, the decoder's are not (the epoch's
     # checkpoint: the exported model is the best epoch by validation F1, which may be epoch 0).
-    from hpc_retrain import model
+    from hpc_retrain.inference import model
 
     pre, got = model.load(), model.load(run / "checkpoints" / "ckpt-e00001")
     n_enc = len(nw.encoder_layers(pre))
@@ -238,7 +238,7 @@ def test_train_batch_8_writes_all_outputs_and_resumes_to_more_epochs(small_store
 
 
 def test_resume_compares_fixed_settings_and_a_field_added_since_with_its_default():
-    from hpc_retrain.checkpoints import changed_fixed_settings
+    from hpc_retrain.training.checkpoints import changed_fixed_settings
     from hpc_retrain.config import RunConfig
 
     cfg = RunConfig()
@@ -251,7 +251,7 @@ def test_resume_compares_fixed_settings_and_a_field_added_since_with_its_default
 
 
 def test_best_epoch_counts_f1_within_one_validation_cell_as_equal_then_iou():
-    from hpc_retrain.history import replaces_best
+    from hpc_retrain.training.history import replaces_best
 
     def replay(rows, cells):
         hist, chosen, picks = [], None, []
@@ -276,7 +276,7 @@ def test_best_epoch_counts_f1_within_one_validation_cell_as_equal_then_iou():
 
 
 def replace_loss_only():
-    from hpc_retrain.history import replaces_best
+    from hpc_retrain.training.history import replaces_best
 
     hist, chosen, picks = [], None, []
     for e, loss in enumerate([1.0, 1.2, 0.8]):

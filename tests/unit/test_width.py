@@ -11,11 +11,12 @@ import pytest
 import yaml
 import zarr
 
-from hpc_retrain import preparation, synth
-from hpc_retrain import store as S
-from hpc_retrain import width as W
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.synth import plates as synth
+from hpc_retrain.prepare import store as S
+from hpc_retrain.prepare import width as W
 from hpc_retrain.config import PlateConfig, RunConfig
-from hpc_retrain.plate import open_plate
+from hpc_retrain.io.plate import open_plate
 
 TRUE_WIDTH = 7.0  # synth's default cell width
 
@@ -104,14 +105,14 @@ def test_colicoords_width_is_that_of_e_coli(colicoords, pretrained_model, ds):
 
 def test_segment_measures_auto_width_from_brightfield_when_there_is_no_fluorescence(tmp_path, pretrained_model,
                                                                                     caplog):
-    from hpc_retrain import cli
+    from hpc_retrain import commands
     from hpc_retrain.commands import stages
 
     tiffs = synth.write_plate(tmp_path / "bf", fmt="tiff", wells=["A1"], fields_per_well=2, shape=(256, 256),
                               seed=5)
     for p in tiffs.glob("*fluorescence*"):
         p.unlink()
-    args = cli.build_parser().parse_args(["segment", "--plate", str(tiffs)])
+    args = commands.build_parser().parse_args(["segment", "--plate", str(tiffs)])
     with caplog.at_level(logging.INFO, logger="hpc_retrain"):
         assert stages.segment_command(args) == 0
     assert "no fluorescence channel" in caplog.text

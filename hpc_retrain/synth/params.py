@@ -1,0 +1,88 @@
+"""The parameters that shape a synthetic field (:class:`SynthParams`) and a rendered field (:class:`SynthField`).
+
+:mod:`hpc_retrain.synth.plates` renders fields and writes plates from them, and re-exports both classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+import numpy as np
+
+_U16 = 65535
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """Everything that shapes a field besides its seed and size; lengths are in pixels unless noted."""
+
+    mean_width: float = 7.0
+    width_spread: float = 0.08  # relative s.d. of cell widths, clipped to +-15 %
+    length_range: tuple[float, float] = (2.0, 5.0)  # cell length (caps included) in cell widths
+    density: float = 0.3  # fraction of the field cells cover; met up to ~0.35, beyond it fields jam near 0.4
+    colony_fraction: float = 0.75  # share of cells drawn in microcolonies; single cells fill the rest
+    colony_size: float = 12.0  # mean cells per microcolony
+    max_overlap: float = 0.15  # a candidate overlapping placed cells by more of its area is dropped
+    angle_jitter_deg: float = 2.0  # per-cell deviation from its colony's axis
+    # brightfield: counts on a bright field, cells a few thousand counts darker, a faint bright halo
+    bf_background: float = 60000.0
+    bf_contrast: float = 4000.0
+    bf_contrast_spread: float = 0.1
+    bf_halo: float = 0.3  # halo peak as a fraction of the cell contrast
+    bf_gain: float = 1.0  # counts per photon: Poisson noise s.d. is sqrt(gain * counts)
+    bf_read_noise: float = 20.0
+    bf_gradient: float = 0.04  # peak-to-peak relative illumination change across the field
+    bf_mottle: float = 0.004  # relative amplitude of smooth background texture (dirt, condenser)
+    # fluorescence: cytoplasmic signal over a camera offset and a dim autofluorescent background
+    fl_brightness: float = 1500.0  # median cell brightness above background, counts
+    fl_brightness_spread: float = 0.35  # log-normal sigma of per-cell brightness
+    fl_background: float = 40.0
+    fl_offset: float = 100.0
+    fl_gain: float = 2.0
+    fl_read_noise: float = 4.0
+    fl_gradient: float = 0.08
+    debris_per_mpx: float = 60.0  # small out-of-cell fluorescent specks per megapixel, as real slides have
+    psf_sigma: float | None = None  # brightfield PSF s.d.; default 0.15 * mean_width
+    fl_psf_sigma: float | None = None  # fluorescence PSF s.d.; default 0.2 * mean_width
+
+    def check(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"synthetic field: {what}")
+
+        need(self.mean_width >= 2, f"mean_width must be at least 2 px, got {self.mean_width}")
+        need(0 <= self.width_spread <= 0.5, f"width_spread must be in [0, 0.5], got {self.width_spread}")
+        lo, hi = self.length_range
+        need(1 <= lo <= hi, f"length_range must satisfy 1 <= min <= max (in widths), got {self.length_range}")
+        need(0 <= self.density <= 0.6, f"density must be in [0, 0.6], got {self.density}")
+        need(0 <= self.colony_fraction <= 1, f"colony_fraction must be in [0, 1], got {self.colony_fraction}")
+        need(self.colony_size >= 1, f"colony_size must be >= 1, got {self.colony_size}")
+        need(0 <= self.max_overlap < 1, f"max_overlap must be in [0, 1), got {self.max_overlap}")
+        need(0 < self.bf_contrast < self.bf_background <= _U16,
+             "brightfield needs 0 < bf_contrast < bf_background <= 65535")
+        need(self.bf_gain > 0 and self.fl_gain > 0, "gains must be positive")
+
+    @property
+    def psf(self) -> float:
+        return 0.15 * self.mean_width if self.psf_sigma is None else self.psf_sigma
+
+    @property
+    def fl_psf(self) -> float:
+        return 0.2 * self.mean_width if self.fl_psf_sigma is None else self.fl_psf_sigma
+
+
+@dataclass
+class SynthField:
+    brightfield: np.ndarray  # uint16 (Y, X)
+    fluorescence: np.ndarray  # uint16 (Y, X)
+    masks: np.ndarray  # int32 (Y, X): 0 background, cells 1..n
+    seed: int = 0
+    params: dict[str, Any] = dc_field(default_factory=dict, repr=False)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.masks.max())
+
+    def channels(self) -> dict[str, np.ndarray]:
+        return {"brightfield": self.brightfield, "fluorescence": self.fluorescence}

@@ -1,0 +1,346 @@
+"""Synthetic paired brightfield / fluorescence fields of rod-shaped bacteria with exact instance masks.
+
+Used for tests, benchmarks and demos where real plates are absent: every field is a deterministic
+function of its seed, and its ``masks`` are the very pixels the two channels were rendered from, so they
+are a complete ground truth (unlike the partial masks of real data sets).
+
+Cells are spherocylinders (capsules). Most sit in microcolonies grown side by side and end to end, so
+touching cells are common; where two capsules overlap, a pixel belongs to the cell whose surface it is
+deepest inside, so each pixel has one owner and overlaps stay small (candidates overlapping more than
+``max_overlap`` of their own area are not placed).
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import measure
+from skimage.segmentation import relabel_sequential
+
+from hpc_retrain.synth.params import _U16, SynthField, SynthParams
+
+GENERATOR_VERSION = 1
+CHANNELS = ("brightfield", "fluorescence")
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def _cell_widths(rng: np.random.Generator, p: SynthParams, n: int) -> np.ndarray:
+    rel = np.clip(rng.normal(1.0, p.width_spread, n), 0.85, 1.15)
+    return p.mean_width * rel
+
+
+def _cell_lengths(rng: np.random.Generator, p: SynthParams, widths: np.ndarray) -> np.ndarray:
+    return widths * rng.uniform(*p.length_range, widths.shape[0])
+
+
+def _colony(rng: np.random.Generator, p: SynthParams, center: np.ndarray) -> np.ndarray:
+    """Cells (cy, cx, angle, length, width) of one microcolony: rows of cells lying side by side.
+
+    Within a row cells follow end to end, as daughters do after division; rows are stacked at the sum of
+    neighbouring radii (times 0.96-1.02) so they touch. Rows fill an elliptical footprint, so the
+    random lengths stagger the cell ends like bricks in a wall.
+    """
+    n_target = max(1, int(rng.poisson(p.colony_size)))
+    w0 = p.mean_width
+    mean_len = w0 * np.mean(p.length_range)
+    aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))  # footprint length / breadth
+    # rows x cells-per-row ~= n, with a footprint (per_row * L) / (rows * w) ~= aspect.
+    per_row = max(1.0, np.sqrt(n_target * aspect * w0 / mean_len))
+    n_rows = max(1, int(round(n_target / per_row)))
+    half_len = per_row * mean_len / 2
+    theta = rng.uniform(0, np.pi)
+    row_w = _cell_widths(rng, p, n_rows)
+    ys = np.concatenate([[0.0], np.cumsum((row_w[:-1] + row_w[1:]) / 2 * rng.uniform(0.96, 1.02, n_rows - 1))])
+    ys -= ys.mean()
+    half_breadth = ys.max(initial=0.0) + row_w.max() / 2
+    cells = []
+    for y, w in zip(ys, row_w):
+        # Flank rows are shorter, giving the rounded outline of a real microcolony.
+        ext = half_len * np.sqrt(max(0.0, 1 - (y / half_breadth) ** 2)) if n_rows > 1 else half_len
+        x = -ext + rng.uniform(-0.25, 0.25) * mean_len
+        while True:
+            wd = float(np.clip(w * rng.normal(1.0, 0.03), 0.85 * w0, 1.15 * w0))
+            ln = float(_cell_lengths(rng, p, np.array([wd]))[0])
+            cells.append((y, x + ln / 2, ln, wd))
+            x += ln + wd * rng.uniform(-0.05, 0.15)
+            if x >= ext - 0.3 * mean_len:
+                break
+    arr = np.array(cells, dtype=float)
+    c, s = np.cos(theta), np.sin(theta)
+    # Axis direction (cos, sin) in (x, y) image coordinates; rows are offset along its normal.
+    cy = center[0] + arr[:, 1] * s + arr[:, 0] * c
+    cx = center[1] + arr[:, 1] * c - arr[:, 0] * s
+    ang = theta + np.deg2rad(rng.normal(0, p.angle_jitter_deg, len(arr)))
+    return np.column_stack([cy, cx, ang, arr[:, 2], arr[:, 3]])
+
+
+def _singles(rng: np.random.Generator, p: SynthParams, n: int, shape: tuple[int, int], pad: float) -> np.ndarray:
+    widths = _cell_widths(rng, p, n)
+    return np.column_stack([
+        rng.uniform(-pad, shape[0] + pad, n),
+        rng.uniform(-pad, shape[1] + pad, n),
+        rng.uniform(0, np.pi, n),
+        _cell_lengths(rng, p, widths),
+        widths,
+    ])
+
+
+def _mean_cell_area(p: SynthParams) -> float:
+    w = p.mean_width
+    return w * w * (np.mean(p.length_range) - 1 + np.pi / 4)
+
+
+def _candidates(rng: np.random.Generator, p: SynthParams, shape: tuple[int, int]) -> np.ndarray:
+    """More cells than fit, colonies first; placement keeps those that do not overlap much."""
+    pad = p.mean_width * p.length_range[1] / 2
+    target = p.density * (shape[0] + pad) * (shape[1] + pad)
+    n_cells = target / _mean_cell_area(p)
+    n_col_cells = n_cells * p.colony_fraction
+    n_colonies = int(rng.poisson(n_col_cells / p.colony_size)) if n_col_cells > 0 else 0
+    parts = [np.zeros((0, 5))]
+    if n_colonies:
+        centers = np.column_stack([rng.uniform(-pad, shape[0] + pad, n_colonies),
+                                   rng.uniform(-pad, shape[1] + pad, n_colonies)])
+        parts += [_colony(rng, p, c) for c in centers]
+    # Singles are over-drawn because those landing on colonies are refused.
+    n_single = int(rng.poisson(2.0 * n_cells * (1 - p.colony_fraction) + 0.5 * n_col_cells))
+    parts.append(_singles(rng, p, n_single, shape, pad))
+    return np.concatenate(parts)
+
+
+def _place(cells: np.ndarray, shape: tuple[int, int], p: SynthParams, target_area: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Rasterise capsules one by one into an instance image; returns labels and each pixel's radial
+    position in its own cell (0 on the axis, 1 on the surface), which shapes both channels."""
+    H, W = shape
+    labels = np.zeros(shape, np.int32)
+    depth = np.full(shape, np.inf, np.float32)  # signed distance to the owner's surface (negative inside)
+    rho = np.ones(shape, np.float32)
+    covered = 0
+    next_id = 1
+    for cy, cx, ang, length, width in cells:
+        if covered >= target_area:
+            break
+        r = width / 2
+        half = max(length / 2 - r, 0.0)
+        dy, dx = np.sin(ang) * half, np.cos(ang) * half
+        y0, y1 = int(np.floor(cy - abs(dy) - r)), int(np.ceil(cy + abs(dy) + r)) + 1
+        x0, x1 = int(np.floor(cx - abs(dx) - r)), int(np.ceil(cx + abs(dx) + r)) + 1
+        y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+        xx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+        # Distance to the axis segment: project onto it, clamp to its ends.
+        ux, uy = np.float32(np.cos(ang)), np.float32(np.sin(ang))
+        t = np.clip(xx * ux + yy * uy, -half, half)
+        d = np.hypot(xx - t * ux, yy - t * uy)
+        inside = d <= r
+        n_in = int(inside.sum())
+        if n_in == 0:
+            continue
+        sl = (slice(y0, y1), slice(x0, x1))
+        lab = labels[sl]
+        if np.count_nonzero(lab[inside]) > p.max_overlap * n_in:
+            continue
+        s = d - np.float32(r)
+        win = inside & (s < depth[sl])
+        lab[win] = next_id
+        depth[sl][win] = s[win]
+        rho[sl][win] = d[win] / np.float32(r)
+        covered += n_in
+        next_id += 1
+    return labels, rho
+
+
+def _tidy(labels: np.ndarray, min_area: float) -> np.ndarray:
+    """Drop stray fragments left where a later cell cut an earlier one, and slivers at the image edge,
+    then number cells 1..n."""
+    # skimage's label splits on value changes too, so each component lies inside one cell.
+    comp = measure.label(labels, background=0, connectivity=1)
+    sizes = np.bincount(comp.ravel())
+    owner = np.zeros(sizes.size, np.int64)
+    owner[comp.ravel()] = labels.ravel()
+    ids = np.arange(1, sizes.size)
+    # For each cell keep only its largest component.
+    order = ids[np.lexsort((-sizes[ids], owner[ids]))]
+    _, first = np.unique(owner[order], return_index=True)
+    keep = np.zeros(sizes.size, bool)
+    best = order[first]
+    keep[best[sizes[best] >= min_area]] = True
+    out = np.where(keep[comp], labels, 0)
+    return relabel_sequential(out)[0].astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------- rendering
+def _illumination(rng: np.random.Generator, shape: tuple[int, int], amplitude: float) -> np.ndarray:
+    """Smooth multiplicative field: a tilted plane plus a broad off-centre vignette, mean 1."""
+    H, W = shape
+    y = (np.arange(H, dtype=np.float32)[:, None] - H / 2) / max(H, W)
+    x = (np.arange(W, dtype=np.float32)[None, :] - W / 2) / max(H, W)
+    a = rng.uniform(0, 2 * np.pi)
+    plane = np.float32(np.cos(a)) * x + np.float32(np.sin(a)) * y  # spans about -0.5..0.5
+    cy, cx = rng.uniform(-0.3, 0.3, 2)
+    vignette = -((y - np.float32(cy)) ** 2 + (x - np.float32(cx)) ** 2)
+    field = 0.6 * plane + 0.4 * vignette
+    field -= field.mean()
+    return (1 + amplitude * field / max(float(np.ptp(field)), 1e-6)).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Unit-s.d. Gaussian random field of correlation length ``sigma`` (computed on a coarse grid)."""
+    step = max(1, int(sigma // 2))
+    small = rng.standard_normal((shape[0] // step + 2, shape[1] // step + 2)).astype(np.float32)
+    small = ndi.gaussian_filter(small, sigma / step)
+    small /= max(float(small.std()), 1e-6)
+    big = ndi.zoom(small, step, order=1, grid_mode=False) if step > 1 else small
+    return big[: shape[0], : shape[1]]
+
+
+def _camera(rng: np.random.Generator, expected: np.ndarray, gain: float, read_noise: float,
+            offset: float = 0.0) -> np.ndarray:
+    """Photon shot noise at ``gain`` counts per photon, read noise and an electronic offset, as uint16."""
+    lam = np.maximum(expected, 0) / np.float32(gain)
+    if lam.min() > 1000:
+        # Bright images (brightfield): the normal limit of Poisson is exact to well below a count, and fast.
+        photons = lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32)
+    else:
+        photons = rng.poisson(lam).astype(np.float32)
+    img = photons * np.float32(gain) + np.float32(offset)
+    img += np.float32(read_noise) * rng.standard_normal(lam.shape, dtype=np.float32)
+    return np.clip(np.rint(img), 0, _U16).astype(np.uint16)
+
+
+def _brightfield(rng: np.random.Generator, labels: np.ndarray, rho: np.ndarray, p: SynthParams) -> np.ndarray:
+    n = int(labels.max())
+    contrast = np.concatenate([[0.0], p.bf_contrast * np.clip(rng.normal(1, p.bf_contrast_spread, n), 0.6, 1.4)])
+    cell = labels > 0
+    # Cells are darkest near their envelope and a little lighter along the axis, as in focus on agar.
+    shade = np.where(cell, 0.7 + 0.3 * rho * rho, 0).astype(np.float32)
+    dark = contrast[labels].astype(np.float32) * shade
+    # A thin bright halo hugs the outside of cells (phase/defocus ring).
+    near = ndi.gaussian_filter(cell.astype(np.float32), 0.3 * p.mean_width)
+    halo = np.where(cell, 0, np.minimum(2 * near, 1)) * np.float32(p.bf_halo * p.bf_contrast)
+    img = np.float32(p.bf_background) - dark + halo
+    img = ndi.gaussian_filter(img, p.psf)
+    texture = 1 + np.float32(p.bf_mottle) * _smooth_noise(rng, labels.shape, 3 * p.mean_width)
+    img *= _illumination(rng, labels.shape, p.bf_gradient) * texture
+    return _camera(rng, img, p.bf_gain, p.bf_read_noise)
+
+
+def _fluorescence(rng: np.random.Generator, labels: np.ndarray, rho: np.ndarray, p: SynthParams) -> np.ndarray:
+    n = int(labels.max())
+    bright = np.concatenate([[0.0], p.fl_brightness * rng.lognormal(0, p.fl_brightness_spread, n)])
+    cell = labels > 0
+    # Signal follows the projected thickness of a cylinder, plus out-of-focus light filling the edges.
+    thickness = np.where(cell, 0.3 + 0.7 * np.sqrt(np.clip(1 - rho * rho, 0, 1)), 0).astype(np.float32)
+    img = bright[labels].astype(np.float32) * thickness
+    n_debris = int(rng.poisson(p.debris_per_mpx * labels.size / 1e6))
+    if n_debris:
+        ys = rng.integers(0, labels.shape[0], n_debris)
+        xs = rng.integers(0, labels.shape[1], n_debris)
+        keep = ~cell[ys, xs]
+        amp = p.fl_brightness * rng.uniform(0.05, 0.3, n_debris) * (1 + 2 * p.fl_psf) ** 2
+        np.add.at(img, (ys[keep], xs[keep]), amp[keep].astype(np.float32))
+    img = ndi.gaussian_filter(img, p.fl_psf)
+    img += np.float32(p.fl_background)
+    img *= _illumination(rng, labels.shape, p.fl_gradient)
+    return _camera(rng, img, p.fl_gain, p.fl_read_noise, p.fl_offset)
+
+
+def render_field(seed: int, shape: Sequence[int] = (512, 512), mean_width: float = 7.0, density: float = 0.3,
+                 **params: Any) -> SynthField:
+    """Render one field; the same seed, shape and parameters always give identical arrays.
+
+    ``params`` are further :class:`SynthParams` fields (e.g. ``colony_fraction=0``, ``psf_sigma=1.5``).
+    """
+    p, shape = _checked(shape, mean_width, density, params)
+    rng = np.random.default_rng(seed)
+    cells = _candidates(rng, p, shape)
+    labels, rho = _place(cells, shape, p, target_area=p.density * shape[0] * shape[1])
+    labels = _tidy(labels, min_area=0.5 * p.mean_width ** 2)
+    bf = _brightfield(rng, labels, rho, p)
+    fl = _fluorescence(rng, labels, rho, p)
+    return SynthField(bf, fl, labels, int(seed), _params_dict(p))
+
+
+def _checked(shape: Sequence[int], mean_width: float, density: float, params: dict[str, Any]
+             ) -> tuple[SynthParams, tuple[int, int]]:
+    if len(shape) != 2 or min(int(s) for s in shape) < 1:
+        raise ValueError(f"synthetic field: shape must be two positive sizes (Y, X), got {tuple(shape)}")
+    unknown = set(params) - set(SynthParams.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"synthetic field: unknown parameter(s) {sorted(unknown)}; "
+                         f"known: {sorted(SynthParams.__dataclass_fields__)}")
+    p = SynthParams(mean_width=float(mean_width), density=float(density), **params)
+    p.check()
+    return p, (int(shape[0]), int(shape[1]))
+
+
+def _params_dict(p: SynthParams) -> dict[str, Any]:
+    d = asdict(p)
+    d["length_range"] = list(p.length_range)
+    d["psf_sigma"], d["fl_psf_sigma"] = p.psf, p.fl_psf
+    return d
+
+
+# ------------------------------------------------------------------------------------------- plates
+def field_seed(seed: int, well: str, field: int) -> int:
+    """Seed of one field: stable across runs and Python versions (no built-in ``hash``)."""
+    ss = np.random.SeedSequence([int(seed), zlib.crc32(well.upper().encode()), int(field)])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zarr",
+                wells: Sequence[str] = ("A1", "A2"), fields_per_well: int = 2,
+                shape: Sequence[int] = (512, 512), seed: int = 0, mean_width: float = 7.0,
+                density: float = 0.3, name: str = "synthetic", **params: Any) -> Path:
+    """Write a synthetic plate with true masks; fields are numbered from 0 in both formats.
+
+    ``tiff``: ``{well}_s{field}_{channel}.tif`` for brightfield, fluorescence and masks in folder ``path``.
+    ``ome-zarr``: an HCS plate with channels brightfield, fluorescence and the label image ``truth``.
+    Either way ``synth.json`` in ``path`` records the generator, its parameters and every field's seed.
+    """
+    path = Path(path)
+    wells = list(wells)
+    if fmt not in ("ome-zarr", "tiff"):
+        raise ValueError(f"{path}: unknown plate format {fmt!r}; use 'ome-zarr' or 'tiff'")
+    if not wells or fields_per_well < 1:
+        raise ValueError(f"{path}: a plate needs at least one well and one field per well")
+    if len(set(w.upper() for w in wells)) != len(wells):
+        raise ValueError(f"{path}: duplicate wells in {wells}")
+    # Refuse bad parameters before anything is written.
+    p, shape = _checked(shape, mean_width, density, params)
+
+    record: dict[str, Any] = {"generator": "hpc_retrain.synth.plates", "version": GENERATOR_VERSION, "seed": int(seed),
+                              "shape": list(shape), "format": fmt, "params": _params_dict(p), "fields": []}
+    plate = None
+    if fmt == "tiff":
+        import tifffile
+
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        from hpc_retrain.io import ngff
+
+        plate = ngff.create_plate(path, wells, fields_per_well, name=name)
+    for well in wells:
+        for f in range(fields_per_well):
+            fs = field_seed(seed, well, f)
+            sf = render_field(fs, shape, mean_width=mean_width, density=density, **params)
+            record["fields"].append({"well": well, "field": f, "seed": fs, "cells": sf.n_cells})
+            if fmt == "tiff":
+                for ch, arr in (*sf.channels().items(), ("masks", sf.masks)):
+                    tifffile.imwrite(path / f"{well}_s{f}_{ch}.tif", arr, compression="zlib")
+            else:
+                img = np.stack([sf.brightfield, sf.fluorescence])
+                grp = ngff.write_field(plate, well, f, img, list(CHANNELS))
+                ngff.write_labels(grp, "truth", sf.masks)
+    if plate is not None:
+        plate.attrs["hpc_retrain_synth"] = {k: v for k, v in record.items() if k != "fields"}
+    (path / "synth.json").write_text(json.dumps(record, indent=1))
+    return path

@@ -1,0 +1,141 @@
+"""Checkpoints of a training run: every piece of state that decides the next update, saved together.
+
+A checkpoint folder (``run_dir/checkpoints/ckpt-eEEEEE[-sSSSSSS]``) holds the model's and the optimizer's
+variables (``variables.npz``) and the :class:`Progress` (``state.json``). Each is written to a temporary
+folder and renamed into place; the last ``keep`` epoch-end checkpoints and the best one are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hpc_retrain.config import RunConfig
+from hpc_retrain.training.data import TrainingError
+
+CKPT_DIR = "checkpoints"
+BEST = "best"
+# Training settings a resume must share with the run it continues; anything else (epochs, how many
+# checkpoints to keep, determinism, precision) may change between attempts.
+_RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight", "augment",
+                 "steps_per_epoch", "tiles_per_epoch")
+
+
+
+@dataclass
+class Progress:
+    """Everything besides variables that a resume needs: where we are and what has been measured."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed steps of epoch ``epoch + 1`` (interrupt checkpoints only)
+    loss_sum: float = 0.0
+    acc_sum: float = 0.0
+    seen: int = 0
+    elapsed_s: float = 0.0
+    history: list | None = None
+    best_score: float | None = None  # validation F1@0.5 (or -loss without validation fields); higher is better
+    best_epoch: int | None = None
+    since_best: int = 0  # epochs without a better score (early stopping)
+    train_fields: list | None = None
+    val_fields: list | None = None
+    pos_weight: list | None = None
+    data_seed: int = 0
+    train_config: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return f"ckpt-e{self.epoch:05d}" + (f"-s{self.step:06d}" if self.step else "")
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    d = run_dir / CKPT_DIR
+    return sorted(p for p in d.glob("ckpt-*") if (p / "state.json").is_file()) if d.is_dir() else []
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    cks = _checkpoints(Path(run_dir))
+    return cks[-1] if cks else None  # names sort by (epoch, step)
+
+
+def save_checkpoint(run_dir: Path, prog: Progress, model, optimizer, keep: int, best: bool) -> Path:
+    ck_root = run_dir / CKPT_DIR
+    ck_root.mkdir(parents=True, exist_ok=True)
+    final = ck_root / prog.name
+    tmp = ck_root / f".tmp-{prog.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    arrays = {f"m{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
+    arrays.update({f"o{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
+    with open(tmp / "variables.npz", "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    state = dict(prog.__dict__, model_variables=_signature(model.variables),
+                 optimizer_variables=_signature(optimizer.variables))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():  # the same state saved twice (e.g. a signal right at an epoch end)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if best:
+        btmp = ck_root / f".tmp-best-{os.getpid()}"
+        shutil.rmtree(btmp, ignore_errors=True)
+        shutil.copytree(final, btmp)
+        shutil.rmtree(ck_root / BEST, ignore_errors=True)
+        os.replace(btmp, ck_root / BEST)
+    _prune(ck_root, keep)
+    return final
+
+
+def _prune(ck_root: Path, keep: int) -> None:
+    cks = [p for p in sorted(ck_root.glob("ckpt-*")) if (p / "state.json").is_file()]
+    ends = [p for p in cks if "-s" not in p.name]
+    drop = set(ends[:-keep]) if len(ends) > keep else set()
+    if ends:  # an interrupt checkpoint is superseded by any later epoch end
+        drop |= {p for p in cks if "-s" in p.name and p.name < ends[-1].name}
+    for p in drop:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _signature(variables) -> list[str]:
+    return [f"{tuple(v.shape)} {v.dtype}" for v in variables]
+
+
+def load_checkpoint(path: Path, model, optimizer) -> Progress:
+    state = json.loads((path / "state.json").read_text())
+    names_m, names_o = state.pop("model_variables"), state.pop("optimizer_variables")
+    # Shapes, not names: Keras numbers layer names per process, so a second model in one process differs.
+    if names_m != _signature(model.variables):
+        raise TrainingError(f"{path}: checkpoint variables do not match this model (another base model?)")
+    optimizer.build(model.trainable_variables)
+    if names_o != _signature(optimizer.variables):
+        raise TrainingError(f"{path}: optimizer state does not match (another init mode or precision?)")
+    with np.load(path / "variables.npz") as z:
+        for i, v in enumerate(model.variables):
+            v.assign(z[f"m{i:04d}"])
+        for i, v in enumerate(optimizer.variables):
+            v.assign(z[f"o{i:04d}"])
+    known = set(Progress.__dataclass_fields__)
+    return Progress(**{k: v for k, v in state.items() if k in known})
+
+
+def changed_fixed_settings(old: dict, cfg: RunConfig) -> list[tuple[str, object, object]]:
+    """(field, the run's value, the new value) of each ``_RESUME_FIXED`` training setting that differs."""
+    now = cfg.train.model_dump(mode="json")
+    default = type(cfg.train)().model_dump(mode="json")  # a field added since the run started: its default
+    return [(k, old.get(k, default.get(k)), now.get(k)) for k in _RESUME_FIXED
+            if old.get(k, default.get(k)) != now.get(k)]
+
+
+def _check_resume(prog: Progress, cfg: RunConfig, ckpt: Path) -> None:
+    diff = [k for k, _, _ in changed_fixed_settings(prog.train_config or {}, cfg)]
+    if prog.data_seed != cfg.seed:
+        diff.append("seed")
+    if diff:
+        raise TrainingError(
+            f"{ckpt}: this run was started with other settings ({', '.join(diff)}); resume with the same "
+            f"settings or train into a new run folder")
