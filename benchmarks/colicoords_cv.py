@@ -40,8 +40,8 @@ def gather(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpc_retrain.evaluate import crossval
     from hpc_retrain.config import RunConfig
+    from hpc_retrain.evaluate import crossval
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "colicoords_cv")

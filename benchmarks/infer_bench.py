@@ -90,8 +90,8 @@ def _timed(fn, *a):
 # ------------------------------------------------------------------------------------------ speed
 def plate_tiles(images: list[np.ndarray], cfg) -> np.ndarray:
     """The model's input for a plate: every field's tiles, as ``segment`` cuts them (stitch mode)."""
-    from hpc_retrain.inference import predictor as infer
     from hpc_retrain.imaging import tiling as T
+    from hpc_retrain.inference import predictor as infer
 
     return np.concatenate([T.extract_tiles(infer.field_features(im, cfg), cfg.tiling.size, cfg.tiling.margin)[0]
                            for im in images])
@@ -118,9 +118,9 @@ def speed(plates: dict[int, tuple[int, int]], seed: int = 0, mean_width: float =
     """``plates``: field size -> (fields on the plate, repetitions). Segments the plate both ways, and runs
     the bare model on the plate's tiles on each engine; returns the plate rows and the engines' summary."""
     from hpc_retrain.inference import engine as E
+    from hpc_retrain.inference import model as M
     from hpc_retrain.inference import predictor as infer
     from hpc_retrain.synth import plates as synth
-    from hpc_retrain.inference import model as M
 
     cfg = _cfg(mean_width)
     model = M.load()
@@ -150,7 +150,7 @@ def speed(plates: dict[int, tuple[int, int]], seed: int = 0, mean_width: float =
                 ref_probs.append(p)
             t["ref"].append(time.perf_counter() - start)
             t["ref_prob"].append(t_prob)
-            ours, dt = _timed(lambda: list(infer.segment_fields(predictor, images, cfg, "stitch")))
+            ours, dt = _timed(lambda images=images: list(infer.segment_fields(predictor, images, cfg, "stitch")))
             t["ours"].append(dt)
             diff = max(diff, max(float(np.abs(o[0] - r_[..., :2]).max()) for o, r_ in zip(ours, ref_probs)))
             del ours, ref_probs
@@ -222,8 +222,8 @@ def _rss_child(side: str, scan: str, mean_width: float, out_dir: str) -> dict:
     import tifffile
     import zarr
 
-    from hpc_retrain.inference import predictor as infer
     from hpc_retrain.inference import model as M
+    from hpc_retrain.inference import predictor as infer
 
     cfg = _cfg(mean_width)
     model = M.load()
@@ -303,7 +303,7 @@ def table(result: dict) -> str:
                     " TF + model alone in brackets)",
                 f"{'scan':>7} {'ours':>14} {'ref':>14} {'ours s':>8} {'ref s':>8}"]
         for r in result["memory"]:
-            def cell(side):
+            def cell(side, r=r):
                 d = r[side]
                 if "peak_rss_gib" in d:
                     return f"{d['peak_rss_gib']:.2f} ({d['base_rss_gib']:.2f})", f"{d['seconds']:.0f}"

@@ -45,16 +45,16 @@ def _child_loop(plate: str, out: str) -> None:
     import tifffile
 
     t0 = time.time()
-    from hpc_retrain.prepare import labels as L
-    from hpc_retrain.prepare import store as S
-    from hpc_retrain.prepare import targets as TG
     from hpc_retrain.config import RunConfig
     from hpc_retrain.io.plate import open_plate
+    from hpc_retrain.prepare import labels as L
+    from hpc_retrain.prepare import store as st
+    from hpc_retrain.prepare import targets as TG
 
     cfg = RunConfig().updated(plate__path=plate)
     fields = open_plate(cfg.plate).fields
-    entries = S.plan_fields(fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
-    root = S.create(out, entries, cfg.to_dict(), cfg.tiling.size)
+    entries = st.plan_fields(fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
+    root = st.create(out, entries, cfg.to_dict(), cfg.tiling.size)
     model = L.get_model()
     finished = []
     for e in entries:

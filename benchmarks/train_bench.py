@@ -44,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_retrain.prepare import store as st
 from hpc_retrain.config import RunConfig
+from hpc_retrain.prepare import store as st
 
 _F = namedtuple("_F", "well field source shape")
 
@@ -161,8 +161,8 @@ def efficiency(store: Path, batch: int, infer_batch: int, steps: int, warmup: in
     import keras
     import tensorflow as tf
 
-    from hpc_retrain.training import loop as tr
     from hpc_retrain.inference.predictor import Predictor
+    from hpc_retrain.training import loop as tr
 
     warmup = max(warmup, 1)  # the Zarr side's pipeline fill is one untimed step
     keras.backend.clear_session()

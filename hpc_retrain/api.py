@@ -8,14 +8,21 @@
     segment(cfg.updated(infer__model="runs/r1", infer__name="r1"))
     print(evaluate(cfg.updated(infer__name="r1"), "plate.zarr", "truth")["table"])
 
-``hpc-retrain`` (``hpc_retrain.commands``) is a few lines of option parsing around each. Nothing heavy is
-imported until a function runs.
+``train`` returns a handle with ``.result()`` however it runs (inline, a local or a Slurm job), as
+submitit's jobs do. ``crossval``, ``status`` and ``synth`` complete the stages. ``hpc-retrain``
+(``hpc_retrain.commands``) is a few lines of option parsing around these and imports nothing below them.
+Nothing heavy is imported until a function runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
+
+# What each data command computes: ``labels`` and ``targets`` alone, or ``prepare`` both.
+PREPARE_STAGES: dict[str, tuple[str, ...]] = {"labels": ("labels",), "targets": ("targets",),
+                                              "prepare": ("labels", "targets")}
 
 if TYPE_CHECKING:
     from hpc_retrain.config import RunConfig
@@ -23,38 +30,108 @@ if TYPE_CHECKING:
     from hpc_retrain.segment.pipeline import Segmented
 
 
+def import_tensorflow():
+    """Import TensorFlow now, without the native start-up lines it prints before its logging is set up."""
+    from hpc_retrain.inference.model import import_tensorflow as load
+
+    return load()
+
+
 def prepare(cfg: RunConfig, out: str | Path | None = None, stages: Iterable[str] = ("labels", "targets"),
             overwrite: bool = False, progress: bool = True) -> Summary:
     """Fill the training store ``out`` (default: ``./<plate name>.train.zarr``) with ``stages`` of every field
     of ``cfg.plate``; a rerun resumes. The summary's ``text()`` lists flagged fields; its QC table is beside."""
-    from hpc_retrain.prepare import pipeline as PR
+    from hpc_retrain.prepare import pipeline as preparation
 
     if cfg.plate.path is None:
-        raise PR.PrepareError("no plate: give --plate PATH or set plate.path in the config")
+        raise preparation.PrepareError("no plate: give --plate PATH or set plate.path in the config")
     cfg = cfg.updated(plate__path=Path(cfg.plate.path).resolve())
-    return PR.run(cfg, out or PR.default_store(cfg.plate.path), tuple(stages), overwrite=overwrite,
+    return preparation.run(cfg, out or preparation.default_store(cfg.plate.path), tuple(stages), overwrite=overwrite,
                   progress=progress)
 
 
-def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executor: str | None = None,
-          wait: bool = True, time_min: int | None = None) -> Any:
-    """Train (or resume) ``run_dir`` on ``store`` (None: the store a resumed run was started on).
+class InlineRun:
+    """A training in this very process, with the handle of a submitted job: ``result()`` trains (or resumes)
+    the first time it is called, as submitit's debug jobs do, and returns the metrics."""
 
-    ``executor``: "inline" trains in this process and returns the metrics; otherwise the job goes to
-    ``cfg.cluster.executor`` (local or slurm, ``time_min`` its limit) and, with ``wait``, its metrics are
-    returned when it ends, else the submitted ``submitit.Job``. A resume with settings the run cannot change
-    is refused before anything is written."""
+    executor = "inline"
+
+    def __init__(self, cfg: RunConfig, store: Path, run_dir: Path):
+        import os
+
+        self.cfg, self.store, self.run_dir = cfg, store, run_dir
+        self.job_id = str(os.getpid())
+        self._metrics: dict | None = None
+
+    def done(self) -> bool:
+        return self._metrics is not None
+
+    def result(self) -> dict:
+        from hpc_retrain.training import jobs
+
+        if self._metrics is None:
+            self._metrics = jobs.train_inline(self.cfg, self.store, self.run_dir)
+        return self._metrics
+
+
+class SubmittedRun:
+    """A training submitted as a local or Slurm job (``job``: the ``submitit.Job``)."""
+
+    def __init__(self, job: Any, run_dir: Path, executor: str):
+        self.job, self.run_dir, self.executor = job, run_dir, executor
+        self.job_id = str(job.job_id)
+        self.paths = job.paths
+
+    def done(self) -> bool:
+        return self.job.done()
+
+    def result(self, echo: Callable[[str], Any] | None = None) -> dict:
+        """Wait for the job, handing what it appends to train.log to ``echo``; its metrics, or ``JobFailed``."""
+        from hpc_retrain.training import jobs
+
+        return jobs.follow(self.job, self.run_dir, echo=echo)
+
+
+def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executor: str | None = None,
+          time_min: int | None = None) -> InlineRun | SubmittedRun:
+    """Train (or resume) ``run_dir`` on ``store`` (None: the store a resumed run was started on); a handle
+    whose ``result()`` is the metrics.
+
+    ``executor``: "inline" trains in this process when ``result()`` is called; otherwise the job goes to
+    ``cfg.cluster.executor`` (local or slurm, ``time_min`` its limit) at once. A resume with settings the run
+    cannot change is refused before anything is written."""
     from hpc_retrain.training import jobs
 
     run_dir = Path(run_dir)
     store = jobs.resolve_store(run_dir, store)
     jobs.check_resume(cfg, run_dir)
     if executor == "inline":
-        return jobs.train_inline(cfg, store, run_dir)
+        return InlineRun(cfg, store, run_dir)
     if executor is not None and executor != cfg.cluster.executor:
         cfg = cfg.updated(cluster__executor=executor)
-    job = jobs.submit(cfg, store, run_dir, time_min=time_min)
-    return jobs.follow(job, run_dir) if wait else job
+    return SubmittedRun(jobs.submit(cfg, store, run_dir, time_min=time_min), run_dir, cfg.cluster.executor)
+
+
+def status(run_dir: str | Path) -> dict:
+    """The state of a training run from its own files (and, for a Slurm job that has not reported, the
+    scheduler); refused in one line for a folder that is not a run or does not exist."""
+    from hpc_retrain.io import runfolder
+    from hpc_retrain.training import runstate
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise runstate.RunFileError(f"{run}: no such run folder")
+    if not runfolder.is_run(run):
+        raise runstate.RunFileError(f"{run}: not a training run: no config.yaml/status.json; train with "
+                                    f"`hpc-retrain train --store STORE --run {run}`")
+    return runstate.run_status(run)
+
+
+def status_text(record: dict) -> str:
+    """The lines ``hpc-retrain status`` prints for a :func:`status` record."""
+    from hpc_retrain.training import runstate
+
+    return runstate.status_text(record)
 
 
 def segment(cfg: RunConfig, out: str | Path | None = None, **options: Any) -> Segmented:
@@ -73,3 +150,32 @@ def evaluate(cfg: RunConfig, pred: str | Path, ref: str, ref_plate: str | Path |
 
     return evaluate_plate(pred, cfg.infer.name, ref, ref_plate, out, overlays, channel or cfg.plate.brightfield,
                           plate_cfg=cfg.plate)
+
+
+def plate_wells(cfg: RunConfig) -> list[str]:
+    """The wells of ``cfg.plate``, in plate order (one per job-array task of ``slurm/segment.sbatch``)."""
+    from hpc_retrain.segment.pipeline import plate_wells as wells
+
+    return wells(cfg)
+
+
+def crossval(cfg: RunConfig, out: str | Path, folds: int = 3) -> dict:
+    """Does retraining help on ``cfg.plate``? k-fold by field, pretrained and retrained scored on held-out
+    fields; writes ``out/crossval.json`` and returns it (its ``table`` is the text to print)."""
+    from hpc_retrain.evaluate import crossval as cv
+
+    res = cv.run(cfg, out, folds)
+    return {**res, "table": cv.table(res)}
+
+
+def synth(out: str | Path, cfg: RunConfig, fmt: str = "tiff", wells: Iterable[str] = ("A1",),
+          fields_per_well: int = 2, shape: tuple[int, int] = (512, 512), density: float | None = None) -> Path:
+    """Write a synthetic plate of paired brightfield/fluorescence fields with true masks to ``out``; cells are
+    drawn ``cfg.preprocess.mean_width`` wide (the synthetic default while it is "auto"), seeded by ``cfg.seed``."""
+    from hpc_retrain.synth import plates
+
+    width = plates.SynthParams.mean_width if cfg.preprocess.mean_width == "auto" else cfg.preprocess.mean_width
+    kw = {} if density is None else {"density": density}
+    plates.write_plate(out, fmt=fmt, wells=list(wells), fields_per_well=fields_per_well, shape=shape,
+                       seed=cfg.seed, mean_width=width, **kw)
+    return Path(out)

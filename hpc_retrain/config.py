@@ -9,13 +9,21 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hpc_retrain.errors import HpcRetrainError
+
 CONFIG_NAME = "config.yaml"
+CHANNELS = ("brightfield", "fluorescence")  # the two images of every field
+# Sections of a store's own config that a run (and the model it exports) carries: a model is only meaningful
+# with the preprocessing, labels and tiling its training tiles were made with.
+STORE_SECTIONS = ("preprocess", "labels", "tiling")
+MODES = ("stitch", "blend")  # how tiles are put back together: MISIC crop-and-stitch, or blended overlaps
 _PROVENANCE = ("hpc_retrain_version", "written")  # written beside the settings, not settings themselves
 # Settings that moved section: configs written before still load, each old key read as its new one (once
 # logged). compute.* are shared by every stage that runs the model; they lived under infer in 0.1.
@@ -25,7 +33,7 @@ log = logging.getLogger(__name__)
 _WARNED: set[tuple[str, str]] = set()
 
 
-class ConfigError(ValueError):
+class ConfigError(HpcRetrainError, ValueError):
     """A configuration that cannot run; the message names the field and the problem."""
 
 
@@ -138,7 +146,7 @@ class TilingConfig(_Section):
     margin: int = Field(16, ge=0, description="pixels dropped at each tile edge when stitching")
 
     @model_validator(mode="after")
-    def _margin_fits(self) -> "TilingConfig":
+    def _margin_fits(self) -> TilingConfig:
         if 2 * self.margin >= self.size:
             raise ValueError(f"margin {self.margin} leaves nothing of a {self.size} px tile")
         return self
@@ -236,14 +244,14 @@ class RunConfig(_Section):
 
     # ------------------------------------------------------------------ I/O
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> "RunConfig":
+    def load(cls, path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
         """Read YAML (or nothing: defaults), apply ``section.key=value`` overrides, validate once."""
         return cls.layered(file=path, overrides=overrides or ())
 
     @classmethod
-    def layered(cls, saved: str | Path | None = None, file: "str | Path | RunConfig | None" = None,
+    def layered(cls, saved: str | Path | None = None, file: str | Path | RunConfig | None = None,
                 overrides: Iterable[str] | dict[str, Any] = (), options: dict[str, Any] | None = None, *,
-                saved_keys: Iterable[str] | None = None, explicit: Iterable[str] = ()) -> "RunConfig":
+                saved_keys: Iterable[str] | None = None, explicit: Iterable[str] = ()) -> RunConfig:
         """The one place a command's settings are layered, each layer over those before it; validated once.
 
         1. ``file``: a YAML file (a run's saved ``config.yaml`` is one too), or a ``RunConfig`` already
@@ -275,7 +283,7 @@ class RunConfig(_Section):
         return cls.from_dict(data, source=source)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
         try:
             return cls.model_validate(_migrated(data, source))
         except ValidationError as e:
@@ -285,7 +293,7 @@ class RunConfig(_Section):
                 lines.append(f"  {where}: {err['msg']}")
             raise ConfigError("\n".join(lines)) from None
 
-    def updated(self, **dotted: Any) -> "RunConfig":
+    def updated(self, **dotted: Any) -> RunConfig:
         """A validated copy with ``section__key=value`` (or dotted-dict) changes."""
         data = self.to_dict()
         for key, value in dotted.items():
@@ -308,7 +316,7 @@ class RunConfig(_Section):
         return atomic.write_text(out, yaml.safe_dump(doc, sort_keys=False))
 
     @classmethod
-    def read_saved(cls, folder_or_file: str | Path) -> "RunConfig":
+    def read_saved(cls, folder_or_file: str | Path) -> RunConfig:
         p = _saved_file(Path(folder_or_file))
         if not p.is_file():
             raise ConfigError(f"{p}: no saved config (is this a run folder?)")

@@ -14,11 +14,11 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
-from hpc_retrain.prepare import store as st
 from hpc_retrain.config import RunConfig
 from hpc_retrain.imaging.preprocess import features_np, rescaled_shape
-from hpc_retrain.synth.plates import render_field
 from hpc_retrain.imaging.tiling import extract_tiles
+from hpc_retrain.prepare import store as st
+from hpc_retrain.synth.plates import render_field
 
 _Field = namedtuple("_Field", "well field source shape")
 

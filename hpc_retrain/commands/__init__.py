@@ -14,28 +14,30 @@ import logging
 import os
 import sys
 
-from hpc_retrain import __version__
-from hpc_retrain.commands import stages as S
-from hpc_retrain.commands.common import CliError, _add_verbosity, add_config_arguments
+from hpc_retrain import __version__, api
+from hpc_retrain.commands import stages
+from hpc_retrain.commands.common import add_config_arguments, add_verbosity
 from hpc_retrain.commands.demo import demo_arguments, demo_command
-from hpc_retrain.config import ConfigError
+from hpc_retrain.errors import HpcRetrainError
 
 # ------------------------------------------------------------------------------------------ the parser
 # name -> (one-line help, options, entry point); the order is the workflow's.
 COMMANDS = {
     "synth": ("write a synthetic plate of paired brightfield/fluorescence images",
-              S.synth_arguments, S.synth_command),
-    "labels": ("training labels from fluorescence with the pretrained MISIC", S.prepare_arguments, S.prepare_command),
-    "targets": ("training inputs (shape-index tiles) from brightfield", S.prepare_arguments, S.prepare_command),
-    "prepare": ("labels and targets in one pass into the training store", S.prepare_arguments, S.prepare_command),
-    "train": ("retrain MISIC on a training store, locally or as a Slurm job", S.train_arguments, S.train_command),
-    "status": ("state and latest epoch metrics of a training run", S.status_arguments, S.status_command),
+              stages.synth_arguments, stages.synth_command),
+    "labels": ("training labels from fluorescence with the pretrained MISIC", stages.prepare_arguments, stages.prepare_command),
+    "targets": ("training inputs (shape-index tiles) from brightfield", stages.prepare_arguments, stages.prepare_command),
+    "prepare": ("labels and targets in one pass into the training store", stages.prepare_arguments, stages.prepare_command),
+    "train": ("retrain MISIC on a training store, locally or as a Slurm job", stages.train_arguments, stages.train_command),
+    "status": ("state and latest epoch metrics of a training run", stages.status_arguments, stages.status_command),
     "segment": ("segment a plate with a trained model into OME-Zarr labels",
-                S.segment_arguments, S.segment_command),
-    "evaluate": ("score segmentations against reference masks", S.evaluate_arguments, S.evaluate_command),
+                stages.segment_arguments, stages.segment_command),
+    "evaluate": ("score segmentations against reference masks", stages.evaluate_arguments, stages.evaluate_command),
     "crossval": ("does retraining help on this plate? k-fold by field, scored on held-out fields",
-                 S.crossval_arguments, S.crossval_command),
-    "demo": ("synthesize a small plate and run every stage on it", demo_arguments, demo_command),
+                 stages.crossval_arguments, stages.crossval_command),
+    # the demo runs the other commands through main(), handed to it rather than imported (no cycle)
+    "demo": ("synthesize a small plate and run every stage on it", demo_arguments,
+             lambda args: demo_command(args, main)),
 }
 
 # Commands that never load TensorFlow (so they start in a second)
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fluorescence, targets from brightfield, training, and tiled inference, locally or on Slurm.",
     )
     parser.add_argument("--version", action="version", version=f"hpc-retrain {__version__}")
-    _add_verbosity(parser, default=False)
+    add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, arguments, command) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -112,19 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if not verbose and args.command not in NO_TENSORFLOW:
-        from hpc_retrain.inference.model import import_tensorflow
-
-        import_tensorflow()  # first, so no later import prints TensorFlow's start-up lines
+        api.import_tensorflow()  # first, so no later import prints TensorFlow's start-up lines
     try:
         return int(args._run(args) or 0)
-    except (CliError, ConfigError) as e:
+    except HpcRetrainError as e:
+        # Every error a user can fix derives from it, and its message already names the file or setting and
+        # the fix; anything else is a bug and keeps its traceback.
         return _report(args.command, e)
-    except ValueError as e:
-        # Our own input errors (PlateError, ImageError, ModelError, StoreError...) are ValueErrors whose
-        # message already names the file and the problem; anything else is a bug and keeps its traceback.
-        if type(e).__module__.startswith("hpc_retrain"):
-            return _report(args.command, e)
-        raise
 
 
 def _report(command: str, e: Exception) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from hpc_retrain.config import RunConfig
+from hpc_retrain.errors import HpcRetrainError
 
 
-class CliError(Exception):
+class CliError(HpcRetrainError):
     """An error a user can fix; printed as one line, exit status 2."""
 
 
@@ -17,10 +18,10 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one configuration field, e.g. --set train.epochs=5 (repeatable)")
     # Also accepted after the subcommand; SUPPRESS keeps the top-level value when not given here.
-    _add_verbosity(p, default=argparse.SUPPRESS)
+    add_verbosity(p, default=argparse.SUPPRESS)
 
 
-def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
+def add_verbosity(p: argparse.ArgumentParser, default) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", default=default,
                    help="debug logging, TensorFlow's own messages included")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hpc_retrain.commands.common import CliError, config_from_args
-
 
 # The training recipe for the demo's plate. The defaults (lr 1e-4, class weight (1-p)/p) are what win on sparse
 # real fields (ColiCoords, cells on ~1 % of the pixels); on these dense synthetic colonies (cells on ~25 %) they
@@ -38,8 +38,9 @@ def demo_arguments(p: argparse.ArgumentParser, name: str = "demo") -> None:
     p.add_argument("--overwrite", action="store_true", help="start again in an existing output folder")
 
 
-def demo_command(args: argparse.Namespace) -> int:
-    """The same commands a user runs (through :func:`main`), so the demo cannot drift from the tool."""
+def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> int:
+    """The same commands a user runs (through the command line's ``main``), so the demo cannot drift from
+    the tool."""
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite and (out / "summary.json").exists():
         raise CliError(f"{out}: holds a finished demo; pass --overwrite or choose another --out")
@@ -51,7 +52,6 @@ def demo_command(args: argparse.Namespace) -> int:
     common = ["--config", str(cfg_path)]
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    from hpc_retrain.commands import main  # the package imports this module: main exists once it runs
 
     def step(name: str, argv: list[str]) -> None:
         print(f"\n--- demo: {name}: hpc-retrain {' '.join(argv)}", flush=True)

@@ -9,15 +9,10 @@ import sys
 from pathlib import Path
 
 from hpc_retrain import api
-from hpc_retrain.evaluate import crossval
-from hpc_retrain.inference import predictor as infer
-from hpc_retrain.training import jobs
-from hpc_retrain.prepare import pipeline as preparation
-from hpc_retrain.training import runfolder as runstate
-from hpc_retrain.segment import pipeline as segmentation
-from hpc_retrain.synth import plates as synth
 from hpc_retrain.commands.common import CliError, config_from_args
-from hpc_retrain.config import RunConfig
+from hpc_retrain.config import CHANNELS, MODES, RunConfig
+from hpc_retrain.errors import JobFailed, TrainingInterrupted
+from hpc_retrain.io.runfolder import CONFIG_FILE
 
 
 # ------------------------------------------------------------------------------------------ synth
@@ -46,11 +41,7 @@ def synth_command(args: argparse.Namespace) -> int:
     fmt = args.format or ("ome-zarr" if out.suffix == ".zarr" else "tiff")
     shape = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
     wells = [w.strip() for w in args.wells.split(",") if w.strip()]
-    # The width cells are drawn at; a config still on "auto" (it is measured later, from the images) gets
-    # the synthetic default.
-    width = synth.SynthParams.mean_width if cfg.preprocess.mean_width == "auto" else cfg.preprocess.mean_width
-    synth.write_plate(out, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, seed=cfg.seed,
-                      mean_width=width, density=args.density)
+    api.synth(out, cfg, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, density=args.density)
     print(f"wrote {fmt} plate {out}: {len(wells)} wells x {args.fields} fields of {shape[0]}x{shape[1]} px")
     return 0
 
@@ -88,7 +79,7 @@ def prepare_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, **{"plate.path": plate, "cluster.workers": args.workers,
                                     "cluster.scheduler_address": args.scheduler,
                                     "preprocess.mean_width": args.mean_width})
-    summary = api.prepare(cfg, args.out, preparation.STAGES[args.command], overwrite=args.overwrite)
+    summary = api.prepare(cfg, args.out, api.PREPARE_STAGES[args.command], overwrite=args.overwrite)
     print(summary.text())
     return 0
 
@@ -130,25 +121,22 @@ def build_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         "cluster.time_min": args.time, "cluster.gpus": args.gpus, "cluster.cpus": args.cpus,
         "cluster.mem_gb": args.mem, "cluster.container": args.container,
     }
-    saved = run_dir if args.config is None and (run_dir / "config.yaml").is_file() else None
+    saved = run_dir if args.config is None and (run_dir / CONFIG_FILE).is_file() else None
     return RunConfig.layered(saved=saved, file=args.config, overrides=list(args.overrides), options=fields)
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from hpc_retrain.training.loop import TrainingInterrupted
-
     run_dir = Path(args.run)
-    store = jobs.resolve_store(run_dir, args.store)
     cfg = build_config(args, run_dir)
     if args.executor == "inline":
         try:
-            metrics = api.train(cfg, store, run_dir, executor="inline")
+            metrics = api.train(cfg, args.store, run_dir, executor="inline").result()
         except TrainingInterrupted as e:
             print(f"hpc-retrain train: {e}; run the same command to resume", file=sys.stderr)
             return 128 + e.signum
         print(json.dumps(metrics.get("final", {})))
         return 0
-    job = api.train(cfg, store, run_dir, wait=False, time_min=args.time)
+    job = api.train(cfg, args.store, run_dir, time_min=args.time)
     print(f"submitted {cfg.cluster.executor} job {job.job_id}")
     print(f"  run folder: {run_dir.resolve()}")
     print(f"  stdout:     {job.paths.stdout}")
@@ -158,8 +146,8 @@ def train_command(args: argparse.Namespace) -> int:
     if not wait:
         return 0
     try:
-        metrics = jobs.follow(job, run_dir, echo=lambda text: print(text, end="", flush=True))
-    except jobs.JobFailed as e:
+        metrics = job.result(echo=lambda text: print(text, end="", flush=True))
+    except JobFailed as e:
         print(f"hpc-retrain train: {e}", file=sys.stderr)
         return 1
     print(json.dumps(metrics.get("final", {})))
@@ -181,15 +169,8 @@ def status_arguments(p: argparse.ArgumentParser, name: str = "status") -> None:
 
 def status_command(args: argparse.Namespace) -> int:
     """Print the run's state; exit 0 (finished, running, pending), 1 (failed, stopped), 2 (not a run)."""
-    run = Path(args.run)
-    if run.is_dir() and not any((run / n).is_file() for n in runstate.RUN_FILES):
-        raise CliError(f"{run}: not a training run: no config.yaml/status.json; train with "
-                       f"`hpc-retrain train --store STORE --run {run}`")
-    try:
-        s = runstate.run_status(run)
-    except FileNotFoundError:
-        raise CliError(f"{args.run}: no such run folder") from None
-    print(json.dumps(s, indent=1) if args.json else runstate.status_text(s))
+    s = api.status(args.run)
+    print(json.dumps(s, indent=1) if args.json else api.status_text(s))
     return 1 if s["state"] in ("failed", "stopped") else 0
 
 
@@ -203,9 +184,9 @@ def segment_arguments(p: argparse.ArgumentParser, name: str = "segment") -> None
                    help="OME-Zarr plate to write (default: into an OME-Zarr input plate itself; "
                         "<folder>.ome.zarr next to a TIFF plate)")
     p.add_argument("--name", help="label image name under each field's labels/ (default: infer.name)")
-    p.add_argument("--channel", choices=segmentation.CHANNELS, default="brightfield",
+    p.add_argument("--channel", choices=CHANNELS, default="brightfield",
                    help="which plate channel to segment, with its preprocessing (default: brightfield)")
-    p.add_argument("--mode", choices=infer.MODES, help="crop-and-stitch (MISIC) or blended tiles (default: infer.mode)")
+    p.add_argument("--mode", choices=MODES, help="crop-and-stitch (MISIC) or blended tiles (default: infer.mode)")
     p.add_argument("--batch-size", type=int, help="tiles per model call (default: compute.batch_size)")
     p.add_argument("--chunk", type=int, help="fields larger than this (px) are processed in chunks")
     p.add_argument("--tiff", nargs="?", const="", metavar="DIR",
@@ -221,7 +202,7 @@ def segment_command(args: argparse.Namespace) -> int:
                            infer__name=args.name, compute__chunk=args.chunk, infer__model=args.model,
                            plate__path=args.plate)
     if args.list_wells:
-        print("\n".join(segmentation.plate_wells(cfg)))
+        print("\n".join(api.plate_wells(cfg)))
         return 0
     wells = [w.strip() for w in args.wells.split(",") if w.strip()] if args.wells else None
     done = api.segment(cfg, args.out, channel=args.channel, wells=wells, tiff=args.tiff,
@@ -272,7 +253,7 @@ def crossval_command(args: argparse.Namespace) -> int:
                            preprocess__mean_width=args.mean_width)
     if cfg.plate.path is None:
         raise CliError("no plate: pass --plate PATH (or set plate.path)")
-    res = crossval.run(cfg, args.out, args.folds)
-    print(crossval.table(res), end="")
+    res = api.crossval(cfg, args.out, args.folds)
+    print(res["table"], end="")
     return 0
 

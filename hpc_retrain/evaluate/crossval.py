@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_retrain.evaluate import scoring as E
 from hpc_retrain.config import RunConfig
+from hpc_retrain.imaging import metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +49,18 @@ def _write_plate(fields, channels: list[str], out: Path) -> Path:
     return out
 
 
-def _scores(ref: np.ndarray, pred: np.ndarray) -> E.Score:
-    return E.match(ref, pred, (0.5,))[0]
+def _scores(ref: np.ndarray, pred: np.ndarray) -> metrics.Score:
+    return metrics.match(ref, pred, (0.5,))[0]
 
 
 def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     """Cross-validate ``cfg``'s recipe on ``cfg.plate``; writes ``out/crossval.json`` and returns it."""
-    from hpc_retrain.inference import predictor as infer
     from hpc_retrain.inference import model as M
-    from hpc_retrain.prepare import pipeline as preparation
-    from hpc_retrain.training import loop as training
+    from hpc_retrain.inference import predictor as infer
     from hpc_retrain.io.plate import open_plate
     from hpc_retrain.prepare import labels as L
+    from hpc_retrain.prepare import pipeline as preparation
+    from hpc_retrain.training import loop as tr
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +75,8 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     fields = plate.fields
     pretrained = M.load(None)
     results = {"plate": str(plate.path), "mean_width": width, "folds": [], "config": cfg.to_dict()}
-    totals = {name: E.Score(0.5, 0, 0, 0, 0.0) for name in ("pretrained", "retrained")}
-    recall = {name: E.Score(0.5, 0, 0, 0, 0.0) for name in ("pretrained", "retrained", "teacher")}
+    totals = {name: metrics.Score(0.5, 0, 0, 0, 0.0) for name in ("pretrained", "retrained")}
+    recall = {name: metrics.Score(0.5, 0, 0, 0, 0.0) for name in ("pretrained", "retrained", "teacher")}
     t_start = time.perf_counter()
     for i, test in enumerate(folds(len(fields), k)):
         fold_dir = out / f"fold{i + 1}"
@@ -87,11 +87,11 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
         store = fold_dir / "train.zarr"
         preparation.run(fcfg, store, preparation.STAGES["prepare"], progress=False)
         run_dir = fold_dir / "run"
-        metrics = training.train(fcfg, store, run_dir)
+        trained = tr.train(fcfg, store, run_dir)
         run_cfg = RunConfig.read_saved(run_dir)
         retrained = M.load(run_dir)
         fold = {"test_fields": [fields[j].key for j in test], "train_fields": [f.key for f in train_fields],
-                "best_epoch": metrics.get("best_epoch"), "validation": metrics.get("validation"), "fields": {}}
+                "best_epoch": trained.get("best_epoch"), "validation": trained.get("validation"), "fields": {}}
         for j in test:
             f = fields[j]
             fluo = np.asarray(f.channel(pc.fluorescence))

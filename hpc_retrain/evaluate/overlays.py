@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_retrain.evaluate.scoring import Outcome, Score, classify
+from hpc_retrain.imaging.metrics import Outcome, Score, classify
 
 # Okabe-Ito colours, told apart with every common colour-vision deficiency.
 COLOURS = {"matched": (0, 114, 178), "false positive": (230, 159, 0), "missed": (204, 121, 167)}

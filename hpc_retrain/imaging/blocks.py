@@ -22,8 +22,8 @@ per connected component of the pair graph (``scipy.sparse.csgraph.connected_comp
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -129,7 +129,7 @@ class Block:
         """``out[core] = crop(result)``."""
         out[self.core] = self.crop(result)
 
-    def scaled(self, factor: int, halo: int, shape: tuple[int, int] | None = None) -> "Block":
+    def scaled(self, factor: int, halo: int, shape: tuple[int, int] | None = None) -> Block:
         """This block in units ``factor`` times smaller (tiles -> pixels), with its own halo."""
         shape = shape or tuple(n * factor for n in self.shape)
         return Block(tuple(x * factor for x in self.rows), tuple(x * factor for x in self.cols), halo, shape,

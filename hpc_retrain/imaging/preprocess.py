@@ -18,13 +18,15 @@ from skimage.feature import shape_index
 from skimage.transform import rescale as sk_rescale
 
 from hpc_retrain.config import ChannelPrep, PreprocessConfig
+from hpc_retrain.errors import HpcRetrainError
 
 # MISIC pads this much (numpy 'reflect') before the shape index, then lets the filter see zeros beyond.
 MISIC_PAD = 8
+SCALED_WIDTH = 10.0  # MISIC rescales every image so that cells are this wide
 _TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter default, used by skimage
 
 
-class ImageError(ValueError):
+class ImageError(HpcRetrainError, ValueError):
     """An image that cannot be preprocessed; the message names the source and the problem."""
 
 

@@ -20,18 +20,20 @@ from typing import Any
 
 import numpy as np
 
+from hpc_retrain.errors import HpcRetrainError
+
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "tensorflow", "openvino")
 
 _RESOLVED: dict[str, tuple[str, str]] = {}  # requested -> (engine, why)
 _LOGGED: set[tuple[str, str]] = set()
-_COMPILED: dict[tuple, tuple[Any, "OpenVINOModel"]] = {}  # (id(model), tile, threads) -> (model ref, runner)
+_COMPILED: dict[tuple, tuple[Any, OpenVINOModel]] = {}  # (id(model), tile, threads) -> (model ref, runner)
 _FAILED: dict[tuple, str] = {}  # conversions that failed (auto falls back to TensorFlow, once)
 _LOCK = threading.Lock()
 
 
-class EngineError(ValueError):
+class EngineError(HpcRetrainError, ValueError):
     """An engine that cannot run as asked (unknown, or OpenVINO forced but not installed/convertible)."""
 
 

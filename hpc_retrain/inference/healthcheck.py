@@ -22,15 +22,15 @@ def check(require_gpu: bool = False) -> dict:
     try:
         import numpy as np
 
-        from hpc_retrain.inference import model as mdl
+        from hpc_retrain.inference import model as M
 
-        tf = mdl.import_tensorflow()
+        tf = M.import_tensorflow()
 
         report["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
-        path = mdl.pretrained_path(verify=False)
+        path = M.pretrained_path(verify=False)
         report["model"] = str(path)
-        report["sha256"] = mdl.sha256(path)
-        net = mdl.load(None)  # verifies the checksum against the pin and the tile input/output shapes
+        report["sha256"] = M.sha256(path)
+        net = M.load(None)  # verifies the checksum against the pin and the tile input/output shapes
         # A list, as the model was saved with list-structured inputs (else Keras warns on every call).
         out = np.asarray(net([np.zeros((1, 256, 256, 3), dtype="float32")], training=False))
         report["output_shape"] = list(out.shape)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import io
-import json
 import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+
+from hpc_retrain.errors import ModelError
+from hpc_retrain.io import runfolder
+from hpc_retrain.io.runfolder import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,6 @@ def import_tensorflow():
     return tf
 
 
-class ModelError(ValueError):
-    """A model file that is missing, tampered with, or does not fit MISIC's input/output."""
-
-
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -123,141 +121,10 @@ def load(path: str | Path | None = None, tile: int = 256):
     return load_with_source(path, tile)[0]
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """What a model path stands for: a model file, or a checkpoint folder of a training run.
-
-    ``path`` is what provenance names (the model file, or the checkpoint folder); ``note`` is the line that
-    says what was chosen and why (empty for a plain model file); ``checkpoint`` holds the checkpoint's
-    epoch/step (None for a model file); ``sha256`` is filled in by :func:`load_with_source`, for the bytes
-    actually loaded (a checkpoint's ``variables.npz``).
-    """
-
-    path: Path
-    run: Path | None = None
-    checkpoint: dict | None = None
-    note: str = ""
-    sha256: str | None = None
-
-    @property
-    def is_checkpoint(self) -> bool:
-        return self.checkpoint is not None
-
-
-MODEL_FILES = ("model.keras", "model.h5")
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "state.json").is_file() and (path / "variables.npz").is_file()
-
-
-def run_folder(path: str | Path | None) -> Path | None:
-    """The training run folder ``path`` belongs to (the folder itself, or a checkpoint's run), else None."""
-    if path is None:
-        return None
-    p = Path(path)
-    if p.is_dir() and _is_checkpoint(p) and (p.parent.parent / "config.yaml").is_file():
-        return p.parent.parent
-    return p if p.is_dir() and (p / "config.yaml").is_file() else None
-
-
-def _state(ckpt: Path) -> dict:
-    try:
-        return json.loads((ckpt / "state.json").read_text())
-    except FileNotFoundError:
-        raise  # pruned or replaced by the training in the meantime: the caller looks again
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{ckpt}: unreadable checkpoint state.json ({e})") from None
-
-
-def _describe(ckpt: Path, state: dict, epochs: int | None) -> dict:
-    """{"name", "epoch", "step"} and a phrase for the line: "epoch 7 of 20", "1 step(s) into epoch 3 of 20"."""
-    done, step = int(state.get("epoch", 0)), int(state.get("step", 0))
-    info = {"name": ckpt.name, "epoch": done, "step": step}
-    of = f" of {epochs}" if epochs else ""
-    if step:
-        info["phrase"] = f"{step} step(s) into epoch {done + 1}{of}"
-    elif done == 0:  # the starting model, validated before training; no epoch has beaten it (yet)
-        info["phrase"] = f"epoch 0{of}: the starting model"
-    else:
-        info["phrase"] = f"epoch {done}{of}"
-    return info
-
-
 def resolve(path: str | Path | None) -> ModelSource:
-    """What ``load`` would read for ``path``, without loading it.
-
-    A run folder: ``model.keras`` (or ``model.h5``) when the run finished; otherwise (still training,
-    preempted, or trained on past its exported model) ``checkpoints/best`` if present, else the latest
-    checkpoint. The source's ``note`` says which.
-    """
-    if path is None:
-        return ModelSource(pretrained_path())
-    path = Path(path)
-    if not path.is_dir():
-        if not path.is_file():
-            raise ModelError(f"{path}: model file not found")
-        return ModelSource(path)
-    if _is_checkpoint(path):
-        run = run_folder(path)
-        if run is None:
-            raise ModelError(f"{path}: a checkpoint outside a run folder (no config.yaml two levels up); "
-                             f"the run's config names the model architecture")
-        info = _describe(path, _state(path), _epochs(run))
-        return ModelSource(path, run, info, f"using checkpoint {path} ({info.pop('phrase')})")
-
-    from hpc_retrain.training import loop as tr
-
-    if path.name == tr.CKPT_DIR and (path.parent / "config.yaml").is_file():
-        return resolve(path.parent)  # the run's checkpoints folder stands for the run
-    model_file = next((path / n for n in MODEL_FILES if (path / n).is_file()), None)
-    has_config = (path / "config.yaml").is_file()
-    if model_file is None and not has_config and (path / tr.CKPT_DIR).is_dir():
-        raise ModelError(f"{path}: checkpoints but no config.yaml (it names the model architecture); "
-                         f"not a complete run folder")
-    latest = tr.latest_checkpoint(path) if has_config else None
-    best = path / tr.CKPT_DIR / tr.BEST
-    best = best if has_config and _is_checkpoint(best) else None
-    if model_file is not None:
-        exported = _exported_epoch(path)
-        newer = latest is not None and exported is not None and _progress(_state(latest)) > (exported, 0)
-        if not newer:
-            return ModelSource(model_file, path if has_config else None)
-        why = (f"run {path} has trained past its exported {model_file.name} (epoch {exported}; "
-               f"pass --model {model_file} for that one)")
-    elif latest is None and best is None:
-        raise ModelError(f"{path}: no model.keras, model.h5 or checkpoints in this folder; train first "
-                         f"(hpc-retrain train --run {path} --store STORE)")
-    else:
-        why = f"run {path} is not finished"
-    ckpt = best or latest
-    info = _describe(ckpt, _state(ckpt), _epochs(path))
-    if ckpt == best:
-        note = f"{why}: using checkpoint best ({info.pop('phrase')})"
-    else:
-        note = f"{why}: using the latest checkpoint {ckpt.name} ({info.pop('phrase')}; no best checkpoint yet)"
-    return ModelSource(ckpt, path, info, note)
-
-
-def _progress(state: dict) -> tuple[int, int]:
-    return int(state.get("epoch", 0)), int(state.get("step", 0))
-
-
-def _epochs(run: Path) -> int | None:
-    try:
-        from hpc_retrain.config import RunConfig
-
-        return RunConfig.read_saved(run).train.epochs
-    except Exception:  # only for the message
-        return None
-
-
-def _exported_epoch(run: Path) -> int | None:
-    """Epochs behind the run's exported model (metrics.json, written with it); None when unknown."""
-    try:
-        return int(json.loads((run / "metrics.json").read_text())["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """What ``load`` would read for ``path``, without loading it: the pinned pretrained file for None, else
+    what the run folder format says the path stands for (:func:`hpc_retrain.io.runfolder.resolve_model`)."""
+    return ModelSource(pretrained_path()) if path is None else runfolder.resolve_model(path)
 
 
 def load_with_source(path: str | Path | None = None, tile: int = 256):
@@ -299,8 +166,8 @@ def _load_checkpoint(src: ModelSource, tile: int):
 
     ckpt, run = src.path, src.run
     before = os.stat(ckpt).st_ino
-    state = _state(ckpt)
-    data = (ckpt / "variables.npz").read_bytes()
+    state = runfolder.read_state(ckpt)
+    data = (ckpt / runfolder.VARIABLES_FILE).read_bytes()
     if os.stat(ckpt).st_ino != before:  # ``best`` is replaced by a rename: state and arrays must match
         raise FileNotFoundError(ckpt)
     cfg = RunConfig.read_saved(run)

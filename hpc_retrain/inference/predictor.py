@@ -30,20 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_retrain.config import MODES, ChannelPrep, RunConfig
+from hpc_retrain.errors import HpcRetrainError
 from hpc_retrain.imaging import blocks as B
-from hpc_retrain.inference import instances as I
 from hpc_retrain.imaging import preprocess as P
-from hpc_retrain.prepare import targets as TG
 from hpc_retrain.imaging import tiling as T
-from hpc_retrain.config import ChannelPrep, RunConfig
+from hpc_retrain.inference import instances as I
+from hpc_retrain.prepare import targets as TG
 
-MODES = ("stitch", "blend")
 # Tiles per TensorFlow call on a CPU: each tile in flight holds ~80 MB of activations, and larger batches are
 # no faster there (1, 2, 8 timed the same on 2 cores, outputs bit-identical), so more only costs memory.
 CPU_BATCH = 1
 
 
-class InferError(ValueError):
+class InferError(HpcRetrainError, ValueError):
     """An inference request that cannot run as asked; the message names the file and the problem."""
 
 

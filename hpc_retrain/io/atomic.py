@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 
 def temp_path(path: str | Path) -> Path:
@@ -51,3 +52,14 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, doc: Any, indent: int | None = 1, **dumps_kw: Any) -> Path:
     return write_text(path, json.dumps(doc, indent=indent, **dumps_kw))
+
+
+def pid_alive(pid) -> bool:
+    """Whether process ``pid`` (of this host) still runs: a temporary file or lock of a dead one is stale."""
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True

@@ -7,7 +7,8 @@ pixels are read when a Dask task needs them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import dask
@@ -15,11 +16,12 @@ import dask.array as da
 import numpy as np
 import tifffile
 
-from hpc_retrain.io import ngff
 from hpc_retrain.config import PlateConfig
+from hpc_retrain.errors import HpcRetrainError
+from hpc_retrain.io import ngff
 
 
-class PlateError(ValueError):
+class PlateError(HpcRetrainError, ValueError):
     """A plate that cannot be read as asked; the message names the file or field."""
 
 

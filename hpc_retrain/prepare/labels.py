@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from hpc_retrain.config import RunConfig
 from hpc_retrain.imaging import blocks as B
 from hpc_retrain.imaging import preprocess as P
 from hpc_retrain.imaging import tiling as T
-from hpc_retrain.config import RunConfig
+from hpc_retrain.inference import instances as I
 
 # QC limits. A field beyond them is FLAGGED (kept out of training) with the reason in the QC table.
 MIN_POSITIVE_BODY = 1e-4  # below: "no cells" (MISIC found next to nothing)
@@ -27,8 +28,6 @@ MAX_POSITIVE_BODY = 0.9  # above: "saturated" (the whole field reads as cell bod
 # with 4-6 px (cells 7 px wide), and also rises when the mean width is badly off.
 MAX_UNCERTAIN_SHARE = 0.45
 
-SPECK_AREA = 0.5  # teacher objects smaller than this many cell-width squares are specks
-SCALED_WIDTH = 10.0  # MISIC rescales every image so that cells are this wide
 _CLEAR = 3  # px (scaled) around a dropped object whose labels go too: its contour ring
 
 _MODELS: dict[str, Any] = {}
@@ -84,22 +83,6 @@ def binarize(prob: np.ndarray, cfg: RunConfig) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- teacher cells
-def drop_specks(labels: np.ndarray, width: float) -> np.ndarray:
-    """Objects smaller than half a square of one cell width are specks, not cells.
-
-    The smallest newborn rod (length ~2 w) covers ~1.8 w^2, and its body mask (inside MISIC's contour)
-    still about w^2; fluorescent specks are round and at most about a cell width across.
-    """
-    sizes = np.bincount(labels.ravel())
-    small = sizes < SPECK_AREA * width ** 2
-    small[0] = False
-    if not small.any():
-        return labels
-    out = labels.copy()
-    out[small[labels]] = 0
-    return out
-
-
 def dim_objects(cells: np.ndarray, intensity: np.ndarray, min_snr: float, width: float) -> np.ndarray:
     """Ids of objects whose median intensity is less than ``min_snr`` robust noise s.d. above background.
 
@@ -124,7 +107,7 @@ def dim_objects(cells: np.ndarray, intensity: np.ndarray, min_snr: float, width:
     return ids[present & ((med - level) / noise < min_snr)]
 
 
-def teacher_cells(prob: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig, width: float = SCALED_WIDTH
+def teacher_cells(prob: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig, width: float = P.SCALED_WIDTH
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(cells kept, mask of the objects dropped) from MISIC's probabilities of a fluorescence image.
 
@@ -132,7 +115,6 @@ def teacher_cells(prob: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig
     without specks and, given the image ``intensity`` on the same grid, without objects too dim to be
     fluorescent cells (``labels.min_snr``). ``width``: the cell width in this image's pixels.
     """
-    from hpc_retrain.inference import instances as I
 
     icfg = cfg.updated(preprocess__mean_width=width, infer__body_threshold=cfg.labels.body_threshold,
                        infer__marker_threshold=RunConfig().infer.marker_threshold)
@@ -144,7 +126,7 @@ def teacher_cells(prob: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig
 
 def real_cells(cells: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig, width: float) -> np.ndarray:
     """``cells`` (instances of a fluorescence image) without specks and, given the image, dim objects."""
-    kept = drop_specks(cells, width)
+    kept = I.drop_specks(cells, width)
     if intensity is not None and cfg.labels.min_snr is not None:
         dim = dim_objects(kept, np.asarray(intensity, np.float64), cfg.labels.min_snr, width)
         if dim.size:
@@ -218,7 +200,6 @@ def teacher(fluo: np.ndarray, model, cfg: RunConfig, source: str = "image") -> n
     """The teacher's cells on the fluorescence image's own pixel grid (as ``segment`` outputs cells): MISIC over
     ``labels.width_factors`` as for the labels, ``instances`` with ``cfg``'s thresholds, then ``real_cells``."""
     from hpc_retrain.inference import predictor as infer
-    from hpc_retrain.inference import instances as I
 
     prep = cfg.preprocess.fluorescence
     prob = infer.predict_field(model, fluo, cfg, None, prep, source)

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from hpc_retrain.prepare import store as S
 from hpc_retrain.config import RunConfig
+from hpc_retrain.errors import HpcRetrainError
+from hpc_retrain.prepare import store as st
 from hpc_retrain.prepare.qc import FIELD_STAGES, Summary, finalize, qc_path, set_field_state
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,20 @@ log = logging.getLogger(__name__)
 STAGES: dict[str, tuple[str, ...]] = {"labels": ("labels",), "targets": ("targets",), "prepare": FIELD_STAGES}
 # Sections whose values change what is stored; a store made with other values is refused.
 COMPARED = ("plate", "preprocess", "labels", "tiling")
-STAGE_QC = {"labels": S.QC_COLUMNS[:8], "targets": S.QC_COLUMNS[8:]}
+STAGE_QC = {"labels": st.QC_COLUMNS[:8], "targets": st.QC_COLUMNS[8:]}
 
 
-class PrepareError(ValueError):
+class PrepareError(HpcRetrainError, ValueError):
     """A run that cannot go on (every field flagged, a store made with other parameters...)."""
 
 
 def environment_problem(e: BaseException, store_path: Path, plate_path=None) -> PrepareError | None:
     """One line for a fault of the machine behind ``e`` (disk full, quota, read-only, permission, I/O
     error), naming the path and the fix; None for anything else."""
-    env = S.environment_error(e)
+    env = st.environment_error(e)
     if env is None:
         return None
-    what, fix = S.ENVIRONMENT_ERRORS[env.errno]
+    what, fix = st.ENVIRONMENT_ERRORS[env.errno]
     store_path = Path(store_path).resolve()
     path = Path(env.filename).resolve() if env.filename else None
 
@@ -68,7 +69,7 @@ def environment_problem(e: BaseException, store_path: Path, plate_path=None) -> 
 
 
 # What an earlier version stored as a field's error when the machine failed (the field must be redone).
-_ENVIRONMENT_TEXT = re.compile(r"\[Errno (%s)\]" % "|".join(str(n) for n in S.ENVIRONMENT_ERRORS))
+_ENVIRONMENT_TEXT = re.compile(r"\[Errno (" + "|".join(str(n) for n in st.ENVIRONMENT_ERRORS) + r")\]")
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -89,7 +90,7 @@ class _FieldRef:
 
 
 def run(cfg: RunConfig, store_path: str | Path, stages: tuple[str, ...] = ("labels", "targets"),
-        overwrite: bool = False, progress: bool = True) -> "Summary":
+        overwrite: bool = False, progress: bool = True) -> Summary:
     """Fill ``store_path`` with ``stages`` for every field of ``cfg.plate`` not done yet.
 
     A fault of the machine (see :func:`environment_problem`) stops the run with a one-line PrepareError.
@@ -106,7 +107,7 @@ def run(cfg: RunConfig, store_path: str | Path, stages: tuple[str, ...] = ("labe
         raise problem from None
 
 
-def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: bool, progress: bool) -> "Summary":
+def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: bool, progress: bool) -> Summary:
     import dask
 
     from hpc_retrain.io.plate import open_plate
@@ -116,9 +117,9 @@ def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: b
     plate.require(*(needs[s] for s in stages))
     # Before planning: the plan, every stage and the saved config need the width as a number.
     cfg = resolve_width(cfg, plate, store_path, overwrite)
-    entries = S.plan_fields(plate.fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
+    entries = st.plan_fields(plate.fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
     root = open_or_create(store_path, entries, cfg, overwrite)
-    S.save_config(root, store_path, cfg)
+    st.save_config(root, store_path, cfg)
     redo_damaged(root, store_path)
 
     done = {s: root[f"{s}_done"][:].astype(bool) for s in STAGES["prepare"]}
@@ -151,8 +152,8 @@ def resolve_width(cfg: RunConfig, plate, store_path: Path, overwrite: bool = Fal
         return cfg
     if store_path.exists() and not overwrite:
         try:
-            made = S.stored_config(S.open_store(store_path))
-        except S.StoreError:
+            made = st.stored_config(st.open_store(store_path))
+        except st.StoreError:
             made = {}
         if made.get("plate", {}).get("path") == (str(cfg.plate.path) if cfg.plate.path else None):
             stored = made.get("preprocess", {}).get("mean_width")
@@ -200,41 +201,41 @@ def _compute(tasks, cfg: RunConfig, progress: bool) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------- store
-def open_or_create(path: Path, entries: list[S.FieldEntry], cfg: RunConfig, overwrite: bool):
+def open_or_create(path: Path, entries: list[st.FieldEntry], cfg: RunConfig, overwrite: bool):
     import zarr
 
     config = cfg.to_dict()
     if path.exists():
         try:
-            root = S.open_store(path, mode="r+")
-        except S.DamagedStore as e:
+            root = st.open_store(path, mode="r+")
+        except st.DamagedStore as e:
             if not overwrite:
                 raise
             log.warning("rebuilding (--overwrite): %s", e)
             root = None
-        except S.StoreError:
+        except st.StoreError:
             if any(path.iterdir()) if path.is_dir() else True:
-                raise S.StoreError(f"{path}: exists and is not a training store; choose another --out") from None
+                raise st.StoreError(f"{path}: exists and is not a training store; choose another --out") from None
             root = None
         if root is not None:
-            diffs = _differences(S.stored_config(root), config, root.attrs.get("fields", []), entries)
+            diffs = _differences(st.stored_config(root), config, root.attrs.get("fields", []), entries)
             if not diffs:
                 _ensure_stage_arrays(root, len(entries))
-                S.describe_arrays(root)  # an older store's arrays get their attributes
+                st.describe_arrays(root)  # an older store's arrays get their attributes
                 return root
             if not overwrite:
-                raise S.StoreError(f"{path}: was made with other parameters ({'; '.join(diffs[:5])}); "
+                raise st.StoreError(f"{path}: was made with other parameters ({'; '.join(diffs[:5])}); "
                                    f"rerun with --overwrite to rebuild it, or choose another --out")
             log.warning("%s: rebuilding (--overwrite): %s", path, "; ".join(diffs[:5]))
         shutil.rmtree(path)
         qc_path(path).unlink(missing_ok=True)
-        S.config_copy_path(path).unlink(missing_ok=True)
-    root = S.create(path, entries, config, cfg.tiling.size)
+        st.config_copy_path(path).unlink(missing_ok=True)
+    root = st.create(path, entries, config, cfg.tiling.size)
     _ensure_stage_arrays(root, len(entries))
     return zarr.open_group(str(path), mode="r+")
 
 
-def _differences(old: dict, new: dict, old_fields: list[dict], entries: list[S.FieldEntry]) -> list[str]:
+def _differences(old: dict, new: dict, old_fields: list[dict], entries: list[st.FieldEntry]) -> list[str]:
     diffs = []
     for sec in COMPARED:
         a, b = old.get(sec, {}), new.get(sec, {})
@@ -258,7 +259,7 @@ def redo_damaged(root, store_path: Path) -> dict[int, dict[str, list[int]]]:
         done = root[f"{stage}_done"][:].astype(bool)
         errors = [str(x) for x in root[f"{stage}_error"][:]]
         fine = [i for i in np.flatnonzero(done) if not errors[i]]
-        for i, tiles in S.missing_tiles(root, fine, S.STAGE_TILES[stage]).items():
+        for i, tiles in st.missing_tiles(root, fine, st.STAGE_TILES[stage]).items():
             found.setdefault(i, {}).update(tiles)
             redo.setdefault(i, []).append(stage)
         for i in np.flatnonzero(done):
@@ -266,7 +267,7 @@ def redo_damaged(root, store_path: Path) -> dict[int, dict[str, list[int]]]:
                 redo.setdefault(int(i), []).append(stage)
     if found:
         log.warning("%s: redoing %d finished field(s) whose tile chunks are missing (%s)", store_path, len(found),
-                    S.describe_missing(root, found))
+                    st.describe_missing(root, found))
     others = sorted(set(redo) - set(found))
     if others:
         log.warning("%s: redoing %d field(s) flagged for a fault of the machine, not of the data", store_path,
@@ -276,16 +277,16 @@ def redo_damaged(root, store_path: Path) -> dict[int, dict[str, list[int]]]:
             root[f"{stage}_done"][i] = 0
             root[f"{stage}_error"][i] = ""
         root["field_done"][i] = 0
-        root["field_status"][i] = S.PENDING
+        root["field_status"][i] = st.PENDING
     return found
 
 
 def _ensure_stage_arrays(root, nf: int) -> None:
-    S.ensure_stage_arrays(root, nf, STAGES["prepare"])
+    st.ensure_stage_arrays(root, nf, STAGES["prepare"])
 
 
 # ------------------------------------------------------------------------------------------ a field
-def process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: RunConfig,
+def process_field(ref: _FieldRef, entry: st.FieldEntry, store_path: str, cfg: RunConfig,
                   stages: tuple[str, ...], threads: int | None = None) -> dict[str, str]:
     """One Dask task: every requested, unfinished stage of one field, written into the store.
 
@@ -301,7 +302,7 @@ def process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: Run
         raise problem from None
 
 
-def _process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: RunConfig,
+def _process_field(ref: _FieldRef, entry: st.FieldEntry, store_path: str, cfg: RunConfig,
                    stages: tuple[str, ...], threads: int | None = None) -> dict[str, str]:
     import dask
     import zarr
@@ -310,13 +311,13 @@ def _process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: Ru
     i, errors = entry.index, {}
     # Whatever runs inside this task (a large scan's chunks) stays in this worker thread; all-zero tiles get
     # chunk files too (arrays opened in here keep that setting), so a missing one means damage, not zeros.
-    with dask.config.set(scheduler="synchronous"), S.writing_every_chunk():
+    with dask.config.set(scheduler="synchronous"), st.writing_every_chunk():
         for stage in stages:
             if root[f"{stage}_done"][i]:
                 continue
             t0 = time.time()
             qc, error = _run_stage(stage, ref.field, entry, root, cfg, threads)
-            cols = [S.QC_COLUMNS.index(c) for c in STAGE_QC[stage]]
+            cols = [st.QC_COLUMNS.index(c) for c in STAGE_QC[stage]]
             row = root["field_qc"][i]
             row[cols] = [qc.get(c, np.nan) for c in STAGE_QC[stage]]
             root["field_qc"][i] = row
@@ -330,11 +331,11 @@ def _process_field(ref: _FieldRef, entry: S.FieldEntry, store_path: str, cfg: Ru
     return errors
 
 
-def _run_stage(stage: str, field, entry: S.FieldEntry, root, cfg: RunConfig, threads) -> tuple[dict, str]:
+def _run_stage(stage: str, field, entry: st.FieldEntry, root, cfg: RunConfig, threads) -> tuple[dict, str]:
+    from hpc_retrain.imaging.preprocess import ImageError
+    from hpc_retrain.io.plate import PlateError
     from hpc_retrain.prepare import labels as L
     from hpc_retrain.prepare import targets as TG
-    from hpc_retrain.io.plate import PlateError
-    from hpc_retrain.imaging.preprocess import ImageError
 
     source = f"{entry.source} ({cfg.plate.fluorescence if stage == 'labels' else cfg.plate.brightfield})"
     try:
@@ -348,7 +349,7 @@ def _run_stage(stage: str, field, entry: S.FieldEntry, root, cfg: RunConfig, thr
             grid, qc = TG.write_target_tiles(im, cfg, root["targets"], entry.first_tile, source)
             reasons = []
     except (ImageError, PlateError, OSError) as e:
-        if S.environment_error(e) is not None:
+        if st.environment_error(e) is not None:
             raise  # the machine, not the field: never flagged (process_field stops the run)
         return {}, str(e)
     if len(grid) != entry.n_tiles:  # the plan and the pixels disagree: never store misaligned tiles
@@ -358,8 +359,8 @@ def _run_stage(stage: str, field, entry: S.FieldEntry, root, cfg: RunConfig, thr
 
 def _read(field, channel: str, cfg: RunConfig, source: str):
     """The channel in memory, or still lazy when it is a large scan processed chunk by chunk."""
-    from hpc_retrain.prepare import targets as TG
     from hpc_retrain.io.plate import PlateError
+    from hpc_retrain.prepare import targets as TG
 
     arr = field.channel(channel)
     if TG.is_large(tuple(arr.shape), cfg):
@@ -369,6 +370,6 @@ def _read(field, channel: str, cfg: RunConfig, source: str):
     except PlateError:
         raise
     except Exception as e:  # a damaged chunk or file: name it, flag the field
-        if S.environment_error(e) is not None:
+        if st.environment_error(e) is not None:
             raise  # disk, permission or I/O errors are the machine's, not the field's
         raise PlateError(f"{source}: pixels unreadable ({type(e).__name__}: {e})") from None

@@ -11,16 +11,17 @@ for that window only (``ScanFeatures``); one block is in memory at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import dask.array as da
 import numpy as np
 
+from hpc_retrain.config import RunConfig
 from hpc_retrain.imaging import blocks as B
 from hpc_retrain.imaging import preprocess as P
 from hpc_retrain.imaging import tiling as T
-from hpc_retrain.config import RunConfig
 
 
 def target_tiles(bf: np.ndarray, cfg: RunConfig, source: str = "image") -> tuple[np.ndarray, T.TileGrid]:

@@ -22,6 +22,7 @@ from scipy import ndimage as ndi
 from scipy import stats
 
 from hpc_retrain.config import ChannelPrep, RunConfig
+from hpc_retrain.errors import HpcRetrainError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ MIN_CELLS = 5  # fewer measured cells than this in all fields together is "no ce
 GIVE = "give the width: --mean-width PX (prepare) or --set preprocess.mean_width=PX"
 
 
-class WidthError(ValueError):
+class WidthError(HpcRetrainError, ValueError):
     """The width could not be measured; the message names the plate and what to do."""
 
 
@@ -156,8 +157,8 @@ def measure_mean_width(plate, cfg: RunConfig, model=None, max_fields: int = 8,
     ``channel``: the plate channel to measure; default the fluorescence when every field has it, else the
     brightfield. Fields that cannot be read or preprocessed are skipped (``prepare`` flags them later).
     """
-    from hpc_retrain.io.plate import PlateError
     from hpc_retrain.imaging.preprocess import ImageError
+    from hpc_retrain.io.plate import PlateError
 
     fl, bf = cfg.plate.fluorescence, cfg.plate.brightfield
     if channel is None:

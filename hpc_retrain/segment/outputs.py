@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from hpc_retrain.io import ngff
 from hpc_retrain.config import MOVED
-from hpc_retrain.training.runfolder import pid_alive
+from hpc_retrain.errors import HpcRetrainError
+from hpc_retrain.io import ngff
+from hpc_retrain.io.atomic import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ PROB_GROUP = "probabilities"  # <field>/probabilities/<name>: the (body, contour
 PROB_CHANNELS = ("body", "contour")
 
 
-class OutputError(ValueError):
+class OutputError(HpcRetrainError, ValueError):
     """An output plate that cannot take the results; the message names it and what to do."""
 
 

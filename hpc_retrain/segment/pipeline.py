@@ -17,29 +17,29 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from hpc_retrain.imaging import blocks as B
-from hpc_retrain.inference import predictor as infer
-from hpc_retrain.inference import instances as I
-from hpc_retrain.io import ngff
-from hpc_retrain.segment import outputs as O
-from hpc_retrain.imaging import preprocess as P
 from hpc_retrain.config import ChannelPrep, RunConfig, taken_keys
+from hpc_retrain.errors import HpcRetrainError
+from hpc_retrain.imaging import blocks as B
+from hpc_retrain.imaging import preprocess as P
+from hpc_retrain.inference import instances as I
+from hpc_retrain.inference import predictor as infer
+from hpc_retrain.io import ngff, runfolder
+from hpc_retrain.segment import outputs as O
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("brightfield", "fluorescence")
 BATCH_FIELDS = 16  # in-memory fields checked and pipelined this many at a time
 # What a trained run's model needs from the run's config (see with_run_settings).
 RUN_SETTINGS = ("preprocess", "tiling", "infer.body_threshold", "infer.marker_threshold")
 
 
-class SegmentError(ValueError):
+class SegmentError(HpcRetrainError, ValueError):
     """A segment request that cannot run as asked; the message names the plate or output and what to do."""
 
 
@@ -72,9 +72,20 @@ def with_run_settings(cfg: RunConfig, run_dir: Path, overrides: Iterable[str] = 
     overrides = list(overrides)
     used = taken_keys(RUN_SETTINGS, overrides)
     cfg = RunConfig.layered(saved=run_dir, file=cfg, saved_keys=RUN_SETTINGS, explicit=overrides)
-    log.info("using %s of %s: mean width %s px, body > %s, markers > %s", ", ".join(used), run_dir / "config.yaml",
-             cfg.preprocess.mean_width, cfg.infer.body_threshold, cfg.infer.marker_threshold)
+    log.info("using %s of %s: mean width %s px, body > %s, markers > %s", ", ".join(used),
+             run_dir / runfolder.CONFIG_FILE, cfg.preprocess.mean_width, cfg.infer.body_threshold, cfg.infer.marker_threshold)
     return cfg
+
+
+def settle(cfg: RunConfig, plate, source_channel: str, overrides: Iterable[str] = ()) -> RunConfig:
+    """The stage's configuration, settled once before any work: a trained run's settings (see
+    :func:`with_run_settings`) and ``preprocess.mean_width: auto`` measured on this plate."""
+    from hpc_retrain.prepare.width import resolve_mean_width
+
+    model_dir = runfolder.run_of(cfg.infer.model)  # a run folder, or the run of a checkpoint folder
+    if model_dir is not None:
+        cfg = with_run_settings(cfg, model_dir, overrides)
+    return resolve_mean_width(cfg, plate, source_channel)  # "auto": measured on this plate, recorded
 
 
 def open_plate(cfg: RunConfig):
@@ -102,11 +113,7 @@ def segment(cfg: RunConfig, out: str | Path | None = None, channel: str = "brigh
     """
     from hpc_retrain import __version__
     from hpc_retrain.inference import model as M
-    from hpc_retrain.prepare.width import resolve_mean_width
 
-    model_dir = M.run_folder(cfg.infer.model)  # a run folder, or the run of a checkpoint folder
-    if model_dir is not None:
-        cfg = with_run_settings(cfg, model_dir, overrides)
     plate = open_plate(cfg)
     source_channel = getattr(cfg.plate, channel)
     plate.require(source_channel)
@@ -119,7 +126,7 @@ def segment(cfg: RunConfig, out: str | Path | None = None, channel: str = "brigh
     given = bool(out)
     target, in_place = _check_output(plate, out)
 
-    cfg = resolve_mean_width(cfg, plate, source_channel)  # mean_width "auto": measured on this plate, recorded
+    cfg = settle(cfg, plate, source_channel, overrides)
     prep = getattr(cfg.preprocess, channel)
     # A run still training (or preempted) gives its best, else latest, checkpoint; a line says which.
     model, source = M.load_with_source(cfg.infer.model, cfg.tiling.size)

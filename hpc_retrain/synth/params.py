@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 import numpy as np
 
-_U16 = 65535
+U16 = 65535
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class SynthParams:
         need(0 <= self.colony_fraction <= 1, f"colony_fraction must be in [0, 1], got {self.colony_fraction}")
         need(self.colony_size >= 1, f"colony_size must be >= 1, got {self.colony_size}")
         need(0 <= self.max_overlap < 1, f"max_overlap must be in [0, 1), got {self.max_overlap}")
-        need(0 < self.bf_contrast < self.bf_background <= _U16,
+        need(0 < self.bf_contrast < self.bf_background <= U16,
              "brightfield needs 0 < bf_contrast < bf_background <= 65535")
         need(self.bf_gain > 0 and self.fl_gain > 0, "gains must be positive")
 

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import measure
 from skimage.segmentation import relabel_sequential
 
-from hpc_retrain.synth.params import _U16, SynthField, SynthParams
+from hpc_retrain.synth.params import U16, SynthField, SynthParams
 
 GENERATOR_VERSION = 1
-CHANNELS = ("brightfield", "fluorescence")
+from hpc_retrain.config import CHANNELS
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -213,7 +214,7 @@ def _camera(rng: np.random.Generator, expected: np.ndarray, gain: float, read_no
         photons = rng.poisson(lam).astype(np.float32)
     img = photons * np.float32(gain) + np.float32(offset)
     img += np.float32(read_noise) * rng.standard_normal(lam.shape, dtype=np.float32)
-    return np.clip(np.rint(img), 0, _U16).astype(np.uint16)
+    return np.clip(np.rint(img), 0, U16).astype(np.uint16)
 
 
 def _brightfield(rng: np.random.Generator, labels: np.ndarray, rho: np.ndarray, p: SynthParams) -> np.ndarray:

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from hpc_retrain.config import RunConfig
+from hpc_retrain.io.runfolder import BEST, CKPT_DIR, STATE_FILE, VARIABLES_FILE
 from hpc_retrain.training.data import TrainingError
 
-CKPT_DIR = "checkpoints"
-BEST = "best"
 # Training settings a resume must share with the run it continues; anything else (epochs, how many
 # checkpoints to keep, determinism, precision) may change between attempts.
-_RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight", "augment",
+RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight", "augment",
                  "steps_per_epoch", "tiles_per_epoch")
 
 
@@ -52,16 +51,6 @@ class Progress:
         return f"ckpt-e{self.epoch:05d}" + (f"-s{self.step:06d}" if self.step else "")
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    d = run_dir / CKPT_DIR
-    return sorted(p for p in d.glob("ckpt-*") if (p / "state.json").is_file()) if d.is_dir() else []
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    cks = _checkpoints(Path(run_dir))
-    return cks[-1] if cks else None  # names sort by (epoch, step)
-
-
 def save_checkpoint(run_dir: Path, prog: Progress, model, optimizer, keep: int, best: bool) -> Path:
     ck_root = run_dir / CKPT_DIR
     ck_root.mkdir(parents=True, exist_ok=True)
@@ -71,13 +60,13 @@ def save_checkpoint(run_dir: Path, prog: Progress, model, optimizer, keep: int, 
     tmp.mkdir()
     arrays = {f"m{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
     arrays.update({f"o{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
-    with open(tmp / "variables.npz", "wb") as f:
+    with open(tmp / VARIABLES_FILE, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
     state = dict(prog.__dict__, model_variables=_signature(model.variables),
                  optimizer_variables=_signature(optimizer.variables))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     if final.exists():  # the same state saved twice (e.g. a signal right at an epoch end)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -92,7 +81,7 @@ def save_checkpoint(run_dir: Path, prog: Progress, model, optimizer, keep: int, 
 
 
 def _prune(ck_root: Path, keep: int) -> None:
-    cks = [p for p in sorted(ck_root.glob("ckpt-*")) if (p / "state.json").is_file()]
+    cks = [p for p in sorted(ck_root.glob("ckpt-*")) if (p / STATE_FILE).is_file()]
     ends = [p for p in cks if "-s" not in p.name]
     drop = set(ends[:-keep]) if len(ends) > keep else set()
     if ends:  # an interrupt checkpoint is superseded by any later epoch end
@@ -106,7 +95,7 @@ def _signature(variables) -> list[str]:
 
 
 def load_checkpoint(path: Path, model, optimizer) -> Progress:
-    state = json.loads((path / "state.json").read_text())
+    state = json.loads((path / STATE_FILE).read_text())
     names_m, names_o = state.pop("model_variables"), state.pop("optimizer_variables")
     # Shapes, not names: Keras numbers layer names per process, so a second model in one process differs.
     if names_m != _signature(model.variables):
@@ -114,7 +103,7 @@ def load_checkpoint(path: Path, model, optimizer) -> Progress:
     optimizer.build(model.trainable_variables)
     if names_o != _signature(optimizer.variables):
         raise TrainingError(f"{path}: optimizer state does not match (another init mode or precision?)")
-    with np.load(path / "variables.npz") as z:
+    with np.load(path / VARIABLES_FILE) as z:
         for i, v in enumerate(model.variables):
             v.assign(z[f"m{i:04d}"])
         for i, v in enumerate(optimizer.variables):
@@ -124,18 +113,32 @@ def load_checkpoint(path: Path, model, optimizer) -> Progress:
 
 
 def changed_fixed_settings(old: dict, cfg: RunConfig) -> list[tuple[str, object, object]]:
-    """(field, the run's value, the new value) of each ``_RESUME_FIXED`` training setting that differs."""
+    """(field, the run's value, the new value) of each ``RESUME_FIXED`` training setting that differs."""
     now = cfg.train.model_dump(mode="json")
     default = type(cfg.train)().model_dump(mode="json")  # a field added since the run started: its default
-    return [(k, old.get(k, default.get(k)), now.get(k)) for k in _RESUME_FIXED
+    return [(k, old.get(k, default.get(k)), now.get(k)) for k in RESUME_FIXED
             if old.get(k, default.get(k)) != now.get(k)]
 
 
-def _check_resume(prog: Progress, cfg: RunConfig, ckpt: Path) -> None:
-    diff = [k for k, _, _ in changed_fixed_settings(prog.train_config or {}, cfg)]
-    if prog.data_seed != cfg.seed:
-        diff.append("seed")
-    if diff:
-        raise TrainingError(
-            f"{ckpt}: this run was started with other settings ({', '.join(diff)}); resume with the same "
-            f"settings or train into a new run folder")
+class ResumeError(TrainingError):
+    """A resume (or a training store) the training would refuse; the message says what to change."""
+
+
+def check_resume(state: dict, cfg: RunConfig, run_dir: Path) -> None:
+    """The one resume check: refuse to continue a checkpoint (its ``state``: state.json, or a Progress as a
+    dict) with training settings or a seed other than the run started with. ``jobs.check_resume`` runs it
+    before anything is written; the training runs it again on the checkpoint it loads."""
+    diffs = []
+    old = state.get("train_config")
+    if isinstance(old, dict):
+        diffs += [f"train.{k} {_show(new)} (the run has {_show(was)})"
+                  for k, was, new in changed_fixed_settings(old, cfg)]
+    if state.get("data_seed") is not None and state["data_seed"] != cfg.seed:
+        diffs.append(f"seed {cfg.seed} (the run has {state['data_seed']})")
+    if diffs:
+        raise ResumeError(f"{run_dir}: cannot resume with other settings than the run started with: "
+                          f"{'; '.join(diffs)}; leave them out to resume, or train into a new run folder")
+
+
+def _show(v) -> str:
+    return "none" if v is None else json.dumps(v) if isinstance(v, (list, dict, str)) else str(v)

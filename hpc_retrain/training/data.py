@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_retrain.errors import HpcRetrainError
 from hpc_retrain.prepare import store as st
 
 
-class TrainingError(ValueError):
+class TrainingError(HpcRetrainError, ValueError):
     """A run that cannot start or continue; the message names the folder or store and the problem."""
 
 

@@ -12,23 +12,23 @@ from pathlib import Path
 import numpy as np
 
 from hpc_retrain.io import atomic
+from hpc_retrain.io.runfolder import HISTORY_CSV, HISTORY_JSON, STATUS_FILE
 
-STATUS_FILE = "status.json"
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_iou", "val_dice",
                    "val_f1", "val_precision", "val_recall", "time_s", "tiles_per_s")
 
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
-    atomic.write_json(run_dir / "history.json", history)
-    with atomic.replacing(run_dir / "history.csv", newline="") as f:
+    atomic.write_json(run_dir / HISTORY_JSON, history)
+    with atomic.replacing(run_dir / HISTORY_CSV, newline="") as f:
         w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    p = Path(run_dir) / "history.json"
+    p = Path(run_dir) / HISTORY_JSON
     return json.loads(p.read_text()) if p.is_file() else []
 
 

@@ -21,15 +21,19 @@ import shlex
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import submitit
 
+from hpc_retrain.config import STORE_SECTIONS, RunConfig
+from hpc_retrain.errors import HpcRetrainError, JobFailed, TrainingInterrupted
 from hpc_retrain.io import atomic
-from hpc_retrain.training import scheduler
-from hpc_retrain.config import RunConfig
-from hpc_retrain.training.runfolder import JOB_FILE, RunBusy, read_job, run_lock, training_holder
+from hpc_retrain.io.runfolder import CKPT_DIR, JOB_FILE, LOG_FILE, STATE_FILE, latest_checkpoint, read_job
+from hpc_retrain.training import checkpoints, scheduler
+from hpc_retrain.training.checkpoints import ResumeError
+from hpc_retrain.training.runstate import RunBusy, run_lock, training_holder
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +42,10 @@ LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # a workstation run has no wall-clock limit unl
 SIGNAL_DELAY_S = 120  # time between Slurm's warning signal and the kill: one step plus a checkpoint
 JOB_LOCK_WAIT_S = 60  # a requeued job may start while the previous attempt is still exiting
 # Sections of a run's config that come from its training store (what the tiles were made with).
-STORE_SECTIONS = ("preprocess", "labels", "tiling")
 
 
-class TrainFailed(ValueError):
+class TrainFailed(HpcRetrainError, ValueError):
     """A training that failed for a reason given in one line (a damaged store, a full disk...)."""
-
-
-class ResumeError(ValueError):
-    """A resume (or a training store) the training would refuse; the message says what to change."""
-
-
-class JobFailed(RuntimeError):
-    """A submitted job that ended with an error; the message says where its log is."""
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -63,7 +58,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.run_dir = str(run_dir)
 
     def __call__(self) -> dict:
-        from hpc_retrain.training.loop import TrainingInterrupted, train
+        from hpc_retrain.training.loop import train
 
         if not logging.getLogger().handlers:  # in a job process: progress goes to submitit's log too
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -175,7 +170,7 @@ def train_inline(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     """Train in this process (signals reach the training directly); the metrics ``train.train`` returns.
 
     A failure with a one-line cause is recorded in the run's status and raised as :class:`TrainFailed`."""
-    from hpc_retrain.training.loop import TrainingInterrupted, train
+    from hpc_retrain.training.loop import train
 
     with run_lock(run_dir):  # the first write; a second training of this folder stops here
         cfg.save(run_dir)
@@ -195,7 +190,7 @@ def train_inline(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
 
 def follow(job, run_dir: Path, echo: Callable[[str], Any] | None = None, poll_s: float = 2.0) -> dict:
     """Wait for ``job``, handing what it appends to train.log to ``echo``; its metrics, or :class:`JobFailed`."""
-    log_path = run_dir / "train.log"
+    log_path = run_dir / LOG_FILE
     pos = log_path.stat().st_size if log_path.is_file() else 0
     while True:
         done = job.done()
@@ -220,29 +215,19 @@ def check_resume(cfg: RunConfig, run_dir: Path) -> None:
     """Refuse, with one line and before anything is written, a resume the training would refuse.
 
     A run that has a checkpoint continues with the settings it started with: the checkpoint's
-    ``train_config`` and ``data_seed`` fix ``checkpoints._RESUME_FIXED`` and the seed, and preprocess, labels and
+    ``train_config`` and ``data_seed`` fix ``checkpoints.RESUME_FIXED`` and the seed, and preprocess, labels and
     tiling came from the training store (the run's config.yaml holds them).
     """
-    from hpc_retrain.training.checkpoints import changed_fixed_settings, latest_checkpoint
-
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         return  # a new run, or one that never reached a checkpoint: any settings
     try:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError):
         return  # the training itself reports an unreadable checkpoint
+    checkpoints.check_resume(state, cfg, run_dir)
     diffs = []
-    old = state.get("train_config")
-    if isinstance(old, dict):
-        diffs += [f"train.{k} {_show(new)} (the run has {_show(was)})"
-                  for k, was, new in changed_fixed_settings(old, cfg)]
-    if "data_seed" in state and state["data_seed"] != cfg.seed:
-        diffs.append(f"seed {cfg.seed} (the run has {state['data_seed']})")
-    if diffs:
-        raise ResumeError(f"{run_dir}: cannot resume with other settings than the run started with: "
-                       f"{'; '.join(diffs)}; leave them out to resume, or train into a new run folder")
     try:
         saved = RunConfig.read_saved(run_dir).to_dict()
     except Exception:
@@ -335,7 +320,8 @@ def record_failure(run_dir: Path, error: str, epochs) -> None:
     """status.json says "failed" with ``error``, also on a full disk: this process's own temporary files
     (a half-written checkpoint) are removed first, and as a last resort the file is overwritten in place,
     which needs no new space."""
-    from hpc_retrain.training.history import STATUS_FILE, write_status
+    from hpc_retrain.io.runfolder import STATUS_FILE
+    from hpc_retrain.training.history import write_status
 
     run_dir = Path(run_dir)
     _remove_own_temporaries(run_dir)
@@ -355,7 +341,6 @@ def record_failure(run_dir: Path, error: str, epochs) -> None:
 
 def _remove_own_temporaries(run_dir: Path) -> None:
     """The temporary files and folders this process was writing in ``run_dir`` when it failed."""
-    from hpc_retrain.training.loop import CKPT_DIR
 
     pid = os.getpid()
     for p in [*run_dir.glob(f".tmp-{pid}-*"), *run_dir.glob("*.tmp"), *(run_dir / CKPT_DIR).glob(f".tmp-*-{pid}")]:

@@ -32,34 +32,27 @@ from typing import Any
 
 import numpy as np
 
+from hpc_retrain.config import STORE_SECTIONS, RunConfig
+from hpc_retrain.errors import TrainingInterrupted
 from hpc_retrain.io import atomic
+from hpc_retrain.io.runfolder import BEST, CKPT_DIR, LOG_FILE, METRICS_FILE, MODEL_FILES, STATE_FILE, latest_checkpoint
 from hpc_retrain.prepare import store as st
-from hpc_retrain.training.checkpoints import (
-    BEST, CKPT_DIR, Progress, _check_resume, latest_checkpoint, load_checkpoint, save_checkpoint)
-from hpc_retrain.config import RunConfig
-from hpc_retrain.training.history import (
-    plot_curves, replaces_best, selection_score, write_history, write_status)
-from hpc_retrain.training.network import (
-    build_model, make_optimizer, make_steps, precision_policy)
+from hpc_retrain.training.checkpoints import Progress, check_resume, load_checkpoint, save_checkpoint
 from hpc_retrain.training.data import (
-    TileReader, TrainingError, epoch_plan, field_tiles, make_dataset, positive_weights, split_fields)
+    TileReader,
+    TrainingError,
+    epoch_plan,
+    field_tiles,
+    make_dataset,
+    positive_weights,
+    split_fields,
+)
+from hpc_retrain.training.history import plot_curves, replaces_best, selection_score, write_history, write_status
+from hpc_retrain.training.network import build_model, make_optimizer, make_steps, precision_policy
 
 log = logging.getLogger(__name__)
 
-# Sections of the store's own config that the run (and the model it exports) must carry: a model is only
-# meaningful with the preprocessing, labels and tiling its training tiles were made with.
-STORE_SECTIONS = ("preprocess", "labels", "tiling")
 
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint; ``train`` again on the same run resumes."""
-
-    def __init__(self, signum: int, checkpoint: Path, previous_handler: Any = None):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; state saved to {checkpoint}")
-        self.signum = signum
-        self.checkpoint = checkpoint
-        self.previous_handler = previous_handler
 
 
 
@@ -92,7 +85,7 @@ class _RunLog:
     """train.log in the run folder receives this module's records for the duration of a run."""
 
     def __init__(self, run_dir: Path):
-        self.handler = logging.FileHandler(run_dir / "train.log")
+        self.handler = logging.FileHandler(run_dir / LOG_FILE)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self.level = log.level
 
@@ -159,7 +152,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         prog = load_checkpoint(ckpt, net, opt)
-        _check_resume(prog, cfg, ckpt)
+        check_resume(vars(prog), cfg, run_dir)
         train_fields, val_fields = np.array(prog.train_fields, int), np.array(prog.val_fields, int)
         pos_w = np.array(prog.pos_weight)
         log.info("resuming from %s: %d epoch(s) done%s", ckpt.name, prog.epoch,
@@ -299,10 +292,10 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
             policy: str) -> dict:
     """Export the best epoch's float32 model with thresholds calibrated on the validation fields."""
     best = run_dir / CKPT_DIR / BEST
-    if validator is not None and (best / "state.json").is_file():
+    if validator is not None and (best / STATE_FILE).is_file():
         load_checkpoint(best, net, opt)  # the exported model is the best epoch's, not the last one's
     export.set_weights(net.get_weights())
-    for name in ("model.keras", "model.h5"):  # via a temporary name: a kill mid-save leaves no torn model
+    for name in MODEL_FILES:  # via a temporary name: a kill mid-save leaves no torn model
         tmp = atomic.temp_path(run_dir / name)
         export.save(tmp)
         os.replace(tmp, run_dir / name)
@@ -329,7 +322,7 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
         log.info("post-processing calibrated on the validation fields: body > %.2f, markers > %.2f (F1@0.5 %.4f, "
                  "%.4f with MISIC's 0.4/0.95)", th.body, th.marker, th.f1, chosen.get("val_f1") or float("nan"))
     cfg.save(run_dir)  # the run's config carries the store's preprocessing and the calibrated thresholds
-    atomic.write_json(run_dir / "metrics.json", metrics)
+    atomic.write_json(run_dir / METRICS_FILE, metrics)
     write_status(run_dir, "finished", epoch=prog.epoch, epochs=cfg.train.epochs)
     log.info("finished %d epoch(s): model of epoch %s in %s (validation F1@0.5 %s -> %s)", prog.epoch,
              prog.best_epoch, run_dir / "model.keras", start.get("val_f1"), chosen.get("val_f1"))

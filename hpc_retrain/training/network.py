@@ -95,11 +95,11 @@ def make_optimizer(learning_rate: float, policy: str):
 
 def build_model(cfg: RunConfig, policy: str = "float32"):
     """(model to train, float32 model to export). Both share one architecture; weights are copied over."""
-    from hpc_retrain.inference import model as mdl
+    from hpc_retrain.inference import model as M
 
-    base = mdl.load(cfg.train.base_model, tile=cfg.tiling.size)
+    base = M.load(cfg.train.base_model, tile=cfg.tiling.size)
     if cfg.train.init == "reinit":
-        mdl.reinitialize(base, seed=cfg.seed)
+        M.reinitialize(base, seed=cfg.seed)
     net = base if policy == "float32" else with_policy(base, policy)
     if cfg.train.init == "finetune-decoder":
         frozen = encoder_layers(net)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import subprocess
 
 from hpc_retrain.config import RunConfig
+from hpc_retrain.errors import HpcRetrainError
 
 
-class SlurmRequestError(ValueError):
+class SlurmRequestError(HpcRetrainError, ValueError):
     """A job request no node of the partition can satisfy: it would pend forever."""
 
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from hpc_retrain.evaluate import scoring as E
+from hpc_retrain.config import RunConfig
+from hpc_retrain.imaging import metrics
+from hpc_retrain.imaging.preprocess import SCALED_WIDTH
+from hpc_retrain.imaging.tiling import TileGrid, stitch_tiles
 from hpc_retrain.inference import instances as I
 from hpc_retrain.prepare import store as st
-from hpc_retrain.config import RunConfig
-from hpc_retrain.prepare.labels import SCALED_WIDTH, drop_specks
-from hpc_retrain.imaging.tiling import TileGrid, stitch_tiles
 
 # Fewer teacher cells than this and calibration is noise: one cell moves F1 by more than a threshold does
 # (ColiCoords, 1 validation field of ~5 cells: body 0.25 fitted there tripled the false positives on
@@ -67,7 +67,7 @@ class FieldValidator:
                 cells[np.isin(cells, gone)] = 0
             else:  # a store without MISIC's probabilities (made by hand): the body label's regions
                 cells = ndi.label(body)[0].astype(I.LABEL_DTYPE)
-            self.teacher.append(drop_specks(cells, SCALED_WIDTH))
+            self.teacher.append(I.drop_specks(cells, SCALED_WIDTH))
         # Teacher cells over all validation fields: counted once (training reads it every epoch).
         self.n_cells = sum(len(np.unique(t)) - 1 for t in self.teacher)
 
@@ -83,15 +83,15 @@ class FieldValidator:
             k += e.n_tiles
         return out
 
-    def score(self, probs: list[np.ndarray], body: float | None = None, marker: float | None = None) -> E.Score:
+    def score(self, probs: list[np.ndarray], body: float | None = None, marker: float | None = None) -> metrics.Score:
         """F1@0.5 (and the rest of the counts) over all validation fields."""
         cfg = self.cfg
         if body is not None or marker is not None:
             cfg = cfg.updated(infer__body_threshold=body if body is not None else cfg.infer.body_threshold,
                               infer__marker_threshold=marker if marker is not None else cfg.infer.marker_threshold)
-        total = E.Score(0.5, 0, 0, 0, 0.0)
+        total = metrics.Score(0.5, 0, 0, 0, 0.0)
         for prob, ref in zip(probs, self.teacher):
-            total = total + E.match(ref, I.instances(prob, cfg), (0.5,))[0]
+            total = total + metrics.match(ref, I.instances(prob, cfg), (0.5,))[0]
         return total
 
     def calibrate(self, probs: list[np.ndarray]) -> Thresholds:

@@ -18,12 +18,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import zarr
 
 ROOT = Path(__file__).resolve().parents[2]

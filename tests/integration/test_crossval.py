@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from hpc_retrain import commands
 from hpc_retrain.evaluate import crossval
 from hpc_retrain.synth import plates as synth

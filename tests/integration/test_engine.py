@@ -8,12 +8,12 @@ import pytest
 import tifffile
 
 from hpc_retrain import commands
-from hpc_retrain.inference import predictor as infer
-from hpc_retrain.inference import engine as E
-from hpc_retrain.prepare import labels as L
+from hpc_retrain.config import ConfigError, RunConfig
 from hpc_retrain.imaging import preprocess as P
 from hpc_retrain.imaging import tiling as T
-from hpc_retrain.config import ConfigError, RunConfig
+from hpc_retrain.inference import engine as E
+from hpc_retrain.inference import predictor as infer
+from hpc_retrain.prepare import labels as L
 
 # Import every stage module before TensorFlow (see test_infer.py: submitit's logging set-up vs absl's handler).
 commands.build_parser()

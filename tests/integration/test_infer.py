@@ -11,9 +11,9 @@ import tifffile
 import zarr
 
 from hpc_retrain import commands
+from hpc_retrain.config import RunConfig
 from hpc_retrain.inference import predictor as infer
 from hpc_retrain.synth import plates as synth
-from hpc_retrain.config import RunConfig
 
 COLICOORDS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "colicoords"
 CFG = RunConfig().updated(preprocess__mean_width=7.0)  # the synthetic cells' width

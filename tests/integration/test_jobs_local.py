@@ -69,8 +69,8 @@ def test_cli_local_job_batch_8(store, tmp_path, quiet_env):
 def test_preempted_job_checkpoints_requeues_and_finishes(store, tmp_path, quiet_env):
     """SIGUSR2 (Slurm's pre-timeout signal) mid-epoch: train saves, submitit checkpoint() requeues the
     pickled job, and the new attempt resumes from the saved step to the end."""
-    from hpc_retrain.training import jobs
     from hpc_retrain.config import RunConfig
+    from hpc_retrain.training import jobs
 
     run = tmp_path / "run"
     cfg = RunConfig().updated(train__epochs=3, train__batch_size=2, train__steps_per_epoch=3, cluster__gpus=0)

@@ -6,7 +6,6 @@ import io
 import warnings
 
 import numpy as np
-import pytest
 import zarr
 from ome_zarr_models.v05.hcs import HCS
 from ome_zarr_models.v05.image import Image

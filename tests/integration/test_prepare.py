@@ -16,12 +16,12 @@ import tifffile
 import zarr
 from skimage.transform import resize
 
-from hpc_retrain.prepare import pipeline as preparation
-from hpc_retrain.synth import plates as synth
 from hpc_retrain.commands import common, stages
-from hpc_retrain.prepare import store as S
 from hpc_retrain.config import RunConfig
 from hpc_retrain.imaging.tiling import TileGrid, stitch_tiles
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.prepare import store as st
+from hpc_retrain.synth import plates as synth
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (256, 256)  # 366 px after scaling by 10/7: 2 x 2 tiles per field
@@ -101,8 +101,8 @@ def test_store_layout_and_provenance(built, plate):
     assert g.attrs["config"]["preprocess"]["mean_width"] == 7.0
     assert g.attrs["config"]["plate"]["path"] == str(plate)
     assert g.attrs["label_channels"] == ["body", "contour"]
-    assert g["field_done"][:].tolist() == [1] * 8 and g["field_status"][:].tolist() == [S.OK] * 8
-    assert S.read_config(built).preprocess.mean_width == 7.0
+    assert g["field_done"][:].tolist() == [1] * 8 and g["field_status"][:].tolist() == [st.OK] * 8
+    assert st.read_config(built).preprocess.mean_width == 7.0
     # labels are the probabilities thresholded, less what labels.clean drops (specks, dim blobs); targets not blank
     p = g["probabilities"][:8].astype(np.float32)
     thresholded, body = p[..., 0] >= 0.4, g["labels"][:8][..., 0].astype(bool)
@@ -114,9 +114,9 @@ def test_store_layout_and_provenance(built, plate):
 
 
 def test_positive_fraction_is_exact_over_tiles(built):
-    root = S.open_store(built)
+    root = st.open_store(built)
     labels = root["labels"][:]
-    np.testing.assert_allclose(S.positive_fraction(root), labels.reshape(-1, 2).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(st.positive_fraction(root), labels.reshape(-1, 2).mean(0), rtol=1e-5)
 
 
 def test_labels_match_synthetic_truth(built, plate):
@@ -126,7 +126,7 @@ def test_labels_match_synthetic_truth(built, plate):
     g = zarr.open_group(str(built), mode="r")
     truth_root = zarr.open_group(str(plate), mode="r")
     ious = []
-    for i, f in enumerate(g.attrs["fields"]):
+    for f in g.attrs["fields"]:
         grid = TileGrid(tuple(f["scaled_shape"]), 256, 16)
         body = stitch_tiles(g["labels"][f["first_tile"]: f["first_tile"] + f["n_tiles"]], grid)[..., 0] > 0
         truth = truth_root[f"{f['well'][0]}/{f['well'][1:]}/{f['field']}/labels/truth/0"][:] > 0
@@ -231,8 +231,8 @@ def test_bad_fields_are_flagged_not_fatal(tmp_path):
     assert rows["2"]["status"] == "flagged" and "NaN" in rows["2"]["error"] and "brightfield" in rows["2"]["error"]
     assert rows["3"]["status"] == "flagged" and "no cells" in rows["3"]["error"]
     assert rows["4"]["status"] == "flagged" and "A1_s4_fluorescence.tif" in rows["4"]["error"]
-    g = S.open_store(out)
-    assert S.done_fields(g).tolist() == [0]  # flagged fields are finished but never trained on
+    g = st.open_store(out)
+    assert st.done_fields(g).tolist() == [0]  # flagged fields are finished but never trained on
     assert g["field_done"][:].tolist() == [1] * 5
     assert g.attrs["fields"][3]["status"] == "flagged"
     assert "no cells" in preparation.qc_path(out).read_text()

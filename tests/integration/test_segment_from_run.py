@@ -22,11 +22,11 @@ import pytest
 import zarr
 
 from hpc_retrain import commands
-from hpc_retrain.inference import predictor as infer
-from hpc_retrain.synth import plates as synth
-from hpc_retrain.inference import model as M
-from hpc_retrain.io import plate as PL
 from hpc_retrain.config import RunConfig
+from hpc_retrain.inference import model as M
+from hpc_retrain.inference import predictor as infer
+from hpc_retrain.io import plate as PL
+from hpc_retrain.synth import plates as synth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainstore import build_store  # noqa: E402
@@ -184,8 +184,8 @@ def test_a_mixed_precision_checkpoint_loads_into_the_float32_model(tmp_path):
     """Under mixed_float16 the trained net's variables are the float32 model's, in the same order."""
     import keras
 
-    from hpc_retrain.training import network as nw
     from hpc_retrain.training import loop as tr
+    from hpc_retrain.training import network as nw
 
     cfg = RunConfig()
     net = nw.with_policy(M.load(), "mixed_float16")

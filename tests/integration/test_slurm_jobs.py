@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from slurm_cluster import slurm_available
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -128,7 +127,6 @@ def test_requeued_job_resumes_and_runs_every_epoch_once(store, tmp_path):
 
 
 def test_job_array_of_learning_rates(store, tmp_path):
-    import submitit
 
     from hpc_retrain.config import RunConfig
     from hpc_retrain.training.jobs import TrainingJob, make_executor

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import zarr
 
-from hpc_retrain.prepare import store as S
+from hpc_retrain.prepare import store as st
 from hpc_retrain.synth import plates as synth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -130,12 +130,12 @@ def reference(plate, tmp_path_factory) -> Path:
 
 def test_every_tile_has_its_chunk_file(reference):
     """All-zero tiles too: a chunk file that is missing then always means damage (fault 5)."""
-    root = S.open_store(reference)
+    root = st.open_store(reference)
     n = root["targets"].shape[0]
-    assert root.attrs[S.EVERY_CHUNK] is True
+    assert root.attrs[st.EVERY_CHUNK] is True
     for name in ("targets", "labels", "probabilities"):
         assert len([f for f in _chunk_files(reference) if f.startswith(f"{name}/")]) == n, name
-    assert S.missing_tiles(root, range(len(root.attrs["fields"]))) == {}
+    assert st.missing_tiles(root, range(len(root.attrs["fields"]))) == {}
 
 
 # ------------------------------------------------------------------------------------ 3: disk full in prepare
@@ -152,7 +152,7 @@ def test_disk_full_during_prepare_stops_naming_the_store_and_the_rerun_completes
     assert not done.all(), done  # the field being written is left not done ...
     for stage in ("labels", "targets"):  # ... and nothing is recorded as a bad image
         assert not any(str(e) for e in g[f"{stage}_error"][:]), g[f"{stage}_error"][:]
-    assert S.FLAGGED not in g["field_status"][:].tolist()
+    assert st.FLAGGED not in g["field_status"][:].tolist()
 
     small_disk.resize("30m")
     out = _cli("prepare", "--plate", plate, "--out", store, *W7)
@@ -166,7 +166,7 @@ def test_fields_an_earlier_version_flagged_for_a_full_disk_are_redone(plate, ref
     shutil.copytree(reference, store)
     g = zarr.open_group(str(store), mode="r+")
     g["labels_error"][1] = "[Errno 28] No space left on device"  # what the old prepare recorded
-    g["field_status"][1] = S.FLAGGED
+    g["field_status"][1] = st.FLAGGED
     out = _cli("prepare", "--plate", plate, "--out", store, *W7)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "flagged for a fault of the machine" in out.stderr and "3 fields, 3 ok, 0 flagged" in out.stdout
@@ -190,8 +190,8 @@ def test_missing_chunks_refuse_training_and_prepare_redoes_them(plate, reference
     assert f"A1/1: targets tile {first[1] + 1}" in line and f"A1/2: labels tile {first[2]}" in line
     assert f"hpc-retrain prepare --plate {plate} --out {store}" in line
     assert not (run / "checkpoints").exists()
-    st = _cli("status", run)
-    assert st.returncode == 1 and "state:  failed" in st.stdout and "are missing" in st.stdout, st.stdout
+    status = _cli("status", run)
+    assert status.returncode == 1 and "state:  failed" in status.stdout and "are missing" in status.stdout, status.stdout
 
     out = _cli("prepare", "--plate", plate, "--out", store, *W7)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -228,9 +228,9 @@ def test_unreadable_chunk_is_one_line_naming_the_file(small_store, tmp_path, dam
     line = _error_line(out, "train")
     assert line.startswith(f"hpc-retrain train: {store}: ") and "truncated or corrupt" in line
     assert str(bad[0]) in line and "delete" in line and "hpc-retrain prepare" in line
-    st = _cli("status", run)
-    assert st.returncode == 1 and "state:  failed" in st.stdout, st.stdout
-    assert f"error:  {line.removeprefix('hpc-retrain train: ')}\n" in st.stdout
+    status = _cli("status", run)
+    assert status.returncode == 1 and "state:  failed" in status.stdout, status.stdout
+    assert f"error:  {line.removeprefix('hpc-retrain train: ')}\n" in status.stdout
 
 
 def test_deleted_array_metadata_is_one_line_and_overwrite_rebuilds(plate, reference, tmp_path):
@@ -272,9 +272,9 @@ def test_disk_full_during_train_is_one_line_recorded_as_failed_and_resumes(small
     line = _error_line(out, "train")
     assert line == (f"hpc-retrain train: no space left on device writing {run}: free space there and rerun the "
                     f"same command to resume from the last checkpoint")
-    st = _cli("status", run)
-    assert st.returncode == 1, (st.stdout, st.stderr)
-    assert "state:  failed" in st.stdout and f"error:  no space left on device writing {run}" in st.stdout
+    status = _cli("status", run)
+    assert status.returncode == 1, (status.stdout, status.stderr)
+    assert "state:  failed" in status.stdout and f"error:  no space left on device writing {run}" in status.stdout
     doc = json.loads((run / "status.json").read_text())
     assert doc["state"] == "failed" and "\n" not in doc["error"]
     assert not list(run.rglob(".tmp-*")), list(run.rglob(".tmp-*"))  # the half-written checkpoint is gone
@@ -282,5 +282,5 @@ def test_disk_full_during_train_is_one_line_recorded_as_failed_and_resumes(small
     small_disk.resize("400m")
     out = _cli(*cmd)
     assert out.returncode == 0, out.stderr[-3000:]
-    st = _cli("status", run)
-    assert st.returncode == 0 and "state:  finished" in st.stdout, st.stdout
+    status = _cli("status", run)
+    assert status.returncode == 0 and "state:  finished" in status.stdout, status.stdout

@@ -14,11 +14,11 @@ import pytest
 import yaml
 import zarr
 
-from hpc_retrain.prepare import pipeline as preparation
-from hpc_retrain.synth import plates as synth
-from hpc_retrain.prepare import store as S
-from hpc_retrain.training import loop as tr
 from hpc_retrain.config import RunConfig
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.prepare import store as st
+from hpc_retrain.synth import plates as synth
+from hpc_retrain.training import loop as tr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainstore import build_store  # noqa: E402
@@ -29,9 +29,9 @@ CFG = RunConfig().updated(preprocess__mean_width=7.0, train__batch_size=4, seed=
 def _store(path: Path, cfg: RunConfig = CFG) -> Path:
     """A small store made through store.py as prepare makes it: create, stage arrays, the saved config."""
     build_store(path, n_fields=2, cfg=cfg)
-    root = S.open_store(path, mode="r+")
-    S.ensure_stage_arrays(root, 2)
-    S.save_config(root, path, cfg)
+    root = st.open_store(path, mode="r+")
+    st.ensure_stage_arrays(root, 2)
+    st.save_config(root, path, cfg)
     return path
 
 
@@ -59,7 +59,7 @@ def _make_old_style(path: Path, cfg: RunConfig, keep_attr: bool) -> None:
         doc["attributes"] = {}
         meta.write_text(json.dumps(doc))
     if not keep_attr:
-        del zarr.open_group(str(path), mode="r+").attrs[S.CONFIG_ATTR]
+        del zarr.open_group(str(path), mode="r+").attrs[st.CONFIG_ATTR]
     cfg.save(path)
     assert zarr.open_array(str(path / "targets"), mode="r").metadata.dimension_names is None
 
@@ -68,13 +68,13 @@ def test_plain_zarr_opens_the_store_without_a_warning(store):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(store)
-    assert not (store / S.OLD_CONFIG_FILE).exists()
+    assert not (store / st.OLD_CONFIG_FILE).exists()
     assert {"targets", "labels", "field_status", "labels_written", "targets_error"} <= set(g.array_keys())
 
 
 def test_every_array_has_dimension_names_and_a_description(store):
     g = zarr.open_group(str(store), mode="r")
-    layout = S.array_layout(S.stored_config(g))
+    layout = st.array_layout(st.stored_config(g))
     assert set(g.array_keys()) == set(layout)
     for name, a in g.arrays():
         dims = a.metadata.dimension_names
@@ -91,27 +91,27 @@ def test_every_array_has_dimension_names_and_a_description(store):
     assert g["targets"].attrs["channel_names"] == ["shape_index_sigma_1", "shape_index_sigma_1.5",
                                                    "shape_index_sigma_2"]
     assert g["labels"].attrs["channel_names"] == g["probabilities"].attrs["channel_names"] == ["body", "contour"]
-    assert g["field_qc"].attrs["column_names"] == list(S.QC_COLUMNS) == g.attrs["qc_columns"]
+    assert g["field_qc"].attrs["column_names"] == list(st.QC_COLUMNS) == g.attrs["qc_columns"]
     codes = g["field_status"].attrs["codes"]
-    assert set(codes) == {str(S.PENDING), str(S.OK), str(S.FLAGGED)}
-    assert codes[str(S.FLAGGED)].startswith("flagged") and codes[str(S.OK)].startswith("ok")
+    assert set(codes) == {str(st.PENDING), str(st.OK), str(st.FLAGGED)}
+    assert codes[str(st.FLAGGED)].startswith("flagged") and codes[str(st.OK)].startswith("ok")
     for stage in ("labels", "targets"):
         assert g[f"{stage}_written"].attrs["units"] == "seconds since 1970-01-01T00:00:00Z"
 
 
 def test_config_round_trips(store, tmp_path):
-    assert S.read_config(store) == CFG
+    assert st.read_config(store) == CFG
     g = zarr.open_group(str(store), mode="r")
     assert RunConfig.from_dict(g.attrs["config"]) == CFG  # plain zarr + the config schema
-    copy = S.config_copy_path(store)
+    copy = st.config_copy_path(store)
     assert copy == store.with_name("s.train.config.yaml") and RunConfig.read_saved(copy) == CFG
     # a rerun with other settings outside what the tiles depend on: the attribute follows, the copy too
     other = CFG.updated(train__batch_size=16)
     path = _store(tmp_path / "t.zarr")
-    S.save_config(S.open_store(path, mode="r+"), path, other)
-    assert S.read_config(path) == other == RunConfig.read_saved(S.config_copy_path(path))
+    st.save_config(st.open_store(path, mode="r+"), path, other)
+    assert st.read_config(path) == other == RunConfig.read_saved(st.config_copy_path(path))
     # train takes the tile settings from there
-    assert tr.store_config(RunConfig(), S.open_store(path), path).preprocess == other.preprocess
+    assert tr.store_config(RunConfig(), st.open_store(path), path).preprocess == other.preprocess
 
 
 @pytest.mark.parametrize("keep_attr", [True, False], ids=["attr-and-yaml", "yaml-only"])
@@ -120,20 +120,20 @@ def test_an_old_style_store_still_reads_and_a_save_moves_its_config_out(tmp_path
     _make_old_style(path, CFG, keep_attr)
     with pytest.warns(UserWarning, match="config.yaml"):  # what the old layout did to plain zarr
         _read_everything(path)
-    root = S.open_store(path)
-    assert S.stored_config(root) == CFG.to_dict() and S.read_config(path) == CFG
+    root = st.open_store(path)
+    assert st.stored_config(root) == CFG.to_dict() and st.read_config(path) == CFG
     assert tr.store_config(RunConfig(), root, path).preprocess.mean_width == 7.0
-    assert S.prepare_command(root, path).startswith("hpc-retrain prepare --plate PLATE --out")
+    assert st.prepare_command(root, path).startswith("hpc-retrain prepare --plate PLATE --out")
     # what a prepare rerun does to it: the config becomes the attribute, the arrays get their attributes
-    root = S.open_store(path, mode="r+")
-    assert set(S.describe_arrays(root)) == set(S.array_layout())
-    S.save_config(root, path, CFG)
-    assert not (path / S.OLD_CONFIG_FILE).exists() and S.config_copy_path(path).is_file()
+    root = st.open_store(path, mode="r+")
+    assert set(st.describe_arrays(root)) == set(st.array_layout())
+    st.save_config(root, path, CFG)
+    assert not (path / st.OLD_CONFIG_FILE).exists() and st.config_copy_path(path).is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(path)
     assert RunConfig.from_dict(g.attrs["config"]) == CFG
-    layout = S.array_layout(S.stored_config(g))
+    layout = st.array_layout(st.stored_config(g))
     for name, a in g.arrays():
         assert isinstance(a.attrs.get("description"), str) and list(a.metadata.dimension_names) == layout[name][0]
     np.testing.assert_array_equal(g["tile_field"][:], [0, 1])  # data untouched
@@ -149,18 +149,18 @@ def test_prepare_writes_a_self_describing_store_and_fixes_an_old_one(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(out)
-    assert set(g.array_keys()) == set(S.array_layout(g.attrs["config"]))
+    assert set(g.array_keys()) == set(st.array_layout(g.attrs["config"]))
     assert all(a.metadata.dimension_names and "description" in a.attrs for a in g.array_values())
-    assert g["field_status"][:].tolist() == [S.OK] and np.isfinite(g["labels_written"][:]).all()
-    assert S.read_config(out) == cfg
-    saved = yaml.safe_load(S.config_copy_path(out).read_text())
+    assert g["field_status"][:].tolist() == [st.OK] and np.isfinite(g["labels_written"][:]).all()
+    assert st.read_config(out) == cfg
+    saved = yaml.safe_load(st.config_copy_path(out).read_text())
     assert saved["plate"]["path"] == str(plate) and "hpc_retrain_version" in saved
     # an old-style store: the rerun (nothing left to compute) resumes it and moves its config.yaml out
     _make_old_style(out, cfg, keep_attr=True)
     preparation.run(cfg, out, preparation.STAGES["prepare"], progress=False)
-    assert not (out / S.OLD_CONFIG_FILE).exists()
+    assert not (out / st.OLD_CONFIG_FILE).exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(out)
     assert all("description" in a.attrs and a.metadata.dimension_names for a in g.array_values())
-    assert S.read_config(out) == cfg and g["field_status"][:].tolist() == [S.OK]
+    assert st.read_config(out) == cfg and g["field_status"][:].tolist() == [st.OK]

@@ -12,13 +12,14 @@ import pytest
 import zarr
 
 from hpc_retrain import commands
-from hpc_retrain.prepare import pipeline as preparation
-from hpc_retrain.synth import plates as synth
-from hpc_retrain.prepare import store as S
-from hpc_retrain.training import loop as tr
 from hpc_retrain.config import RunConfig
+from hpc_retrain.inference.instances import drop_specks
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.prepare import store as st
+from hpc_retrain.synth import plates as synth
+from hpc_retrain.training import loop as tr
 from hpc_retrain.training.history import replaces_best
-from hpc_retrain.training.validation import FieldValidator, drop_specks
+from hpc_retrain.training.validation import FieldValidator
 
 commands.build_parser()  # import every stage before TensorFlow (see test_infer.py)
 CFG = RunConfig().updated(preprocess__mean_width=7)
@@ -50,9 +51,9 @@ def test_specks_are_objects_smaller_than_a_cell_width_square():
 
 
 def test_teacher_probabilities_score_full_recall_and_calibration_never_loses(store):
-    root = S.open_store(store)
+    root = st.open_store(store)
     v = FieldValidator(root, np.array([0, 1]), CFG)
-    assert v.n_tiles == sum(e.n_tiles for e in S.entries(root)[:2]) and sum(int(t.max()) for t in v.teacher) > 5
+    assert v.n_tiles == sum(e.n_tiles for e in st.entries(root)[:2]) and sum(int(t.max()) for t in v.teacher) > 5
     teacher_probs = v.stitch(np.concatenate([root["probabilities"][e.tiles] for e in v.fields]).astype(np.float32))
     s = v.score(teacher_probs)
     # The teacher's own probabilities find every teacher cell; only the specks it dropped can be extra.

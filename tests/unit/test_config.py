@@ -22,7 +22,7 @@ def test_defaults_are_the_published_recipe():
 
 def test_mean_width_auto_must_be_measured_before_scaling(tmp_path):
     with pytest.raises(ConfigError, match="mean_width is 'auto'.*--mean-width"):
-        RunConfig().preprocess.scale
+        _ = RunConfig().preprocess.scale
     # auto and numbers (old configs) both load and round-trip; case and spaces of auto do not matter
     for value, want in (("auto", "auto"), (" Auto", "auto"), (12, 12.0), ("9.5", 9.5)):
         cfg = RunConfig.load(None, [f"preprocess.mean_width={value}"])

@@ -7,9 +7,9 @@ import pytest
 import tifffile
 
 from hpc_retrain import commands
-from hpc_retrain.io import ngff
-from hpc_retrain.evaluate.scoring import Score, classify, iou_pairs, match, summarize
 from hpc_retrain.evaluate.overlays import COLOURS, contact_sheet, outline_rgb, overlay_figure, tile_rgb
+from hpc_retrain.imaging.metrics import Score, classify, iou_pairs, match, summarize
+from hpc_retrain.io import ngff
 
 
 def square(shape, top, left, size, value, out=None):
@@ -127,7 +127,7 @@ def test_overlay_legend_counts_equal_the_scores():
 
 def _plate(tmp_path):
     root = ngff.create_plate(tmp_path / "p.ome.zarr", ["A1"], 2)
-    truths, preds = [], []
+    truths = []
     for f in range(2):
         img = np.random.default_rng(f).integers(0, 4000, (2, 50, 50)).astype(np.uint16)
         grp = ngff.write_field(root, "A1", f, img, ["brightfield", "fluorescence"])
@@ -160,8 +160,8 @@ def test_evaluate_command_against_labels_of_the_same_plate(tmp_path, capsys):
 
 
 def test_contact_sheet_has_one_panel_per_field(tmp_path, monkeypatch):
-    from hpc_retrain.evaluate import scoring as evaluation
     from hpc_retrain.evaluate import overlays
+    from hpc_retrain.evaluate import scoring as evaluation
 
     plate, _ = _plate(tmp_path)
     sheets = []

@@ -11,12 +11,12 @@ import pytest
 import yaml
 import zarr
 
-from hpc_retrain.prepare import pipeline as preparation
-from hpc_retrain.synth import plates as synth
-from hpc_retrain.prepare import store as S
-from hpc_retrain.prepare import width as W
 from hpc_retrain.config import PlateConfig, RunConfig
 from hpc_retrain.io.plate import open_plate
+from hpc_retrain.prepare import pipeline as preparation
+from hpc_retrain.prepare import store as st
+from hpc_retrain.prepare import width as W
+from hpc_retrain.synth import plates as synth
 
 TRUE_WIDTH = 7.0  # synth's default cell width
 
@@ -68,8 +68,8 @@ def test_synthetic_plate_auto_width_is_measured_and_recorded_in_the_store(tmp_pa
     assert abs(width - TRUE_WIDTH) <= 0.15 * TRUE_WIDTH
     # the store, its config.yaml and hence every later stage carry the number, not "auto"
     assert zarr.open_group(str(out), mode="r").attrs["config"]["preprocess"]["mean_width"] == width
-    assert yaml.safe_load(S.config_copy_path(out).read_text())["preprocess"]["mean_width"] == width
-    assert S.read_config(out).preprocess.scale == round(10 / width, 2)
+    assert yaml.safe_load(st.config_copy_path(out).read_text())["preprocess"]["mean_width"] == width
+    assert st.read_config(out).preprocess.scale == round(10 / width, 2)
     # rerunning with auto resumes that store (its number is reused, not measured again)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hpc_retrain"):

@@ -15,7 +15,8 @@ def test_round_trip_and_count(shape):
 
 
 def test_matches_misic_reference():
-    from misic.utils import extract_tiles as misic_extract, stitch_tiles as misic_stitch
+    from misic.utils import extract_tiles as misic_extract
+    from misic.utils import stitch_tiles as misic_stitch
 
     rng = np.random.default_rng(1)
     im = rng.random((700, 513, 3))

@@ -5,8 +5,8 @@ import tifffile
 from skimage.feature import shape_index
 from skimage.transform import rescale as sk_rescale
 
-from hpc_retrain.imaging import preprocess as P
 from hpc_retrain.config import PreprocessConfig
+from hpc_retrain.imaging import preprocess as P
 
 
 def _cells(shape=(300, 280), seed=0):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from hpc_retrain.io import ngff
 from hpc_retrain.config import PlateConfig
+from hpc_retrain.io import ngff
 from hpc_retrain.io.plate import PlateError, open_plate, parse_name
 
 

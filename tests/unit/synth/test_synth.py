@@ -12,9 +12,9 @@ import zarr
 from scipy import ndimage as ndi
 from skimage import measure
 
-from hpc_retrain.synth import plates as synth
 from hpc_retrain.config import PlateConfig
 from hpc_retrain.io.plate import open_plate
+from hpc_retrain.synth import plates as synth
 
 
 @pytest.fixture(scope="module")

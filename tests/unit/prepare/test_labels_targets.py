@@ -9,11 +9,11 @@ import pytest
 import tifffile
 import zarr
 
-from hpc_retrain.prepare import labels as L
-from hpc_retrain.imaging import preprocess as P
-from hpc_retrain.synth import plates as synth
-from hpc_retrain.prepare import targets as TG
 from hpc_retrain.config import RunConfig
+from hpc_retrain.imaging import preprocess as P
+from hpc_retrain.prepare import labels as L
+from hpc_retrain.prepare import targets as TG
+from hpc_retrain.synth import plates as synth
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +156,17 @@ def test_parity_with_misic_recipe_on_colicoords(colicoords, pretrained_model, na
 def test_width_factors_find_the_cells_a_single_pass_misses(colicoords, pretrained_model):
     """Judged by the hand-made ilastik masks (partial, so recall only): ds1 fields where MISIC on the
     fluorescence, told the measured width, misses bright cells that passes told narrower widths find."""
-    from hpc_retrain.evaluate import scoring as E
+    from hpc_retrain.imaging import metrics
 
     cfg = RunConfig().updated(preprocess__mean_width=19.2)  # what width.py measures on ds1
     found = {}
     for factors in ((1.0,), cfg.labels.width_factors):
         c = cfg.updated(labels__width_factors=factors)
-        total = E.Score(0.5, 0, 0, 0, 0.0)
+        total = metrics.Score(0.5, 0, 0, 0, 0.0)
         for n in ("00001", "00002", "00004", "00007"):
             fl = tifffile.imread(colicoords / f"ds1/fluorescence/{n}.tif")
             ref = tifffile.imread(colicoords / f"ds1/binary/{n}_Probabilities_filtered.tif")
-            total = total + E.match(ref, L.teacher(fl, pretrained_model, c, n), (0.5,))[0]
+            total = total + metrics.match(ref, L.teacher(fl, pretrained_model, c, n), (0.5,))[0]
         found[factors] = total
     single, multi = found.values()
     assert single.tp + single.fn == 29

@@ -13,20 +13,21 @@ import socket
 import time
 from pathlib import Path
 
+from hpc_retrain.errors import HpcRetrainError
+from hpc_retrain.io.atomic import pid_alive
+from hpc_retrain.io.runfolder import LOCK_FILE, STATUS_FILE, read_job
 from hpc_retrain.training import scheduler
+from hpc_retrain.training.history import read_history
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "job.json"
-LOCK_FILE = ".lock"  # flock'ed by the process that trains the run, for as long as it trains
-RUN_FILES = ("config.yaml", "status.json", JOB_FILE)
 
 
-class RunBusy(ValueError):
+class RunBusy(HpcRetrainError, ValueError):
     """Another process is training this run folder; the message names the folder, the pid and the host."""
 
 
-class RunFileError(ValueError):
+class RunFileError(HpcRetrainError, ValueError):
     """A run file (status.json) that cannot be read; the message names it."""
 
 
@@ -107,19 +108,9 @@ def training_holder(run_dir: Path) -> str | None:
 
 
 
-def read_job(run_dir: Path) -> dict:
-    p = Path(run_dir) / JOB_FILE
-    try:
-        return json.loads(p.read_text()) if p.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 def run_status(run_dir: Path) -> dict:
     """State of a run from its own files (status.json written by the training, job.json by the launcher)
     and, for Slurm jobs that have not reported yet, the scheduler."""
-    from hpc_retrain.training.history import STATUS_FILE, read_history
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(run_dir)
@@ -149,16 +140,6 @@ def run_status(run_dir: Path) -> dict:
     hist = read_history(run_dir)
     out["latest"] = hist[-1] if hist else None
     return out
-
-
-def pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
 
 
 def status_text(s: dict) -> str:

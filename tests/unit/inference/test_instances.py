@@ -5,9 +5,9 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-from hpc_retrain.inference import instances as I
 from hpc_retrain.config import RunConfig
-from hpc_retrain.evaluate.scoring import match
+from hpc_retrain.imaging.metrics import match
+from hpc_retrain.inference import instances as I
 from hpc_retrain.synth.plates import render_field
 
 CFG = RunConfig().updated(preprocess__mean_width=7.0)  # the synthetic cells' width

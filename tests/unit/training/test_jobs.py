@@ -14,11 +14,9 @@ import cloudpickle
 import pytest
 import submitit
 
-from hpc_retrain.training import jobs
-from hpc_retrain.training import runfolder as runstate
-from hpc_retrain.commands import stages
-from hpc_retrain.commands import build_parser
+from hpc_retrain.commands import build_parser, stages
 from hpc_retrain.config import RunConfig
+from hpc_retrain.training import jobs, runstate
 
 
 @pytest.fixture
