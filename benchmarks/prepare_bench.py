@@ -48,12 +48,13 @@ def _child_loop(plate: str, out: str) -> None:
     from hpc_retrain.config import RunConfig
     from hpc_retrain.io.plate import open_plate
     from hpc_retrain.prepare import labels as L
+    from hpc_retrain.prepare import layout
     from hpc_retrain.prepare import store as st
     from hpc_retrain.prepare import targets as TG
 
     cfg = RunConfig().updated(plate__path=plate)
     fields = open_plate(cfg.plate).fields
-    entries = st.plan_fields(fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
+    entries = layout.plan_fields(fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
     root = st.create(out, entries, cfg.to_dict(), cfg.tiling.size)
     model = L.get_model()
     finished = []

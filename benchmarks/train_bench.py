@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_retrain.config import RunConfig
+from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import store as st
 
 _F = namedtuple("_F", "well field source shape")
@@ -56,7 +57,7 @@ def synthetic_store(path: Path, n_tiles: int, size: int = 256) -> Path:
         cfg = cfg.updated(preprocess__mean_width=10.0)
     # One field per tile: a field of (size - 2 margin)/scale px rescales to exactly one tile.
     px = int((size - 2 * cfg.tiling.margin) / cfg.preprocess.scale)
-    ents = st.plan_fields([_F("A1", str(i), "bench", (px, px)) for i in range(n_tiles)], cfg.preprocess.scale,
+    ents = layout.plan_fields([_F("A1", str(i), "bench", (px, px)) for i in range(n_tiles)], cfg.preprocess.scale,
                           size, cfg.tiling.margin)
     root = st.create(path, ents, cfg.to_dict(), size)
     rng = np.random.default_rng(0)
@@ -64,7 +65,7 @@ def synthetic_store(path: Path, n_tiles: int, size: int = 256) -> Path:
     root["targets"][:] = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
     root["labels"][:] = (rng.random((n, size, size, 2)) < [0.25, 0.06]).astype(np.uint8)
     root["field_done"][:] = 1
-    root["field_status"][:] = st.OK
+    root["field_status"][:] = layout.OK
     return path
 
 

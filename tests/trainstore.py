@@ -17,6 +17,7 @@ from skimage.transform import resize
 from hpc_retrain.config import RunConfig
 from hpc_retrain.imaging.preprocess import features_np, rescaled_shape
 from hpc_retrain.imaging.tiling import extract_tiles
+from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import store as st
 from hpc_retrain.synth.plates import render_field
 
@@ -31,7 +32,7 @@ def build_store(path: Path, n_fields: int = 8, field_px: int = 150, seed: int = 
     size, margin = cfg.tiling.size, cfg.tiling.margin
     fields = [_Field(f"A{1 + i // 4}", str(i % 4), f"synthetic:{seed}:{i}", (field_px, field_px))
               for i in range(n_fields)]
-    entries = st.plan_fields(fields, cfg.preprocess.scale, size, margin)
+    entries = layout.plan_fields(fields, cfg.preprocess.scale, size, margin)
     with st.writing_every_chunk():  # as prepare writes: every tile has its chunk file, even an all-zero one
         root = st.create(path, entries, cfg.to_dict(), size)
         _fill(root, entries, cfg, field_px, seed)
@@ -40,7 +41,7 @@ def build_store(path: Path, n_fields: int = 8, field_px: int = 150, seed: int = 
 
 def _fill(root, entries, cfg: RunConfig, field_px: int, seed: int) -> None:
     size, margin = cfg.tiling.size, cfg.tiling.margin
-    body_col, cont_col = st.QC_COLUMNS.index("positive_body"), st.QC_COLUMNS.index("positive_contour")
+    body_col, cont_col = layout.QC_COLUMNS.index("positive_body"), layout.QC_COLUMNS.index("positive_contour")
     for e in entries:
         f = render_field(seed * 1000 + e.index, (field_px, field_px))
         x = features_np(f.brightfield, cfg.preprocess.brightfield, cfg.preprocess, source=e.source)
@@ -52,8 +53,8 @@ def _fill(root, entries, cfg: RunConfig, field_px: int, seed: int) -> None:
         ty, _ = extract_tiles(lab, size, margin)
         root["targets"][e.tiles] = tx
         root["labels"][e.tiles] = ty
-        qc = np.full(len(st.QC_COLUMNS), np.nan, np.float32)
+        qc = np.full(len(layout.QC_COLUMNS), np.nan, np.float32)
         qc[body_col], qc[cont_col] = lab[..., 0].mean(), lab[..., 1].mean()
         root["field_qc"][e.index] = qc
-        root["field_status"][e.index] = st.OK
+        root["field_status"][e.index] = layout.OK
         root["field_done"][e.index] = 1

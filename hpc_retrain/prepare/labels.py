@@ -290,7 +290,7 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
     """
     from hpc_retrain.prepare import targets as TG
 
-    if not TG.is_large(tuple(fluo.shape), cfg):
+    if not B.is_large(tuple(fluo.shape), cfg.compute.chunk):
         ptiles, ltiles, grid, stats = label_tiles(np.asarray(fluo), model, cfg, source)
         prob_arr[first_tile: first_tile + len(ptiles)] = ptiles
         label_arr[first_tile: first_tile + len(ltiles)] = ltiles
@@ -312,10 +312,10 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             out = zarr.create_array(path, shape=grid_c.padded_shape + (2,), dtype="float32", chunks=(s, s, 2),
                                     fill_value=0)
 
-            def predict_block(win: np.ndarray, b: TG.Block) -> None:
+            def predict_block(win: np.ndarray, b: B.Block) -> None:
                 y = predict_tiles(model, TG.cut(win, grid_c, b), cfg.compute.batch_size)[..., :2]
-                out[b.r0 * s: b.r1 * s, b.c0 * s: b.c1 * s] = T.stitch_tiles(
-                    y, T.TileGrid(((b.r1 - b.r0) * s, (b.c1 - b.c0) * s), S, m))
+                (r0, r1), (c0, c1) = b.rows, b.cols
+                out[r0 * s: r1 * s, c0 * s: c1 * s] = T.stitch_tiles(y, T.TileGrid(((r1 - r0) * s, (c1 - c0) * s), S, m))
 
             TG.run_blocks(feats_c, grid_c, k, predict_block)
             return out
@@ -341,7 +341,7 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
                 np.maximum(p, B.rescale_window(read, shape, (h, w), (r0, r1), (c0, c1), np.float32), out=p)
             return np.concatenate([p, x[..., None]], axis=-1)
 
-        def write(win: np.ndarray, b: TG.Block) -> dict[str, Any]:
+        def write(win: np.ndarray, b: B.Block) -> dict[str, Any]:
             pwin = win[..., :2]
             lwin, dropped = clean(pwin, binarize(pwin, cfg), win[..., 2], cfg, window=True)
             ptiles = TG.cut(pwin, grid, b)
@@ -349,7 +349,8 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             TG.write_block(prob_arr, first_tile, grid, b, ptiles)
             TG.write_block(label_arr, first_tile, grid, b, ltiles)
             # the block's own part of the field (no margins, no padding) for the histogram and cell count
-            rows, cols = slice(m, m + min(b.r1 * s, h) - b.r0 * s), slice(m, m + min(b.c1 * s, w) - b.c0 * s)
+            (r0, r1), (c0, c1) = b.rows, b.cols
+            rows, cols = slice(m, m + min(r1 * s, h) - r0 * s), slice(m, m + min(c1 * s, w) - c0 * s)
             parts = stats_parts(pwin[rows, cols], lwin[rows, cols], ltiles)
             parts["dropped"] = dropped
             return parts

@@ -31,6 +31,7 @@ import numpy as np
 
 from hpc_retrain.config import RunConfig
 from hpc_retrain.errors import HpcRetrainError
+from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import store as st
 from hpc_retrain.prepare.qc import FIELD_STAGES, Summary, finalize, qc_path, set_field_state
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 STAGES: dict[str, tuple[str, ...]] = {"labels": ("labels",), "targets": ("targets",), "prepare": FIELD_STAGES}
 # Sections whose values change what is stored; a store made with other values is refused.
 COMPARED = ("plate", "preprocess", "labels", "tiling")
-STAGE_QC = {"labels": st.QC_COLUMNS[:8], "targets": st.QC_COLUMNS[8:]}
+STAGE_QC = {"labels": layout.QC_COLUMNS[:8], "targets": layout.QC_COLUMNS[8:]}
 
 
 class PrepareError(HpcRetrainError, ValueError):
@@ -117,7 +118,7 @@ def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: b
     plate.require(*(needs[s] for s in stages))
     # Before planning: the plan, every stage and the saved config need the width as a number.
     cfg = resolve_width(cfg, plate, store_path, overwrite)
-    entries = st.plan_fields(plate.fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
+    entries = layout.plan_fields(plate.fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
     root = open_or_create(store_path, entries, cfg, overwrite)
     st.save_config(root, store_path, cfg)
     redo_damaged(root, store_path)
@@ -201,7 +202,7 @@ def _compute(tasks, cfg: RunConfig, progress: bool) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------- store
-def open_or_create(path: Path, entries: list[st.FieldEntry], cfg: RunConfig, overwrite: bool):
+def open_or_create(path: Path, entries: list[layout.FieldEntry], cfg: RunConfig, overwrite: bool):
     import zarr
 
     config = cfg.to_dict()
@@ -235,7 +236,7 @@ def open_or_create(path: Path, entries: list[st.FieldEntry], cfg: RunConfig, ove
     return zarr.open_group(str(path), mode="r+")
 
 
-def _differences(old: dict, new: dict, old_fields: list[dict], entries: list[st.FieldEntry]) -> list[str]:
+def _differences(old: dict, new: dict, old_fields: list[dict], entries: list[layout.FieldEntry]) -> list[str]:
     diffs = []
     for sec in COMPARED:
         a, b = old.get(sec, {}), new.get(sec, {})
@@ -259,7 +260,7 @@ def redo_damaged(root, store_path: Path) -> dict[int, dict[str, list[int]]]:
         done = root[f"{stage}_done"][:].astype(bool)
         errors = [str(x) for x in root[f"{stage}_error"][:]]
         fine = [i for i in np.flatnonzero(done) if not errors[i]]
-        for i, tiles in st.missing_tiles(root, fine, st.STAGE_TILES[stage]).items():
+        for i, tiles in st.missing_tiles(root, fine, layout.STAGE_TILES[stage]).items():
             found.setdefault(i, {}).update(tiles)
             redo.setdefault(i, []).append(stage)
         for i in np.flatnonzero(done):
@@ -277,7 +278,7 @@ def redo_damaged(root, store_path: Path) -> dict[int, dict[str, list[int]]]:
             root[f"{stage}_done"][i] = 0
             root[f"{stage}_error"][i] = ""
         root["field_done"][i] = 0
-        root["field_status"][i] = st.PENDING
+        root["field_status"][i] = layout.PENDING
     return found
 
 
@@ -286,7 +287,7 @@ def _ensure_stage_arrays(root, nf: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ a field
-def process_field(ref: _FieldRef, entry: st.FieldEntry, store_path: str, cfg: RunConfig,
+def process_field(ref: _FieldRef, entry: layout.FieldEntry, store_path: str, cfg: RunConfig,
                   stages: tuple[str, ...], threads: int | None = None) -> dict[str, str]:
     """One Dask task: every requested, unfinished stage of one field, written into the store.
 
@@ -302,7 +303,7 @@ def process_field(ref: _FieldRef, entry: st.FieldEntry, store_path: str, cfg: Ru
         raise problem from None
 
 
-def _process_field(ref: _FieldRef, entry: st.FieldEntry, store_path: str, cfg: RunConfig,
+def _process_field(ref: _FieldRef, entry: layout.FieldEntry, store_path: str, cfg: RunConfig,
                    stages: tuple[str, ...], threads: int | None = None) -> dict[str, str]:
     import dask
     import zarr
@@ -317,7 +318,7 @@ def _process_field(ref: _FieldRef, entry: st.FieldEntry, store_path: str, cfg: R
                 continue
             t0 = time.time()
             qc, error = _run_stage(stage, ref.field, entry, root, cfg, threads)
-            cols = [st.QC_COLUMNS.index(c) for c in STAGE_QC[stage]]
+            cols = [layout.QC_COLUMNS.index(c) for c in STAGE_QC[stage]]
             row = root["field_qc"][i]
             row[cols] = [qc.get(c, np.nan) for c in STAGE_QC[stage]]
             root["field_qc"][i] = row
@@ -331,7 +332,7 @@ def _process_field(ref: _FieldRef, entry: st.FieldEntry, store_path: str, cfg: R
     return errors
 
 
-def _run_stage(stage: str, field, entry: st.FieldEntry, root, cfg: RunConfig, threads) -> tuple[dict, str]:
+def _run_stage(stage: str, field, entry: layout.FieldEntry, root, cfg: RunConfig, threads) -> tuple[dict, str]:
     from hpc_retrain.imaging.preprocess import ImageError
     from hpc_retrain.io.plate import PlateError
     from hpc_retrain.prepare import labels as L
@@ -359,11 +360,10 @@ def _run_stage(stage: str, field, entry: st.FieldEntry, root, cfg: RunConfig, th
 
 def _read(field, channel: str, cfg: RunConfig, source: str):
     """The channel in memory, or still lazy when it is a large scan processed chunk by chunk."""
+    from hpc_retrain.imaging import blocks as B
     from hpc_retrain.io.plate import PlateError
-    from hpc_retrain.prepare import targets as TG
-
     arr = field.channel(channel)
-    if TG.is_large(tuple(arr.shape), cfg):
+    if B.is_large(tuple(arr.shape), cfg.compute.chunk):
         return arr
     try:
         return np.asarray(arr.compute())

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_retrain.io import atomic
-from hpc_retrain.prepare import store as st
+from hpc_retrain.prepare import layout
 
 FIELD_STAGES = ("labels", "targets")  # what a field of a training store goes through, in order
 
@@ -25,7 +25,7 @@ def set_field_state(root, i: int) -> None:
     done = [bool(root[f"{s}_done"][i]) for s in FIELD_STAGES]
     errors = [str(root[f"{s}_error"][i]) for s, d in zip(FIELD_STAGES, done) if d]
     if any(done):
-        root["field_status"][i] = st.FLAGGED if any(errors) else st.OK
+        root["field_status"][i] = layout.FLAGGED if any(errors) else layout.OK
     if all(done):
         root["field_done"][i] = 1
 
@@ -67,7 +67,7 @@ def finalize(store_path: Path, stages: tuple[str, ...]) -> Summary:
     qc = root["field_qc"][:]
     status = root["field_status"][:]
     flags = {s: (root[f"{s}_done"][:], root[f"{s}_error"][:]) for s in FIELD_STAGES}
-    names = {st.PENDING: "pending", st.OK: "ok", st.FLAGGED: "flagged"}
+    names = {layout.PENDING: "pending", layout.OK: "ok", layout.FLAGGED: "flagged"}
     fields = list(root.attrs["fields"])
     rows = []
     for i, f in enumerate(fields):
@@ -76,7 +76,7 @@ def finalize(store_path: Path, stages: tuple[str, ...]) -> Summary:
         fields[i] = f
         row = {"index": i, "well": f["well"], "field": f["field"], "status": f["status"],
                **{f"{s}_done": int(flags[s][0][i]) for s in FIELD_STAGES}, "n_tiles": f["n_tiles"]}
-        row.update({c: float(v) for c, v in zip(st.QC_COLUMNS, qc[i])})
+        row.update({c: float(v) for c, v in zip(layout.QC_COLUMNS, qc[i])})
         row.update(source=f["source"], error=error)
         rows.append(row)
     root.attrs["fields"] = fields

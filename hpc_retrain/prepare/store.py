@@ -34,22 +34,17 @@ from hpc_retrain import __version__
 from hpc_retrain.errors import HpcRetrainError
 from hpc_retrain.imaging.tiling import TileGrid
 from hpc_retrain.io import atomic
-from hpc_retrain.prepare.layout import (  # noqa: F401 (re-exported: the store's vocabulary)
+from hpc_retrain.prepare.layout import (
     CONFIG_ATTR,
     EVERY_CHUNK,
-    FLAGGED,
     LABEL_CHANNELS,
     OK,
     OLD_CONFIG_FILE,
-    PENDING,
     QC_COLUMNS,
     REQUIRED_ARRAYS,
     STAGE_TILES,
-    STATUS_CODES,
-    TIME_UNITS,
     FieldEntry,
     array_layout,
-    plan_fields,
 )
 
 

@@ -12,7 +12,6 @@ for that window only (``ScanFeatures``); one block is in memory at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -48,16 +47,8 @@ def target_stats(tiles: np.ndarray) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------- large scans
-# Kept for callers and tests that set it; blocks now go one row of blocks (a strip) at a time.
-STRIP_PX = 8192
 # Rows of a block's window whose shape index is computed at once (``ScanFeatures``).
 FEATURE_ROWS = 256
-
-
-def is_large(shape: tuple[int, int], cfg: RunConfig) -> bool:
-    """Fields this big are processed block by block (never as one float64 image): ``blocks.is_large`` at
-    ``compute.chunk``, the limit segment uses too."""
-    return B.is_large(shape, cfg.compute.chunk)
 
 
 def block_tiles(cfg: RunConfig) -> int:
@@ -66,25 +57,13 @@ def block_tiles(cfg: RunConfig) -> int:
     return max(1, int(round(cfg.compute.chunk / stride)))
 
 
-def strip_blocks(cfg: RunConfig) -> int:
-    """Block columns of about ``STRIP_PX`` scaled pixels, at least two (the old strip width)."""
-    stride = cfg.tiling.size - 2 * cfg.tiling.margin
-    return max(2, STRIP_PX // (block_tiles(cfg) * stride))
-
-
-@dataclass(frozen=True)
-class Block:
-    r0: int
-    r1: int
-    c0: int
-    c1: int  # tile rows [r0, r1) and columns [c0, c1)
-
-    def tile_indices(self, grid: T.TileGrid) -> Iterator[tuple[int, int, int]]:
-        """(first tile index in the field, tiles before it in this block, count) for each tile row."""
-        cols = grid.rows_cols[1]
-        nc = self.c1 - self.c0
-        for i, r in enumerate(range(self.r0, self.r1)):
-            yield r * cols + self.c0, i * nc, nc
+def tile_indices(b: B.Block, grid: T.TileGrid) -> Iterator[tuple[int, int, int]]:
+    """For a block of tiles (``b.rows``, ``b.cols`` in tile rows and columns): (first tile index in the
+    field, tiles before it in this block, count) for each of its tile rows."""
+    cols = grid.rows_cols[1]
+    (r0, r1), (c0, c1) = b.rows, b.cols
+    for i, r in enumerate(range(r0, r1)):
+        yield r * cols + c0, i * (c1 - c0), c1 - c0
 
 
 class ScanFeatures:
@@ -151,28 +130,29 @@ def canvas_index(grid: T.TileGrid) -> tuple[np.ndarray, np.ndarray]:
                  for n, p in zip(grid.shape, grid.padded_shape))
 
 
-def tile_blocks(grid: T.TileGrid, k: int) -> Iterator[tuple[B.Block, Block]]:
+def tile_blocks(grid: T.TileGrid, k: int) -> Iterator[tuple[B.Block, B.Block]]:
     """Blocks of ``k x k`` tiles, one row of blocks at a time: (the block in canvas pixels, halo = the tiles'
-    margin, read with ``canvas_index``; its tile rows and columns)."""
+    margin, read with ``canvas_index``; the same block in tile rows and columns)."""
     for t in B.blocks(grid.rows_cols, k):
-        yield t.scaled(grid.stride, grid.margin, grid.padded_shape), Block(*t.rows, *t.cols)
+        yield t.scaled(grid.stride, grid.margin, grid.padded_shape), t
 
 
-def cut(win: np.ndarray, grid: T.TileGrid, b: Block) -> np.ndarray:
-    """Tiles (n, S, S, C) of one block window, row-major as ``extract_tiles`` orders them."""
+def cut(win: np.ndarray, grid: T.TileGrid, b: B.Block) -> np.ndarray:
+    """Tiles (n, S, S, C) of one block window (``b`` in tile rows and columns), row-major as
+    ``extract_tiles`` orders them."""
     s, S = grid.stride, grid.size
     win = win[..., None] if win.ndim == 2 else win
-    return np.stack([win[i * s: i * s + S, j * s: j * s + S]
-                     for i in range(b.r1 - b.r0) for j in range(b.c1 - b.c0)])
+    (r0, r1), (c0, c1) = b.rows, b.cols
+    return np.stack([win[i * s: i * s + S, j * s: j * s + S] for i in range(r1 - r0) for j in range(c1 - c0)])
 
 
-def write_block(arr, first_tile: int, grid: T.TileGrid, b: Block, tiles: np.ndarray) -> None:
+def write_block(arr, first_tile: int, grid: T.TileGrid, b: B.Block, tiles: np.ndarray) -> None:
     """Write a block's tiles into a store array at the field's offset (one tile row at a time: contiguous)."""
-    for start, k0, n in b.tile_indices(grid):
+    for start, k0, n in tile_indices(b, grid):
         arr[first_tile + start: first_tile + start + n] = tiles[k0: k0 + n]
 
 
-def run_blocks(feats, grid: T.TileGrid, k: int, fn: Callable[[np.ndarray, Block], Any]) -> list[Any]:
+def run_blocks(feats, grid: T.TileGrid, k: int, fn: Callable[[np.ndarray, B.Block], Any]) -> list[Any]:
     """``fn(canvas window, block)`` for every block of ``k x k`` tiles of ``feats`` (anything sliceable as
     ``feats[r0:r1, c0:c1]``), one block in memory at a time; the results in block order."""
     index = canvas_index(grid)
@@ -183,14 +163,14 @@ def write_target_tiles(bf, cfg: RunConfig, arr, first_tile: int, source: str = "
     """Compute and write one field's target tiles into ``arr``; a large scan goes block by block.
     Returns the grid and the field's target statistics."""
     shape = tuple(bf.shape)
-    if not is_large(shape, cfg):
+    if not B.is_large(shape, cfg.compute.chunk):
         tiles, grid = target_tiles(np.asarray(bf), cfg, source)
         arr[first_tile: first_tile + len(tiles)] = tiles
         return grid, target_stats(tiles)
     feats = lazy_features(bf, cfg.preprocess.brightfield, cfg, source)
     grid = T.TileGrid(tuple(feats.shape[:2]), cfg.tiling.size, cfg.tiling.margin)
 
-    def one(win: np.ndarray, b: Block) -> dict:
+    def one(win: np.ndarray, b: B.Block) -> dict:
         tiles = cut(win, grid, b)
         write_block(arr, first_tile, grid, b, tiles)
         return stats_parts(tiles)

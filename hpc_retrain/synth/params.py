@@ -1,6 +1,6 @@
 """The parameters that shape a synthetic field (:class:`SynthParams`) and a rendered field (:class:`SynthField`).
 
-:mod:`hpc_retrain.synth.plates` renders fields and writes plates from them, and re-exports both classes.
+:mod:`hpc_retrain.synth.plates` renders fields and writes plates from them.
 """
 
 from __future__ import annotations

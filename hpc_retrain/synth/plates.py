@@ -23,10 +23,10 @@ from scipy import ndimage as ndi
 from skimage import measure
 from skimage.segmentation import relabel_sequential
 
+from hpc_retrain.config import CHANNELS
 from hpc_retrain.synth.params import U16, SynthField, SynthParams
 
 GENERATOR_VERSION = 1
-from hpc_retrain.config import CHANNELS
 
 
 # ------------------------------------------------------------------------------------------ geometry

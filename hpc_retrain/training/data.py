@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_retrain.errors import HpcRetrainError
+from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import store as st
 
 
@@ -46,12 +47,12 @@ def positive_weights(root, train_fields: np.ndarray, override, source: str) -> n
     from 0.53 to 0-0.2 within 5-7 epochs; benchmarks/RESULTS.md section 5b)."""
     if override is not None:
         w = np.asarray(override, np.float64)
-        if w.shape != (len(st.LABEL_CHANNELS),) or np.any(w <= 0):
-            raise TrainingError(f"train.pos_weight: need {len(st.LABEL_CHANNELS)} positive numbers "
-                                f"(one per channel {st.LABEL_CHANNELS}), got {list(override)}")
+        if w.shape != (len(layout.LABEL_CHANNELS),) or np.any(w <= 0):
+            raise TrainingError(f"train.pos_weight: need {len(layout.LABEL_CHANNELS)} positive numbers "
+                                f"(one per channel {layout.LABEL_CHANNELS}), got {list(override)}")
         return w
     p = np.asarray(st.positive_fraction(root, train_fields), np.float64)
-    for c, pc in zip(st.LABEL_CHANNELS, p):
+    for c, pc in zip(layout.LABEL_CHANNELS, p):
         if not (0 < pc < 1) or not np.isfinite(pc):
             raise TrainingError(f"{source}: the training fields' {c} labels are {pc:.3g} positive; a weight "
                                 f"(1-p)/p needs 0 < p < 1 (check the labels, or set train.pos_weight)")

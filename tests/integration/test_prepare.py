@@ -19,6 +19,7 @@ from skimage.transform import resize
 from hpc_retrain.commands import common, stages
 from hpc_retrain.config import RunConfig
 from hpc_retrain.imaging.tiling import TileGrid, stitch_tiles
+from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import pipeline as preparation
 from hpc_retrain.prepare import store as st
 from hpc_retrain.synth import plates as synth
@@ -101,7 +102,7 @@ def test_store_layout_and_provenance(built, plate):
     assert g.attrs["config"]["preprocess"]["mean_width"] == 7.0
     assert g.attrs["config"]["plate"]["path"] == str(plate)
     assert g.attrs["label_channels"] == ["body", "contour"]
-    assert g["field_done"][:].tolist() == [1] * 8 and g["field_status"][:].tolist() == [st.OK] * 8
+    assert g["field_done"][:].tolist() == [1] * 8 and g["field_status"][:].tolist() == [layout.OK] * 8
     assert st.read_config(built).preprocess.mean_width == 7.0
     # labels are the probabilities thresholded, less what labels.clean drops (specks, dim blobs); targets not blank
     p = g["probabilities"][:8].astype(np.float32)

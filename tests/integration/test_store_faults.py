@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import zarr
 
+from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import store as st
 from hpc_retrain.synth import plates as synth
 
@@ -132,7 +133,7 @@ def test_every_tile_has_its_chunk_file(reference):
     """All-zero tiles too: a chunk file that is missing then always means damage (fault 5)."""
     root = st.open_store(reference)
     n = root["targets"].shape[0]
-    assert root.attrs[st.EVERY_CHUNK] is True
+    assert root.attrs[layout.EVERY_CHUNK] is True
     for name in ("targets", "labels", "probabilities"):
         assert len([f for f in _chunk_files(reference) if f.startswith(f"{name}/")]) == n, name
     assert st.missing_tiles(root, range(len(root.attrs["fields"]))) == {}
@@ -152,7 +153,7 @@ def test_disk_full_during_prepare_stops_naming_the_store_and_the_rerun_completes
     assert not done.all(), done  # the field being written is left not done ...
     for stage in ("labels", "targets"):  # ... and nothing is recorded as a bad image
         assert not any(str(e) for e in g[f"{stage}_error"][:]), g[f"{stage}_error"][:]
-    assert st.FLAGGED not in g["field_status"][:].tolist()
+    assert layout.FLAGGED not in g["field_status"][:].tolist()
 
     small_disk.resize("30m")
     out = _cli("prepare", "--plate", plate, "--out", store, *W7)
@@ -166,7 +167,7 @@ def test_fields_an_earlier_version_flagged_for_a_full_disk_are_redone(plate, ref
     shutil.copytree(reference, store)
     g = zarr.open_group(str(store), mode="r+")
     g["labels_error"][1] = "[Errno 28] No space left on device"  # what the old prepare recorded
-    g["field_status"][1] = st.FLAGGED
+    g["field_status"][1] = layout.FLAGGED
     out = _cli("prepare", "--plate", plate, "--out", store, *W7)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "flagged for a fault of the machine" in out.stderr and "3 fields, 3 ok, 0 flagged" in out.stdout

@@ -15,6 +15,7 @@ import yaml
 import zarr
 
 from hpc_retrain.config import RunConfig
+from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import pipeline as preparation
 from hpc_retrain.prepare import store as st
 from hpc_retrain.synth import plates as synth
@@ -59,7 +60,7 @@ def _make_old_style(path: Path, cfg: RunConfig, keep_attr: bool) -> None:
         doc["attributes"] = {}
         meta.write_text(json.dumps(doc))
     if not keep_attr:
-        del zarr.open_group(str(path), mode="r+").attrs[st.CONFIG_ATTR]
+        del zarr.open_group(str(path), mode="r+").attrs[layout.CONFIG_ATTR]
     cfg.save(path)
     assert zarr.open_array(str(path / "targets"), mode="r").metadata.dimension_names is None
 
@@ -68,18 +69,18 @@ def test_plain_zarr_opens_the_store_without_a_warning(store):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(store)
-    assert not (store / st.OLD_CONFIG_FILE).exists()
+    assert not (store / layout.OLD_CONFIG_FILE).exists()
     assert {"targets", "labels", "field_status", "labels_written", "targets_error"} <= set(g.array_keys())
 
 
 def test_every_array_has_dimension_names_and_a_description(store):
     g = zarr.open_group(str(store), mode="r")
-    layout = st.array_layout(st.stored_config(g))
-    assert set(g.array_keys()) == set(layout)
+    arrays = layout.array_layout(st.stored_config(g))
+    assert set(g.array_keys()) == set(arrays)
     for name, a in g.arrays():
         dims = a.metadata.dimension_names
         assert dims is not None and len(dims) == a.ndim, (name, dims)
-        assert list(dims) == layout[name][0], name
+        assert list(dims) == arrays[name][0], name
         assert isinstance(a.attrs.get("description"), str) and len(a.attrs["description"]) > 20, name
         if a.ndim == 4:
             assert list(dims) == ["tile", "y", "x", "c"]
@@ -91,10 +92,10 @@ def test_every_array_has_dimension_names_and_a_description(store):
     assert g["targets"].attrs["channel_names"] == ["shape_index_sigma_1", "shape_index_sigma_1.5",
                                                    "shape_index_sigma_2"]
     assert g["labels"].attrs["channel_names"] == g["probabilities"].attrs["channel_names"] == ["body", "contour"]
-    assert g["field_qc"].attrs["column_names"] == list(st.QC_COLUMNS) == g.attrs["qc_columns"]
+    assert g["field_qc"].attrs["column_names"] == list(layout.QC_COLUMNS) == g.attrs["qc_columns"]
     codes = g["field_status"].attrs["codes"]
-    assert set(codes) == {str(st.PENDING), str(st.OK), str(st.FLAGGED)}
-    assert codes[str(st.FLAGGED)].startswith("flagged") and codes[str(st.OK)].startswith("ok")
+    assert set(codes) == {str(layout.PENDING), str(layout.OK), str(layout.FLAGGED)}
+    assert codes[str(layout.FLAGGED)].startswith("flagged") and codes[str(layout.OK)].startswith("ok")
     for stage in ("labels", "targets"):
         assert g[f"{stage}_written"].attrs["units"] == "seconds since 1970-01-01T00:00:00Z"
 
@@ -126,16 +127,16 @@ def test_an_old_style_store_still_reads_and_a_save_moves_its_config_out(tmp_path
     assert st.prepare_command(root, path).startswith("hpc-retrain prepare --plate PLATE --out")
     # what a prepare rerun does to it: the config becomes the attribute, the arrays get their attributes
     root = st.open_store(path, mode="r+")
-    assert set(st.describe_arrays(root)) == set(st.array_layout())
+    assert set(st.describe_arrays(root)) == set(layout.array_layout())
     st.save_config(root, path, CFG)
-    assert not (path / st.OLD_CONFIG_FILE).exists() and st.config_copy_path(path).is_file()
+    assert not (path / layout.OLD_CONFIG_FILE).exists() and st.config_copy_path(path).is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(path)
     assert RunConfig.from_dict(g.attrs["config"]) == CFG
-    layout = st.array_layout(st.stored_config(g))
+    arrays = layout.array_layout(st.stored_config(g))
     for name, a in g.arrays():
-        assert isinstance(a.attrs.get("description"), str) and list(a.metadata.dimension_names) == layout[name][0]
+        assert isinstance(a.attrs.get("description"), str) and list(a.metadata.dimension_names) == arrays[name][0]
     np.testing.assert_array_equal(g["tile_field"][:], [0, 1])  # data untouched
 
 
@@ -149,18 +150,18 @@ def test_prepare_writes_a_self_describing_store_and_fixes_an_old_one(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(out)
-    assert set(g.array_keys()) == set(st.array_layout(g.attrs["config"]))
+    assert set(g.array_keys()) == set(layout.array_layout(g.attrs["config"]))
     assert all(a.metadata.dimension_names and "description" in a.attrs for a in g.array_values())
-    assert g["field_status"][:].tolist() == [st.OK] and np.isfinite(g["labels_written"][:]).all()
+    assert g["field_status"][:].tolist() == [layout.OK] and np.isfinite(g["labels_written"][:]).all()
     assert st.read_config(out) == cfg
     saved = yaml.safe_load(st.config_copy_path(out).read_text())
     assert saved["plate"]["path"] == str(plate) and "hpc_retrain_version" in saved
     # an old-style store: the rerun (nothing left to compute) resumes it and moves its config.yaml out
     _make_old_style(out, cfg, keep_attr=True)
     preparation.run(cfg, out, preparation.STAGES["prepare"], progress=False)
-    assert not (out / st.OLD_CONFIG_FILE).exists()
+    assert not (out / layout.OLD_CONFIG_FILE).exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = _read_everything(out)
     assert all("description" in a.attrs and a.metadata.dimension_names for a in g.array_values())
-    assert st.read_config(out) == cfg and g["field_status"][:].tolist() == [st.OK]
+    assert st.read_config(out) == cfg and g["field_status"][:].tolist() == [layout.OK]

@@ -10,6 +10,7 @@ import tifffile
 import zarr
 
 from hpc_retrain.config import RunConfig
+from hpc_retrain.imaging import blocks as B
 from hpc_retrain.imaging import preprocess as P
 from hpc_retrain.prepare import labels as L
 from hpc_retrain.prepare import targets as TG
@@ -43,12 +44,11 @@ def test_dask_features_equal_whole_image(field, mean_width, chunk, channel):
 @pytest.mark.parametrize("mean_width,size,margin", [(7.0, 256, 16), (12.0, 64, 8)])
 def test_large_scan_target_tiles_equal_whole_image(mean_width, size, margin, monkeypatch):
     """The block-by-block path for large scans writes the very tiles the in-memory path cuts, also when
-    it goes in vertical strips of 2 blocks that recompute their shared chunks."""
-    monkeypatch.setattr(TG, "STRIP_PX", 1)
+    it goes one row of blocks at a time."""
     im = synth.render_field(4, (600, 540), mean_width=7.0).brightfield
     cfg = RunConfig().updated(preprocess__mean_width=mean_width, compute__chunk=256,
                               tiling__size=size, tiling__margin=margin)
-    assert TG.is_large(im.shape, cfg)
+    assert B.is_large(im.shape, cfg.compute.chunk)
     tiles, grid = TG.target_tiles(im, cfg)
     arr = _tile_array(len(grid) + 3, 3, "float32", size=size)
     g, stats = TG.write_target_tiles(da.from_array(im, chunks=200), cfg, arr, 3)
@@ -64,26 +64,25 @@ def test_large_scan_target_tiles_equal_whole_image(mean_width, size, margin, mon
 def test_large_scan_switch():
     # the same limit as segment's (blocks.is_large at compute.chunk): one rule for every stage
     cfg = RunConfig().updated(compute__chunk=1024)
-    assert not TG.is_large((1024, 1024), cfg) and TG.is_large((1025, 100), cfg)
+    assert not B.is_large((1024, 1024), cfg.compute.chunk) and B.is_large((1025, 100), cfg.compute.chunk)
 
 
 @pytest.mark.parametrize("factors", [(1.0,), (0.8, 1.0)])
 def test_large_scan_labels_equal_whole_image(pretrained_model, monkeypatch, factors):
     """Both passes of the large-scan labels (stitched map per block, then re-cut with neighbours' margins),
-    in strips of 2 blocks, give the whole-image tiles and QC; a 560 px field with 256 px chunks is 'large'.
+    one row of blocks at a time, give the whole-image tiles and QC; a 560 px field with 256 px chunks is 'large'.
     With a second width factor, the other pass's map is resized window by window to the labels' grid."""
-    monkeypatch.setattr(TG, "STRIP_PX", 1)
     calls = []
     predict = L.predict_tiles
     monkeypatch.setattr(L, "predict_tiles", lambda m, t, b: calls.append(len(t)) or predict(m, t, b))
     f = synth.render_field(5, (560, 530), mean_width=10.0)
     cfg = RunConfig().updated(preprocess__mean_width=10.0, compute__chunk=256, labels__width_factors=factors)
-    assert TG.is_large(f.fluorescence.shape, cfg)
+    assert B.is_large(f.fluorescence.shape, cfg.compute.chunk)
     ptiles, ltiles, grid, stats = L.label_tiles(f.fluorescence, pretrained_model, cfg)
     whole_calls, calls[:] = list(calls), []
     pa, la = _tile_array(len(grid), 2, "float16"), _tile_array(len(grid), 2, "uint8")
     g, lazy_stats = L.write_label_tiles(da.from_array(f.fluorescence, chunks=200), pretrained_model, cfg, pa, la, 0)
-    assert g == grid and len(grid) == 9 and TG.strip_blocks(cfg) == 2
+    assert g == grid and len(grid) == 9
     # whole image: each width's tiles in one call (9 at 10 px, 12 told 8 px: the image is 1.25x larger);
     # large path: one call per block, none recomputed across strips
     assert whole_calls == [9, 12][:len(factors)]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hpc_retrain.config import RunConfig
+from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import store as st
 from hpc_retrain.training import data as td
 from hpc_retrain.training import loop as tr
@@ -60,7 +61,7 @@ def test_positive_weights_refuse_empty_labels(tmp_path):
     path = build_store(tmp_path / "s.zarr", n_fields=2)
     root = st.open_store(path, mode="r+")
     qc = root["field_qc"][:]
-    qc[:, st.QC_COLUMNS.index("positive_contour")] = 0
+    qc[:, layout.QC_COLUMNS.index("positive_contour")] = 0
     root["field_qc"][:] = qc
     with pytest.raises(tr.TrainingError, match="contour labels are 0 positive"):
         tr.positive_weights(root, np.array([0, 1]), None, str(path))
