@@ -104,7 +104,8 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
                 totals[name] = totals[name] + s
                 row[name] = s.as_dict()
             if pc.reference and pc.reference in f.channels:
-                ref = np.asarray(f.channel(pc.reference))
+                ref, _ = E.reference_instances(np.asarray(f.channel(pc.reference)),
+                                               f"{plate.path}: reference {pc.reference!r} of {f.key}")
                 for name, pred in (("pretrained", pre), ("retrained", post), ("teacher", teacher)):
                     s = _scores(ref, pred)
                     recall[name] = recall[name] + s

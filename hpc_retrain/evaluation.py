@@ -164,6 +164,42 @@ def table(per_field: dict[str, list[Score]], overall: list[Score]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ references
+BINARY = "binary masks (connected components are the cells)"
+LABELS = "label images (each value is one cell)"
+
+
+def reference_instances(reference: np.ndarray, source: str = "reference") -> tuple[np.ndarray, str]:
+    """The reference cells as an instance label image, and how the image was read (:data:`BINARY`, :data:`LABELS`).
+
+    A mask with a single non-zero value, whatever it is (1, 255 as ImageJ/Fiji export, 1.0, True), is binary:
+    its connected components are the cells. Otherwise each non-zero value is one cell; fractional or negative
+    values (probabilities, signed images) are refused, naming ``source``.
+    """
+    from scipy import ndimage as ndi
+
+    reference = np.asarray(reference)
+    if reference.dtype.kind == "b":
+        return ndi.label(reference)[0], BINARY
+    if reference.dtype.kind not in "uif":
+        raise EvaluateError(f"{source}: a {reference.dtype} image is not a mask; give integer labels or a binary mask")
+    if reference.dtype.kind == "f":
+        if not np.all(np.isfinite(reference)):
+            raise EvaluateError(f"{source}: holds NaN or infinite values; give integer labels or a binary mask")
+        if np.any(reference != np.round(reference)):
+            raise EvaluateError(f"{source}: holds fractional values (a probability map?); give integer labels or "
+                                f"a binary mask (0 background, one value for cells)")
+    if reference.dtype.kind in "if" and reference.size and reference.min() < 0:
+        raise EvaluateError(f"{source}: holds negative values ({reference.min():g}); labels are 0 (background) "
+                            f"and positive cell ids")
+    values = np.unique(reference)
+    values = values[values != 0]
+    if len(values) <= 1:
+        return ndi.label(reference != 0)[0], BINARY
+    # Sequential ids (any integer ids, however large, count as given; ``np.bincount`` needs small ones)
+    return np.searchsorted(np.concatenate([[0], values]), reference).astype(np.int64), LABELS
+
+
 # ------------------------------------------------------------------------------------------ plates
 def _field_key(well: str, field: str) -> str:
     return f"{well}/{field}"
@@ -225,6 +261,7 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
         rp = open_plate(cfg.model_copy(update={"path": Path(ref_plate)}))
         refs = {_field_key(f.well, f.field): f for f in rp.fields}
     per_field: dict[str, list[Score]] = {}
+    readings: dict[str, list[str]] = {}
     pictures = None
     if out is not None and overlays > 0:
         from hpc_retrain.overlays import Pictures  # matplotlib: only when drawing
@@ -243,19 +280,20 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
             if f is None:
                 raise EvaluateError(f"{ref_plate}: no field matching {source_key} of {pred_path}")
             reference = np.asarray(f.channel(ref))
-        if reference.dtype.kind == "b" or (reference.max() == 1 and reference.dtype.kind in "ui"):
-            # A binary mask: its connected components are the reference cells.
-            from scipy import ndimage as ndi
-            reference = ndi.label(reference > 0)[0]
+        reference, reading = reference_instances(reference, f"{ref_plate or pred_path}: reference {ref!r} of {key}")
+        readings.setdefault(reading, []).append(key)
         # Pictures: matched / false-positive / missed objects at IoU 0.5, by the same matching as the scores.
         per_field[key], outcome = _match(reference, pred, thresholds, 0.5 if pictures is not None else None)
         if pictures is not None:
             pictures.add(k, key, source_key, grp, pred, reference, outcome)
+    for reading, keys in readings.items():
+        log.info("reference %r: %d field(s) read as %s", ref, len(keys), reading)
     overall = summarize(per_field)
     result = {
         "prediction": str(pred_path), "name": name, "reference": ref,
         "reference_plate": str(ref_plate) if ref_plate else None,
         "thresholds": list(thresholds),
+        "reference_reading": {reading: len(keys) for reading, keys in readings.items()},
         "overall": [s.as_dict() for s in overall],
         "fields": {k: [s.as_dict() for s in v] for k, v in per_field.items()},
         "overlays": pictures.written if pictures is not None else [],
