@@ -62,3 +62,38 @@ def test_evaluate_splits_binary_reference_masks_into_cells_and_says_so(tmp_path,
     scores = json.loads((tmp_path / "eval" / "scores_truth.json").read_text())
     # Touching cells merge in a binary mask, so not every cell matches; one object per field scored 0.
     assert scores["overall"][0]["recall"] > 0.5 and scores["overall"][0]["f1"] > 0.3
+
+
+# ------------------------------------------------------------------------------------------ 2: crossval's plate
+def test_crossval_refuses_an_out_folder_of_another_plate(tmp_path):
+    from hpc_retrain import crossval
+    from hpc_retrain.config import PlateConfig
+    from hpc_retrain.plate import open_plate
+
+    a = _synth(tmp_path / "a")
+    b = _synth(tmp_path / "b", "--seed", "5")
+    out = tmp_path / "cv"
+    out.mkdir()
+    crossval.claim_out(out, open_plate(PlateConfig(path=a)))  # what a crossval of plate a records first
+    r = _cli("crossval", "--plate", b, "--out", out, "--mean-width", "7", timeout=120)
+    line = _error_line(r, "crossval")
+    assert str(a) in line and str(b) in line and "choose another --out" in line
+    # the same path rewritten with other images is another plate too
+    r = _cli("synth", "--out", a, "--wells", "A1", "--fields", "2", "--size", "128", "--seed", "9", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    line = _error_line(_cli("crossval", "--plate", a, "--out", out, "--mean-width", "7", timeout=120), "crossval")
+    assert "an earlier version of" in line
+    # folds of a crossval that recorded no plate (an earlier version of the tool) are not reused either
+    old = tmp_path / "old"
+    (old / "fold1" / "train_plate").mkdir(parents=True)
+    line = _error_line(_cli("crossval", "--plate", b, "--out", old, "--mean-width", "7", timeout=120), "crossval")
+    assert "fold1" in line and "choose another --out" in line
+
+
+def test_crossval_on_a_one_field_plate_says_it_needs_two_fields(tmp_path):
+    plate = tmp_path / "one"
+    r = _cli("synth", "--out", plate, "--wells", "A1", "--fields", "1", "--size", "128")
+    assert r.returncode == 0, r.stderr
+    line = _error_line(_cli("crossval", "--plate", plate, "--out", tmp_path / "cv", "--mean-width", "7",
+                            timeout=120), "crossval")
+    assert "at least 2 fields" in line and "not found" not in line
