@@ -48,7 +48,7 @@ def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executo
 
     run_dir = Path(run_dir)
     store = jobs.resolve_store(run_dir, store)
-    jobs.check_resume(cfg, run_dir)
+    jobs.check_resume(cfg, run_dir, store)
     if executor == "inline":
         return jobs.train_inline(cfg, store, run_dir)
     if executor is not None and executor != cfg.cluster.executor:

@@ -46,6 +46,8 @@ class Progress:
     pos_weight: list | None = None
     data_seed: int = 0
     train_config: dict | None = None
+    store: str | None = None  # the training store the run started on (resolved path)
+    store_generation: str | None = None  # its generation id then (store.GENERATION); None for older stores
 
     @property
     def name(self) -> str:

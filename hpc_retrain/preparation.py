@@ -111,6 +111,9 @@ def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: b
 
     from hpc_retrain.plate import open_plate
 
+    if overwrite and store_path.is_dir():
+        with S.replacing(store_path):  # refused now, before any work, while a training reads the store
+            pass
     plate = open_plate(cfg.plate)
     needs = {"labels": cfg.plate.fluorescence, "targets": cfg.plate.brightfield}
     plate.require(*(needs[s] for s in stages))
@@ -226,7 +229,8 @@ def open_or_create(path: Path, entries: list[S.FieldEntry], cfg: RunConfig, over
                 raise S.StoreError(f"{path}: was made with other parameters ({'; '.join(diffs[:5])}); "
                                    f"rerun with --overwrite to rebuild it, or choose another --out")
             log.warning("%s: rebuilding (--overwrite): %s", path, "; ".join(diffs[:5]))
-        shutil.rmtree(path)
+        with S.replacing(path):
+            shutil.rmtree(path)
         qc_path(path).unlink(missing_ok=True)
         S.config_copy_path(path).unlink(missing_ok=True)
     root = S.create(path, entries, config, cfg.tiling.size)

@@ -97,3 +97,74 @@ def test_crossval_on_a_one_field_plate_says_it_needs_two_fields(tmp_path):
     line = _error_line(_cli("crossval", "--plate", plate, "--out", tmp_path / "cv", "--mean-width", "7",
                             timeout=120), "crossval")
     assert "at least 2 fields" in line and "not found" not in line
+
+
+# ------------------------------------------------------------------------------------------ 3, 4: the run's store
+QUICK = ["--executor", "inline", "--batch-size", "2", "--set", "train.steps_per_epoch=2"]
+
+
+def _store(path: Path, seed: int = 0) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from trainstore import build_store
+
+    from hpc_retrain.config import RunConfig
+
+    return build_store(path, n_fields=4, seed=seed, cfg=RunConfig().updated(preprocess__mean_width=7.0))
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    import time
+
+    t = time.monotonic()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() - t < timeout, "timed out"
+        time.sleep(0.5)
+
+
+def test_a_store_being_trained_on_cannot_be_rebuilt_and_a_rebuild_elsewhere_stops_the_run(tmp_path):
+    import signal
+
+    from hpc_retrain import store as st
+
+    store = _store(tmp_path / "s.zarr")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_retrain", "train", "--store", store, "--run", run,
+                             "--epochs", "200", *QUICK], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-e*")), proc)
+        plate = _synth(tmp_path / "plate")
+        before = st.generation(store)
+        out = _cli("prepare", "--plate", plate, "--out", store, "--overwrite", "--mean-width", "9", timeout=120)
+        line = _error_line(out, "prepare")
+        assert str(store) in line and "a training is reading this store" in line
+        assert st.generation(store) == before  # not rebuilt
+        # Where flock does not reach (another node's NFS client), a rebuild still changes the generation id:
+        import zarr
+
+        zarr.open_group(str(store), mode="r+").attrs[st.GENERATION] = "rebuilt-elsewhere"
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "was rebuilt" in err and "while this run trained" in err
+    status = _cli("status", run)
+    assert status.returncode == 1 and "was rebuilt" in status.stdout, status.stdout
+
+
+def test_resuming_on_another_store_is_refused_naming_both(tmp_path):
+    a, b = _store(tmp_path / "a.zarr"), _store(tmp_path / "b.zarr", seed=3)
+    run = tmp_path / "run"
+    first = _cli("train", "--store", a, "--run", run, "--epochs", "1", *QUICK)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _snapshot(run)
+    line = _error_line(_cli("train", "--store", b, "--run", run, "--epochs", "2", *QUICK), "train")
+    assert str(b) in line and str(a) in line and "new run folder" in line
+    assert _snapshot(run) == before
+    _store(a, seed=4)  # the same path rebuilt: another store
+    line = _error_line(_cli("train", "--run", run, "--epochs", "2", *QUICK), "train")
+    assert str(a) in line and "rebuilt" in line
+    assert _snapshot(run) == before
