@@ -13,6 +13,10 @@ import numpy as np
 _U16 = 65535
 
 
+class SynthError(ValueError):
+    """Synthetic-plate parameters that cannot be used; the message names the parameter."""
+
+
 @dataclass(frozen=True)
 class SynthParams:
     """Everything that shapes a field besides its seed and size; lengths are in pixels unless noted."""
@@ -49,7 +53,7 @@ class SynthParams:
     def check(self) -> None:
         def need(ok: bool, what: str) -> None:
             if not ok:
-                raise ValueError(f"synthetic field: {what}")
+                raise SynthError(f"synthetic field: {what}")
 
         need(self.mean_width >= 2, f"mean_width must be at least 2 px, got {self.mean_width}")
         need(0 <= self.width_spread <= 0.5, f"width_spread must be in [0, 0.5], got {self.width_spread}")

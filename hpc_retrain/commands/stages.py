@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,19 +32,45 @@ def synth_arguments(p: argparse.ArgumentParser, name: str = "synth") -> None:
 def synth_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, **{"preprocess.mean_width": args.mean_width, "seed": args.seed})
     out = Path(args.out)
-    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    occupied = any(out.iterdir()) if out.is_dir() else out.exists() or out.is_symlink()
     if occupied:
         if not args.overwrite:
             raise CliError(f"{out}: already exists; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
+        # --overwrite replaces only a plate synth wrote: never a file, a folder of other things, or the
+        # folder this command runs in.
+        if not out.is_dir() or out.is_symlink():
+            raise CliError(f"{out}: exists and is not a folder; --overwrite replaces only a plate synth wrote: "
+                           f"choose another --out")
+        if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise CliError(f"{out}: is the working folder (or holds it); --overwrite never deletes it: choose "
+                           f"another --out")
+        problem = synth.own_plate_problem(out)
+        if problem:
+            raise CliError(f"{out}: is not a plate synth wrote ({problem}); --overwrite replaces only those, "
+                           f"nothing was deleted: choose another --out")
     fmt = args.format or ("ome-zarr" if out.suffix == ".zarr" else "tiff")
     shape = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
     wells = [w.strip() for w in args.wells.split(",") if w.strip()]
     # The width cells are drawn at; a config still on "auto" (it is measured later, from the images) gets
     # the synthetic default.
     width = synth.SynthParams.mean_width if cfg.preprocess.mean_width == "auto" else cfg.preprocess.mean_width
-    synth.write_plate(out, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, seed=cfg.seed,
-                      mean_width=width, density=args.density)
+    # Written under a temporary name beside --out and renamed into place once whole: bad parameters, a full
+    # disk or a kill leave neither a partial plate that blocks the rerun nor a deleted old one.
+    tmp = out.with_name(f".{out.name}.synth-tmp-{os.getpid()}")
+    try:
+        synth.write_plate(tmp, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, seed=cfg.seed,
+                          mean_width=width, density=args.density)
+        if occupied:
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except synth.SynthError as e:
+        raise CliError(str(e).replace(str(tmp), str(out))) from None
+    except OSError as e:
+        raise CliError(f"{out}: cannot write the plate ({e.strerror or e}{f': {e.filename}' if e.filename else ''})"
+                       f"; choose another --out or fix its permissions or free space".replace(str(tmp), str(out))
+                       ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {fmt} plate {out}: {len(wells)} wells x {args.fields} fields of {shape[0]}x{shape[1]} px")
     return 0
 

@@ -168,3 +168,49 @@ def test_resuming_on_another_store_is_refused_naming_both(tmp_path):
     line = _error_line(_cli("train", "--run", run, "--epochs", "2", *QUICK), "train")
     assert str(a) in line and "rebuilt" in line
     assert _snapshot(run) == before
+
+
+# ------------------------------------------------------------------------------------------ 5, 9: synth --out
+def test_synth_overwrite_replaces_only_a_plate_synth_wrote(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("1,2")
+    for out, cwd in ((mine, REPO), (".", work), (work, REPO)):
+        r = _cli("synth", "--out", out, "--overwrite", "--size", "64", cwd=cwd)
+        line = _error_line(r, "synth")
+        assert "choose another --out" in line
+    assert (work / "notes.txt").read_text() == "mine" and (mine / "data.csv").read_text() == "1,2"
+    plate = _synth(tmp_path / "plate")
+    (plate / "my_notes.txt").write_text("mine")  # a file the user put in a synthetic plate
+    line = _error_line(_cli("synth", "--out", plate, "--overwrite", "--size", "64"), "synth")
+    assert "my_notes.txt" in line and (plate / "my_notes.txt").is_file()
+    (plate / "my_notes.txt").unlink()
+    for p in (plate, _synth(tmp_path / "p.zarr")):  # plates synth wrote are replaced
+        r = _cli("synth", "--out", p, "--overwrite", "--size", "64", "--wells", "B2", "--fields", "1")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((p / "synth.json").read_text())["fields"][0]["well"] == "B2"
+
+
+@pytest.mark.parametrize("bad, words", [
+    (["--wells", "A1,A01"], ["'A1' and 'A01' are the same well"]),
+    (["--wells", "A1,Z"], ["'Z'"]),
+    (["--size", "0"], ["shape"]),
+    (["--fields", "0"], ["one field per well"]),
+    (["--density", "3"], ["density"]),
+    (["--mean-width", "1"], ["mean_width"]),
+])
+def test_synth_bad_parameters_are_one_line_and_leave_nothing(tmp_path, bad, words):
+    out = tmp_path / "plate"
+    line = _error_line(_cli("synth", "--out", out, "--size", "64", *bad), "synth")
+    assert all(w in line for w in words), line
+    assert sorted(tmp_path.iterdir()) == []  # no partial plate to block the rerun
+    _synth(out)
+
+
+def test_synth_out_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    line = _error_line(_cli("synth", "--out", tmp_path / "afile" / "plate", "--size", "64"), "synth")
+    assert str(tmp_path / "afile" / "plate") in line and "synth-tmp" not in line
