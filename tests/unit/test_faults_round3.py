@@ -42,3 +42,52 @@ def test_label_references_keep_their_ids_and_bad_values_are_refused():
         E.reference_instances(np.full((4, 4), 0.3))
     with pytest.raises(E.EvaluateError, match="negative"):
         E.reference_instances(-_two_cells())
+
+
+# ------------------------------------------------------------------------------------------ 7, 10, 11: settings
+@pytest.mark.parametrize("name", ["", "../../../x", "a/b", ".hidden", "a b", "x" * 101, "é"])
+def test_result_names_follow_one_rule(name):
+    from hpc_retrain.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="infer.name") as e:
+        RunConfig().updated(infer__name=name)
+    assert "letters, digits" in str(e.value)
+
+
+def test_good_names_pass():
+    from hpc_retrain.config import RunConfig
+
+    for name in ("misic", "r1", "run-2.best", "A_b"):
+        assert RunConfig().updated(infer__name=name).infer.name == name
+
+
+@pytest.mark.parametrize("width", [0.01, 1.5, 201, 500, 1e6])
+def test_extreme_mean_widths_are_refused_with_the_reason(width):
+    from hpc_retrain.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="preprocess.mean_width") as e:
+        RunConfig.load(overrides=[f"preprocess.mean_width={width}"])
+    assert "10/mean_width" in str(e.value)
+
+
+def test_a_resize_that_needs_more_memory_than_there_is_is_refused_before_allocating(monkeypatch):
+    from hpc_retrain import preprocess as P
+    from hpc_retrain.config import ChannelPrep
+
+    monkeypatch.setattr(P, "available_memory", lambda: 64 * 2**20)  # 64 MiB
+    im = np.random.default_rng(0).integers(0, 1000, (1024, 1024)).astype(np.uint16)
+    with pytest.raises(P.ImageError, match="GiB") as e:
+        P.prepare_np(im, ChannelPrep(), 5.0, source="f.tif")
+    assert "f.tif" in str(e.value) and "mean_width" in str(e.value)
+    with pytest.raises(P.ImageError, match="too small"):
+        P.prepare_np(im[:64, :64], ChannelPrep(), 0.05, source="f.tif")
+
+
+def test_seed_true_is_not_one_and_a_pattern_placeholder_twice_is_refused():
+    from hpc_retrain.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="seed"):
+        RunConfig.load(overrides=["seed=true"])
+    with pytest.raises(ConfigError, match="plate.pattern") as e:
+        RunConfig.load(overrides=["plate.pattern={well}_{field}_{field}_{channel}.tif"])
+    assert "more than once" in str(e.value)
