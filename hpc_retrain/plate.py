@@ -139,12 +139,29 @@ def _open_tiffs(root: Path, pattern: str) -> Plate:
                     found.setdefault(("A1", m.group(1)), {})[sub.name] = p
     if not found:
         raise PlateError(_nothing_found(root, pattern))
+    _one_spelling_per_well(found)
     fields = []
     for (well, fld), chans in sorted(found.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
         f = Field(well, fld, {c: _lazy_tiff(p) for c, p in sorted(chans.items())}, str(root / f"{well}_{fld}"))
         _check_same_shape(f, chans)
         fields.append(f)
     return Plate(root, "tiff", fields)
+
+
+def _one_spelling_per_well(found: dict[tuple[str, str], dict[str, Path]]) -> None:
+    """Refuse two spellings of one well (A1 and a1, A1 and A01): an HCS plate has one group per well, so
+    their fields would overwrite each other. Also a well name that is not a row letter and a column number."""
+    spelled: dict[tuple[str, str], tuple[str, Path]] = {}
+    for (well, _), chans in sorted(found.items()):
+        example = next(iter(chans.values()))
+        try:
+            rc = ngff.split_well(well)
+        except ValueError as e:
+            raise PlateError(f"{example}: {e}") from None
+        first = spelled.setdefault(rc, (well, example))
+        if first[0] != well:
+            raise PlateError(f"{first[1]} and {example} name the same well {rc[0]}{rc[1]} ({first[0]!r} and "
+                             f"{well!r}); rename the files so each well is spelled one way")
 
 
 def _nothing_found(root: Path, pattern: str, sample: int = 5) -> str:

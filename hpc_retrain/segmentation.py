@@ -217,6 +217,12 @@ class _Run:
         name = self.name
         todo, kept, clash, redo = [], [], [], []
         for f, grp in zip(fields, groups):
+            O.check_inside(out_path, grp.path, name)
+            foreign = O.foreign_result(grp, name)
+            if foreign:
+                raise SegmentError(f"{out_path}/{grp.path}/{foreign} was not written by hpc-retrain (hand-made masks, "
+                                   f"or another tool's): it is never replaced, --overwrite or not; choose another "
+                                   f"--name for the results")
             state = O.result_state(grp, name)
             if state == "complete" and not self.overwrite:
                 diff = O.settings_differ(grp["labels"][name].attrs.get(ngff.PROVENANCE), self.settings)

@@ -214,3 +214,51 @@ def test_synth_out_under_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     line = _error_line(_cli("synth", "--out", tmp_path / "afile" / "plate", "--size", "64"), "synth")
     assert str(tmp_path / "afile" / "plate") in line and "synth-tmp" not in line
+
+
+# ------------------------------------------------------------------------------------------ 6, 7, 8: where segment writes
+def test_labels_not_written_by_the_tool_are_never_replaced(tmp_path):
+    plate = _synth(tmp_path / "p.zarr")  # its labels/truth: masks, not hpc-retrain segment results
+    truth = plate / "A" / "1" / "0" / "labels" / "truth"
+    before = _snapshot(truth)
+    for extra in ((), ("--overwrite",)):
+        out = _cli("segment", "--plate", plate, "--name", "truth", "--set", "preprocess.mean_width=7", *extra)
+        line = _error_line(out, "segment")
+        assert "labels/truth" in line and "never replaced" in line and "--name" in line
+    assert _snapshot(truth) == before
+
+
+@pytest.mark.parametrize("name", ["../../../x", "", "a/b", ".hidden"])
+def test_bad_result_names_are_refused_before_any_work(tmp_path, name):
+    plate = _synth(tmp_path / "plate")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = _cli("segment", "--plate", plate, "--name", name, "--tiff", "--set", "preprocess.mean_width=7")
+    _error_line(out, "segment")
+    assert "infer.name" in out.stderr and "letters, digits" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output plate, no TIFF folder
+    assert not (tmp_path.parent / "x").exists()
+    _error_line(_cli("evaluate", "--pred", plate, "--name", name, "--ref", "truth"), "evaluate")
+
+
+def test_segment_never_writes_through_a_link_that_leaves_the_plate(tmp_path):
+    plate = _synth(tmp_path / "p.zarr")
+    outside = tmp_path / "outside"
+    (plate / "A" / "1" / "1").rename(outside)
+    (plate / "A" / "1" / "1").symlink_to(outside)
+    out = _cli("segment", "--plate", plate, "--set", "preprocess.mean_width=7")
+    line = _error_line(out, "segment")
+    assert str(outside) in line and "outside the plate" in line
+    assert not (outside / "labels" / "misic").exists() and not (outside / "probabilities").exists()
+
+
+# ------------------------------------------------------------------------------------------ 9: one well, two spellings
+def test_a_tiff_plate_spelling_one_well_two_ways_is_refused_naming_the_files(tmp_path):
+    plate = _synth(tmp_path / "plate")
+    for f in plate.glob("A1_s1_*.tif"):
+        f.rename(plate / f.name.replace("A1_", "a1_"))
+    out = _cli("segment", "--plate", plate, "--set", "preprocess.mean_width=7")
+    line = _error_line(out, "segment")
+    assert "A1_s0_" in line and "a1_s1_" in line and "same well" in line and "--out" not in line
+    assert not (tmp_path / "plate.ome.zarr").exists()
+    line = _error_line(_cli("prepare", "--plate", plate, "--mean-width", "7", "--out", tmp_path / "s.zarr"), "prepare")
+    assert "same well" in line
