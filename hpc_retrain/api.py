@@ -72,4 +72,4 @@ def evaluate(cfg: RunConfig, pred: str | Path, ref: str, ref_plate: str | Path |
     from hpc_retrain.evaluation import evaluate_plate
 
     return evaluate_plate(pred, cfg.infer.name, ref, ref_plate, out, overlays, channel or cfg.plate.brightfield,
-                          plate_cfg=cfg.plate)
+                          plate_cfg=cfg.plate, channel_given=channel is not None)

@@ -245,16 +245,92 @@ def prediction_fields(path: Path, name: str, ref: str | None = None):
     return out
 
 
+def _writable_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot take the scores, before any scoring: a file, or a folder that cannot be
+    written (read-only, permission denied, full)."""
+    from hpc_retrain.outputs import probe_writable
+
+    if out.exists() and not out.is_dir():
+        raise EvaluateError(f"{out}: is a file, not a folder; choose another --out for the scores and pictures")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvaluateError(f"{out}: cannot create it ({e.strerror or e}); choose another --out") from None
+    err = probe_writable(out)
+    if err is not None:
+        raise EvaluateError(f"{out}: cannot write there ({err.strerror or err}); choose another --out, or fix its "
+                            f"permissions or free space")
+
+
+class _OutLock:
+    """An exclusive flock on ``--out`` for the whole evaluate: two evaluates into one folder would mix their
+    pictures. Where the file system has no flock, nothing is locked."""
+
+    def __init__(self, out: Path | None):
+        self.out, self.fd = out, None
+
+    def __enter__(self):
+        import fcntl
+        import os
+
+        if self.out is None:
+            return self
+        try:
+            self.fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return self
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise EvaluateError(f"{self.out}: another evaluate is writing there now; wait for it, or choose another "
+                                f"--out") from None
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)
+
+
 def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | Path | None = None,
                    out: str | Path | None = None, overlays: int = 3, image_channel: str | None = None,
-                   thresholds=THRESHOLDS, plate_cfg=None) -> dict[str, Any]:
+                   thresholds=THRESHOLDS, plate_cfg=None, channel_given: bool = False) -> dict[str, Any]:
     """Score label image ``name`` of every field against ``ref``: a label image of the same plate, or
-    (with ``ref_plate``) a channel of a TIFF/OME-Zarr plate such as ``masks``. Writes JSON (+ PNGs) to ``out``."""
+    (with ``ref_plate``) a channel of a TIFF/OME-Zarr plate such as ``masks``. Writes JSON (+ PNGs) to ``out``.
+
+    ``channel_given``: ``image_channel`` was asked for (``--channel``), so a plate without it is refused rather
+    than drawn on its first channel."""
+    for n in (name, ref) if ref_plate is None else (name,):
+        # read, not written: any name a label image can have, but one path element inside labels/
+        if not n or "/" in n or "\\" in n or n.startswith("."):
+            raise EvaluateError(f"{pred_path}: {n!r} is not a label image name (one name under labels/, such as "
+                                f"misic); pass --name/--ref with the name")
+    if out is not None:
+        _writable_out(Path(out))
+    with _OutLock(Path(out) if out is not None else None):
+        return _evaluate_plate(pred_path, name, ref, ref_plate, out, overlays, image_channel, thresholds, plate_cfg,
+                               channel_given)
+
+
+def _evaluate_plate(pred_path, name, ref, ref_plate, out, overlays, image_channel, thresholds, plate_cfg,
+                    channel_given) -> dict[str, Any]:
     from hpc_retrain.config import PlateConfig
     from hpc_retrain.plate import open_plate
 
     pred_path = Path(pred_path)
     fields = prediction_fields(pred_path, name, ref if ref_plate is None else None)
+    if channel_given and out is not None and overlays > 0 and fields:
+        from hpc_retrain import ngff
+
+        have = ngff.channel_names(fields[0][1])
+        if image_channel not in have:
+            raise EvaluateError(f"{pred_path}/{fields[0][0]}: no channel {image_channel!r} to draw the overlays on "
+                                f"(has {have}); pass --channel with one of them")
     refs: dict[str, Any] = {}
     if ref_plate is not None:
         cfg = plate_cfg or PlateConfig()

@@ -205,6 +205,9 @@ def status_command(args: argparse.Namespace) -> int:
     if run.is_dir() and not any((run / n).is_file() for n in runstate.RUN_FILES):
         raise CliError(f"{run}: not a training run: no config.yaml/status.json; train with "
                        f"`hpc-retrain train --store STORE --run {run}`")
+    if run.is_dir() and not any((run / n).exists() for n in ("status.json", runstate.JOB_FILE)):
+        raise CliError(f"{run}: no training was started here (a config.yaml but no status.json or "
+                       f"{runstate.JOB_FILE}); train with `hpc-retrain train --store STORE --run {run}`")
     try:
         s = runstate.run_status(run)
     except FileNotFoundError:

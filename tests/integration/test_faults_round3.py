@@ -262,3 +262,46 @@ def test_a_tiff_plate_spelling_one_well_two_ways_is_refused_naming_the_files(tmp
     assert not (tmp_path / "plate.ome.zarr").exists()
     line = _error_line(_cli("prepare", "--plate", plate, "--mean-width", "7", "--out", tmp_path / "s.zarr"), "prepare")
     assert "same well" in line
+
+
+# ------------------------------------------------------------------------------------------ 11: evaluate, status
+def test_evaluate_refuses_a_channel_the_plate_lacks_and_an_out_that_is_a_file(tmp_path):
+    plate = _synth(tmp_path / "p.zarr")
+    out = _cli("evaluate", "--pred", plate, "--name", "truth", "--ref", "truth", "--out", tmp_path / "e",
+               "--channel", "nosuch")
+    line = _error_line(out, "evaluate")
+    assert "'nosuch'" in line and "brightfield" in line and "--channel" in line
+    assert not list((tmp_path / "e").glob("*.png"))
+    (tmp_path / "afile").write_text("x")
+    line = _error_line(_cli("evaluate", "--pred", plate, "--name", "truth", "--ref", "truth", "--out",
+                            tmp_path / "afile"), "evaluate")
+    assert str(tmp_path / "afile") in line and "is a file" in line
+    ok = _cli("evaluate", "--pred", plate, "--name", "truth", "--ref", "truth", "--out", tmp_path / "e",
+              "--channel", "fluorescence", "--overlays", "1")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
+        "contact_truth.png", "overlay_truth_A1_0.png", "scores_truth.json"]  # no temporary files left
+
+
+def _run_folder(tmp_path: Path, **files) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in files.items():
+        (run / name.replace("_", ".", 1)).write_text(text)
+    return run
+
+
+def test_status_of_odd_run_folders_is_one_line(tmp_path):
+    run = _run_folder(tmp_path, config_yaml="seed: 0\n")  # a config.yaml only
+    line = _error_line(_cli("status", run), "status")
+    assert "no training was started here" in line
+    (run / "status.json").mkdir()
+    line = _error_line(_cli("status", run), "status")
+    assert "status.json is not a file" in line
+    (run / "status.json").rmdir()
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epoch": 1, "epochs": 1}))
+    for history in ("[{\"epoch\": 1, \"loss\": ", json.dumps([{"epoch": 1, "loss": "high", "val_iou": [1]}])):
+        (run / "history.json").write_text(history)
+        out = _cli("status", run)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert "state:  finished" in out.stdout
