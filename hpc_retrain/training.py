@@ -65,9 +65,10 @@ class TrainingInterrupted(Exception):
 
 # --------------------------------------------------------------------------------------- signals
 class _StopOnSignal:
-    """SIGTERM/SIGUSR2 only raise a flag: the loop saves after the step in flight and stops."""
+    """SIGTERM/SIGUSR2 and SIGINT (Ctrl-C) only raise a flag: the loop saves after the step in flight and stops.
+    A second Ctrl-C stops at once (KeyboardInterrupt), without saving."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
@@ -80,6 +81,8 @@ class _StopOnSignal:
         return self
 
     def _raise_flag(self, signum, frame):  # no logging here: a handler may interrupt a logging call
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -120,6 +123,11 @@ def train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                 return _train(cfg, store, run_dir)
         except TrainingInterrupted as e:
             write_status(run_dir, "interrupted", checkpoint=str(e.checkpoint), signal=signal.Signals(e.signum).name,
+                         epochs=cfg.train.epochs)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C outside the epochs' loop (or twice): the last checkpoint stands
+            last = latest_checkpoint(run_dir)
+            write_status(run_dir, "interrupted", checkpoint=str(last) if last else None, signal="SIGINT",
                          epochs=cfg.train.epochs)
             raise
         except BaseException as e:

@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except (CliError, ConfigError) as e:
         return _report(args.command, e)
+    except KeyboardInterrupt:
+        # Ctrl-C: every stage keeps what it finished (prepare's and segment's fields, train's checkpoints)
+        print(f"\nhpc-retrain {args.command}: stopped by Ctrl-C; what was finished is kept: run the same command "
+              f"to continue", file=sys.stderr)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        return 130
     except ValueError as e:
         # Our own input errors (PlateError, ImageError, ModelError, StoreError...) are ValueErrors whose
         # message already names the file and the problem; anything else is a bug and keeps its traceback.

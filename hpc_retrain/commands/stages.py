@@ -166,6 +166,10 @@ def train_command(args: argparse.Namespace) -> int:
         except TrainingInterrupted as e:
             print(f"hpc-retrain train: {e}; run the same command to resume", file=sys.stderr)
             return 128 + e.signum
+        except KeyboardInterrupt:
+            print("hpc-retrain train: stopped by Ctrl-C before the step in flight finished; the last checkpoint "
+                  "is kept: run the same command to resume from it", file=sys.stderr)
+            return 130
         print(json.dumps(metrics.get("final", {})))
         return 0
     job = api.train(cfg, store, run_dir, wait=False, time_min=args.time)
@@ -182,6 +186,12 @@ def train_command(args: argparse.Namespace) -> int:
     except jobs.JobFailed as e:
         print(f"hpc-retrain train: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        stop = f"scancel {job.job_id}" if cfg.cluster.executor == "slurm" else f"kill -TERM {job.job_id}"
+        print(f"\nhpc-retrain train: stopped waiting; {cfg.cluster.executor} job {job.job_id} goes on training "
+              f"{run_dir} (`hpc-retrain status {run_dir}`); to stop it (it saves a checkpoint first): {stop}",
+              file=sys.stderr)
+        return 130
     print(json.dumps(metrics.get("final", {})))
     return 0
 

@@ -305,3 +305,45 @@ def test_status_of_odd_run_folders_is_one_line(tmp_path):
         out = _cli("status", run)
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
         assert "state:  finished" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------ 12: the benchmarks run
+@pytest.mark.parametrize("bench", ["train", "infer", "prepare"])
+def test_every_benchmark_runs_to_its_end_at_tiny_sizes(tmp_path, bench):
+    """``make bench`` stopped in train_bench (a setting that moved to compute.batch_size) and prepare_bench's
+    throughput part (mean_width auto before measuring); ``--smoke`` runs every part once at tiny sizes, so the
+    figures in benchmarks/RESULTS.md stay reproducible with the command beside them (~1.5-4.5 min each on 2
+    busy cores; train_bench traces its model about ten times)."""
+    env = {k: v for k, v in _env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as `make bench` runs them
+    out = subprocess.run([sys.executable, "-m", "benchmarks", bench, "--smoke"], cwd=tmp_path,
+                         env=dict(env, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])),
+                         capture_output=True, text=True, timeout=900)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    assert "Traceback" not in text and f"=== {bench}: exit 0" in out.stdout
+    for noise in ("cuInit", "cpu_feature_guard", "oneDNN custom operations"):  # TensorFlow's start-up lines
+        assert noise not in text, noise
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+def test_ctrl_c_during_inline_training_checkpoints_like_sigterm_and_says_stopped(tmp_path):
+    import signal
+
+    store = _store(tmp_path / "s.zarr")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_retrain", "train", "--store", store, "--run", run,
+                             "--epochs", "200", *QUICK], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "ckpt-e00001").is_dir(), proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "stopped by SIGINT" in err and "run the same command to resume" in err
+    status = _cli("status", run)
+    assert status.returncode == 0 and "state:  interrupted" in status.stdout, status.stdout
