@@ -49,6 +49,7 @@ def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executo
     run_dir = Path(run_dir)
     store = jobs.resolve_store(run_dir, store)
     jobs.check_resume(cfg, run_dir, store)
+    jobs.check_run_folder(run_dir)
     if executor == "inline":
         return jobs.train_inline(cfg, store, run_dir)
     if executor is not None and executor != cfg.cluster.executor:

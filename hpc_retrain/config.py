@@ -47,6 +47,18 @@ class PlateConfig(_Section):
     fluorescence: str = Field("fluorescence", description="channel name of the fluorescence images")
     reference: str | None = Field(None, description="channel holding reference instance masks, if any")
 
+    @field_validator("path")
+    @classmethod
+    def _utf8(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            try:
+                str(v).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{str(v).encode('utf-8', 'backslashreplace').decode()}: the path is not valid "
+                                 f"UTF-8 (it is recorded in configs and Zarr attributes, which are UTF-8); rename "
+                                 f"the folder") from None
+        return v
+
     @field_validator("pattern")
     @classmethod
     def _pattern_names_channel(cls, v: str) -> str:
@@ -153,6 +165,9 @@ class TilingConfig(_Section):
 
     @model_validator(mode="after")
     def _margin_fits(self) -> "TilingConfig":
+        if self.size % 8:
+            raise ValueError(f"size {self.size}: MISIC's U-Net halves a tile three times, so its edge must be a "
+                             f"multiple of 8 (e.g. 256)")
         if 2 * self.margin >= self.size:
             raise ValueError(f"margin {self.margin} leaves nothing of a {self.size} px tile")
         return self

@@ -140,6 +140,25 @@ def _local_gpus(requested: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ launching
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse, before anything is written, a run folder that is a file or cannot be written (read-only file
+    system, permission denied, full disk), naming it."""
+    from hpc_retrain.outputs import probe_writable
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ResumeError(f"{run_dir}: is a file, not a run folder; choose another --run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResumeError(f"{run_dir}: cannot create the run folder ({e.strerror or e}); choose another --run") \
+            from None
+    err = probe_writable(run_dir)
+    if err is not None:
+        raise ResumeError(f"{run_dir}: cannot write in the run folder ({err.strerror or err}); fix its permissions "
+                          f"or free space, or choose another --run")
+
+
 def resolve_store(run_dir: Path, store: str | Path | None) -> Path:
     """``store``, or the one a resumed run was started on (its ``job.json``); refused when there is none."""
     record = read_job(run_dir)

@@ -212,6 +212,12 @@ def _plane_index(path, shape: tuple, axes: str, images: int = 1) -> tuple:
             kept.append((a, n))
     if len(kept) == 2 and images == 1:
         return tuple(index)
+    if len(kept) < 2 and images == 1 and len(shape) >= 2:
+        # A tiny 2-D image (1 x 1, 1 x N): read as such; the stages skip it as too small, naming the file
+        yx = [i for i, a in enumerate(axes) if a in "YX"]
+        yx = yx if len(yx) == 2 else [len(shape) - 2, len(shape) - 1]
+        if all(n == 1 or i in yx for i, n in enumerate(shape)):
+            return tuple(slice(None) if i in yx else 0 for i in range(len(shape)))
     if len(kept) > 2:
         planar = [n for a, n in kept if a not in "YX"] if {"Y", "X"} <= {a for a, _ in kept} else \
             [n for _, n in kept[:-2]]
@@ -267,7 +273,12 @@ def _open_zarr(root_path: Path) -> Plate:
     for well, idx, gpath in entries:
         grp = root[gpath]
         names = ngff.channel_names(grp)
-        arr = grp["0"]
+        try:
+            arr = grp["0"]
+        except KeyError:
+            raise PlateError(f"{root_path}/{gpath}: the field image has no array '0' (its full-resolution level); "
+                             f"the plate is incomplete: rewrite that field, or remove it from well "
+                             f"{gpath.rsplit('/', 1)[0]}'s list") from None
         if arr.ndim != 3 or len(names) != arr.shape[0]:
             raise PlateError(f"{root_path}/{gpath}: image {arr.shape} does not match channels {names}")
         full = da.from_zarr(arr)

@@ -347,3 +347,95 @@ def test_ctrl_c_during_inline_training_checkpoints_like_sigterm_and_says_stopped
     assert "stopped by SIGINT" in err and "run the same command to resume" in err
     status = _cli("status", run)
     assert status.returncode == 0 and "state:  interrupted" in status.stdout, status.stdout
+
+
+# ------------------------------------------------------------------------------------------ tracebacks -> one line
+def _zarr_meta(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("dotdot", ["'../../1/0'", "without '/', '.' or '..'"]),
+    ("no_array", ["A/1/1", "no array '0'"]),
+    ("missing_field", ["A/1/7", "not there"]),
+])
+def test_damaged_ome_zarr_plates_are_one_line(tmp_path, damage, words):
+    import shutil
+
+    plate = _synth(tmp_path / "p.zarr")
+    well = plate / "A" / "1" / "zarr.json"
+    if damage == "dotdot":
+        _zarr_meta(well, lambda d: d["attributes"]["ome"]["well"]["images"][1].update(path="../../1/0"))
+    elif damage == "no_array":
+        shutil.rmtree(plate / "A" / "1" / "1" / "0")
+    else:
+        _zarr_meta(well, lambda d: d["attributes"]["ome"]["well"]["images"].append({"path": "7"}))
+    line = _error_line(_cli("segment", "--plate", plate, "--set", "preprocess.mean_width=7"), "segment")
+    assert all(w in line for w in words), line
+    if damage != "no_array":  # evaluate reads labels only
+        line = _error_line(_cli("evaluate", "--pred", plate, "--name", "truth", "--ref", "truth"), "evaluate")
+        assert all(w in line for w in words), line
+
+
+def test_train_run_that_is_a_file_tile_sizes_and_non_utf8_paths_are_one_line(tmp_path):
+    store = _store(tmp_path / "s.zarr")
+    (tmp_path / "afile").write_text("x")
+    line = _error_line(_cli("train", "--store", store, "--run", tmp_path / "afile", *QUICK, timeout=120), "train")
+    assert "is a file" in line and "--run" in line
+    out = _cli("train", "--store", store, "--run", tmp_path / "r", *QUICK, "--set", "tiling.size=100", timeout=120)
+    _error_line(out, "train")
+    assert "multiple of 8" in out.stderr
+    odd = os.fsdecode(bytes(tmp_path) + b"/pl\xff")
+    Path(odd).mkdir()
+    for cmd in (["segment", "--plate", odd], ["prepare", "--plate", odd, "--out", tmp_path / "s2.zarr"]):
+        out = _cli(*cmd, "--set", "preprocess.mean_width=7", timeout=120)
+        _error_line(out, cmd[0])
+        assert "not valid UTF-8" in out.stderr
+
+
+def test_a_1x1_tiff_is_skipped_naming_it_and_the_plate_goes_on(tmp_path):
+    plate = _synth(tmp_path / "plate")
+    for ch in ("brightfield", "fluorescence", "masks"):
+        tifffile.imwrite(plate / f"A1_s1_{ch}.tif", np.zeros((1, 1), np.uint16))
+    out = _cli("segment", "--plate", plate, "--set", "preprocess.mean_width=7")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipped field A1/1" in out.stderr and "too small" in out.stderr and "segmented 1 field(s)" in out.stdout
+
+
+def test_a_tiff_folder_that_cannot_be_written_is_named_not_the_output_plate(tmp_path):
+    plate = _synth(tmp_path / "plate")
+    (tmp_path / "afile").write_text("x")
+    line = _error_line(_cli("segment", "--plate", plate, "--tiff", tmp_path / "afile" / "tiffs", "--set",
+                            "preprocess.mean_width=7"), "segment")
+    assert str(tmp_path / "afile" / "tiffs") in line and "--tiff" in line and "--out" not in line
+
+
+def test_an_unreachable_dask_scheduler_is_one_line_at_once(tmp_path):
+    import time
+
+    plate = _synth(tmp_path / "plate")
+    t = time.monotonic()
+    line = _error_line(_cli("prepare", "--plate", plate, "--out", tmp_path / "s.zarr", "--mean-width", "7",
+                            "--scheduler", "tcp://127.0.0.1:1", timeout=120), "prepare")
+    assert "tcp://127.0.0.1:1" in line and "nothing answers" in line
+    assert time.monotonic() - t < 60  # not distributed's 30 s timeout on top of the start-up
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_non_numeric_checkpoint_variables_are_one_line(tmp_path):
+    store = _store(tmp_path / "s.zarr")
+    run = tmp_path / "run"
+    assert _cli("train", "--store", store, "--run", run, "--epochs", "1", *QUICK).returncode == 0
+    ckpt = sorted((run / "checkpoints").glob("ckpt-e*"))[-1]
+    with np.load(ckpt / "variables.npz") as z:
+        arrays = dict(z)
+    arrays["m0000"] = np.full(arrays["m0000"].shape, "x")
+    np.savez(ckpt / "variables.npz", **arrays)
+    out = _cli("train", "--run", run, "--epochs", "2", *QUICK)
+    line = _error_line(out, "train")
+    assert "variables.npz" in line and "not numbers" in line
+    out = _cli("segment", "--plate", _synth(tmp_path / "plate"), "--model", ckpt, "--name", "c")
+    line = _error_line(out, "segment")
+    assert "variables.npz" in line and "not numbers" in line
