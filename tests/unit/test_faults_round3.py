@@ -91,3 +91,25 @@ def test_seed_true_is_not_one_and_a_pattern_placeholder_twice_is_refused():
     with pytest.raises(ConfigError, match="plate.pattern") as e:
         RunConfig.load(overrides=["plate.pattern={well}_{field}_{field}_{channel}.tif"])
     assert "more than once" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ misleading errors
+def test_an_unreadable_chunk_for_permissions_is_not_called_corrupt(tmp_path):
+    import errno
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from trainstore import build_store
+
+    from hpc_retrain import trainingdata as TD
+    from hpc_retrain.config import RunConfig
+
+    store = build_store(tmp_path / "s.zarr", n_fields=2, cfg=RunConfig().updated(preprocess__mean_width=7.0))
+    reader = TD.TileReader(store)
+    chunk = store / "targets" / "c" / "1" / "0" / "0" / "0"
+    line = TD._unreadable_tile(reader, 1, PermissionError(errno.EACCES, "Permission denied", str(chunk)))
+    assert "permission denied" in line and str(chunk) in line and "fix the permissions" in line
+    assert "delete" not in line and "corrupt" not in line
+    line = TD._unreadable_tile(reader, 1, ValueError("bad data"))
+    assert "truncated or corrupt" in line  # real damage still says so
