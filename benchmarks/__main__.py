@@ -7,6 +7,7 @@ table with ratios measured side by side, and writes JSON under benchmarks/out/.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("which", nargs="*", default=["all"], help=f"all or any of {', '.join(BENCHES)}")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (minutes on 2 cores)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, one repetition: that every benchmark runs to its end (figures meaningless)")
     args = p.parse_args(argv)
+    # TensorFlow's native start-up lines (cuInit, oneDNN) are noise in a benchmark's output too; -v-like
+    # detail is kept when the caller exported its own TF_CPP_MIN_LOG_LEVEL.
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     names = list(BENCHES) if "all" in args.which else args.which
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
@@ -31,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"\n=== {name} ({BENCHES[name]}) ===", flush=True)
         t = time.perf_counter()
-        rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + (["--quick"] if args.quick else []))
+        flags = (["--quick"] if args.quick else []) + (["--smoke"] if args.smoke else [])
+        rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + flags, env=env)
         print(f"=== {name}: exit {rc} after {time.perf_counter() - t:.0f} s", flush=True)
         if rc:
             failed.append(name)

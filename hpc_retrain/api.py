@@ -104,7 +104,8 @@ def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executo
 
     run_dir = Path(run_dir)
     store = jobs.resolve_store(run_dir, store)
-    jobs.check_resume(cfg, run_dir)
+    jobs.check_resume(cfg, run_dir, store)
+    jobs.check_run_folder(run_dir)
     if executor == "inline":
         return InlineRun(cfg, store, run_dir)
     if executor is not None and executor != cfg.cluster.executor:
@@ -123,6 +124,10 @@ def status(run_dir: str | Path) -> dict:
         raise runstate.RunFileError(f"{run}: no such run folder")
     if not runfolder.is_run(run):
         raise runstate.RunFileError(f"{run}: not a training run: no config.yaml/status.json; train with "
+                                    f"`hpc-retrain train --store STORE --run {run}`")
+    if not any((run / n).exists() for n in (runfolder.STATUS_FILE, runfolder.JOB_FILE)):
+        raise runstate.RunFileError(f"{run}: no training was started here (a config.yaml but no "
+                                    f"{runfolder.STATUS_FILE} or {runfolder.JOB_FILE}); train with "
                                     f"`hpc-retrain train --store STORE --run {run}`")
     return runstate.run_status(run)
 
@@ -149,7 +154,7 @@ def evaluate(cfg: RunConfig, pred: str | Path, ref: str, ref_plate: str | Path |
     from hpc_retrain.evaluate.scoring import evaluate_plate
 
     return evaluate_plate(pred, cfg.infer.name, ref, ref_plate, out, overlays, channel or cfg.plate.brightfield,
-                          plate_cfg=cfg.plate)
+                          plate_cfg=cfg.plate, channel_given=channel is not None)
 
 
 def plate_wells(cfg: RunConfig) -> list[str]:
@@ -179,3 +184,10 @@ def synth(out: str | Path, cfg: RunConfig, fmt: str = "tiff", wells: Iterable[st
     plates.write_plate(out, fmt=fmt, wells=list(wells), fields_per_well=fields_per_well, shape=shape,
                        seed=cfg.seed, mean_width=width, **kw)
     return Path(out)
+
+
+def synth_plate_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a plate ``synth`` wrote (which ``synth --overwrite`` may replace); None when it is."""
+    from hpc_retrain.synth import plates
+
+    return plates.own_plate_problem(Path(path))

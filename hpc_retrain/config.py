@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -54,11 +55,27 @@ class PlateConfig(_Section):
     fluorescence: str = Field("fluorescence", description="channel name of the fluorescence images")
     reference: str | None = Field(None, description="channel holding reference instance masks, if any")
 
+    @field_validator("path")
+    @classmethod
+    def _utf8(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            try:
+                str(v).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{str(v).encode('utf-8', 'backslashreplace').decode()}: the path is not valid "
+                                 f"UTF-8 (it is recorded in configs and Zarr attributes, which are UTF-8); rename "
+                                 f"the folder") from None
+        return v
+
     @field_validator("pattern")
     @classmethod
     def _pattern_names_channel(cls, v: str) -> str:
         if "{channel}" not in v or "{field}" not in v:
             raise ValueError("the pattern must contain {channel} and {field} (and may contain {well})")
+        twice = [p for p in ("{well}", "{field}", "{channel}") if v.count(p) > 1]
+        if twice:
+            raise ValueError(f"{', '.join(twice)} appear(s) more than once in {v!r}; each placeholder may appear "
+                             f"once")
         return v
 
 
@@ -73,6 +90,10 @@ class ChannelPrep(_Section):
         if not 0 <= v[0] < v[1] <= 100:
             raise ValueError("need 0 <= low < high <= 100")
         return v
+
+
+# Bounds of preprocess.mean_width (px): MISIC sees cells 10 px wide, images are scaled by 10 / mean_width.
+MIN_WIDTH, MAX_WIDTH = 2.0, 200.0
 
 
 class PreprocessConfig(_Section):
@@ -101,6 +122,11 @@ class PreprocessConfig(_Section):
             raise ValueError(f"expected a cell width in pixels or 'auto', got {v!r}") from None
         if not w > 0 or w == float("inf"):  # also refuses NaN
             raise ValueError(f"must be a positive width in pixels or 'auto', got {v!r}")
+        if not MIN_WIDTH <= w <= MAX_WIDTH:
+            raise ValueError(f"{v!r} px is outside {MIN_WIDTH:g}-{MAX_WIDTH:g} px: images are scaled by "
+                             f"10/mean_width, so a width below {MIN_WIDTH:g} px would enlarge them more than "
+                             f"{10 / MIN_WIDTH:g}-fold (memory) and one above {MAX_WIDTH:g} px shrink them more than "
+                             f"{MAX_WIDTH / 10:g}-fold (cells vanish); give the cells' width in pixels")
         return w
 
     @property
@@ -147,6 +173,9 @@ class TilingConfig(_Section):
 
     @model_validator(mode="after")
     def _margin_fits(self) -> TilingConfig:
+        if self.size % 8:
+            raise ValueError(f"size {self.size}: MISIC's U-Net halves a tile three times, so its edge must be a "
+                             f"multiple of 8 (e.g. 256)")
         if 2 * self.margin >= self.size:
             raise ValueError(f"margin {self.margin} leaves nothing of a {self.size} px tile")
         return self
@@ -230,9 +259,32 @@ class InferConfig(_Section):
     marker_threshold: float = Field(0.95, gt=0, le=1, description="confident body core for watershed markers")
     name: str = Field("misic", description="label image name under each field's labels/ group")
 
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, v: str) -> str:
+        return check_name(v)
+
+
+NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot, at most 100 characters"
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
+
+
+def check_name(v: str) -> str:
+    """A result name (``infer.name``, ``--name``): one folder name, so it can never leave its group."""
+    if not isinstance(v, str) or not _NAME.match(v):
+        raise ValueError(f"{v!r} is not a name: use {NAME_RULE}")
+    return v
+
 
 class RunConfig(_Section):
     seed: int = 0
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _an_integer(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(f"expected an integer seed, got {v!r}")
+        return v
     plate: PlateConfig = PlateConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     labels: LabelConfig = LabelConfig()

@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         # Every error a user can fix derives from it, and its message already names the file or setting and
         # the fix; anything else is a bug and keeps its traceback.
         return _report(args.command, e)
+    except KeyboardInterrupt:
+        # Ctrl-C: every stage keeps what it finished (prepare's and segment's fields, train's checkpoints)
+        print(f"\nhpc-retrain {args.command}: stopped by Ctrl-C; what was finished is kept: run the same command "
+              f"to continue", file=sys.stderr)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        return 130
 
 
 def _report(command: str, e: Exception) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from hpc_retrain import api
 from hpc_retrain.commands.common import CliError, config_from_args
 from hpc_retrain.config import CHANNELS, MODES, RunConfig
-from hpc_retrain.errors import JobFailed, TrainingInterrupted
+from hpc_retrain.errors import HpcRetrainError, JobFailed, TrainingInterrupted
 from hpc_retrain.io.runfolder import CONFIG_FILE
 
 
@@ -33,15 +34,41 @@ def synth_arguments(p: argparse.ArgumentParser, name: str = "synth") -> None:
 def synth_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, **{"preprocess.mean_width": args.mean_width, "seed": args.seed})
     out = Path(args.out)
-    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    occupied = any(out.iterdir()) if out.is_dir() else out.exists() or out.is_symlink()
     if occupied:
         if not args.overwrite:
             raise CliError(f"{out}: already exists; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
+        # --overwrite replaces only a plate synth wrote: never a file, a folder of other things, or the
+        # folder this command runs in.
+        if not out.is_dir() or out.is_symlink():
+            raise CliError(f"{out}: exists and is not a folder; --overwrite replaces only a plate synth wrote: "
+                           f"choose another --out")
+        if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise CliError(f"{out}: is the working folder (or holds it); --overwrite never deletes it: choose "
+                           f"another --out")
+        problem = api.synth_plate_problem(out)
+        if problem:
+            raise CliError(f"{out}: is not a plate synth wrote ({problem}); --overwrite replaces only those, "
+                           f"nothing was deleted: choose another --out")
     fmt = args.format or ("ome-zarr" if out.suffix == ".zarr" else "tiff")
     shape = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
     wells = [w.strip() for w in args.wells.split(",") if w.strip()]
-    api.synth(out, cfg, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, density=args.density)
+    # Written under a temporary name beside --out and renamed into place once whole: bad parameters, a full
+    # disk or a kill leave neither a partial plate that blocks the rerun nor a deleted old one.
+    tmp = out.with_name(f".{out.name}.synth-tmp-{os.getpid()}")
+    try:
+        api.synth(tmp, cfg, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, density=args.density)
+        if occupied:
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except HpcRetrainError as e:  # synth's parameter errors name the temporary plate: name --out
+        raise CliError(str(e).replace(str(tmp), str(out))) from None
+    except OSError as e:
+        raise CliError(f"{out}: cannot write the plate ({e.strerror or e}{f': {e.filename}' if e.filename else ''})"
+                       f"; choose another --out or fix its permissions or free space".replace(str(tmp), str(out))
+                       ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {fmt} plate {out}: {len(wells)} wells x {args.fields} fields of {shape[0]}x{shape[1]} px")
     return 0
 
@@ -134,6 +161,10 @@ def train_command(args: argparse.Namespace) -> int:
         except TrainingInterrupted as e:
             print(f"hpc-retrain train: {e}; run the same command to resume", file=sys.stderr)
             return 128 + e.signum
+        except KeyboardInterrupt:
+            print("hpc-retrain train: stopped by Ctrl-C before the step in flight finished; the last checkpoint "
+                  "is kept: run the same command to resume from it", file=sys.stderr)
+            return 130
         print(json.dumps(metrics.get("final", {})))
         return 0
     job = api.train(cfg, args.store, run_dir, time_min=args.time)
@@ -150,6 +181,12 @@ def train_command(args: argparse.Namespace) -> int:
     except JobFailed as e:
         print(f"hpc-retrain train: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        stop = f"scancel {job.job_id}" if cfg.cluster.executor == "slurm" else f"kill -TERM {job.job_id}"
+        print(f"\nhpc-retrain train: stopped waiting; {cfg.cluster.executor} job {job.job_id} goes on training "
+              f"{run_dir} (`hpc-retrain status {run_dir}`); to stop it (it saves a checkpoint first): {stop}",
+              file=sys.stderr)
+        return 130
     print(json.dumps(metrics.get("final", {})))
     return 0
 

@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from hpc_retrain.errors import HpcRetrainError
+
 U16 = 65535
+
+
+class SynthError(HpcRetrainError, ValueError):
+    """Synthetic-plate parameters that cannot be used; the message names the parameter."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ class SynthParams:
     def check(self) -> None:
         def need(ok: bool, what: str) -> None:
             if not ok:
-                raise ValueError(f"synthetic field: {what}")
+                raise SynthError(f"synthetic field: {what}")
 
         need(self.mean_width >= 2, f"mean_width must be at least 2 px, got {self.mean_width}")
         need(0 <= self.width_spread <= 0.5, f"width_spread must be in [0, 0.5], got {self.width_spread}")

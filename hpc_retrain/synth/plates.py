@@ -12,6 +12,7 @@ deepest inside, so each pixel has one owner and overlaps stay small (candidates 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -24,7 +25,7 @@ from skimage import measure
 from skimage.segmentation import relabel_sequential
 
 from hpc_retrain.config import CHANNELS
-from hpc_retrain.synth.params import U16, SynthField, SynthParams
+from hpc_retrain.synth.params import U16, SynthError, SynthField, SynthParams
 
 GENERATOR_VERSION = 1
 
@@ -273,10 +274,10 @@ def render_field(seed: int, shape: Sequence[int] = (512, 512), mean_width: float
 def _checked(shape: Sequence[int], mean_width: float, density: float, params: dict[str, Any]
              ) -> tuple[SynthParams, tuple[int, int]]:
     if len(shape) != 2 or min(int(s) for s in shape) < 1:
-        raise ValueError(f"synthetic field: shape must be two positive sizes (Y, X), got {tuple(shape)}")
+        raise SynthError(f"synthetic field: shape must be two positive sizes (Y, X), got {tuple(shape)}")
     unknown = set(params) - set(SynthParams.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"synthetic field: unknown parameter(s) {sorted(unknown)}; "
+        raise SynthError(f"synthetic field: unknown parameter(s) {sorted(unknown)}; "
                          f"known: {sorted(SynthParams.__dataclass_fields__)}")
     p = SynthParams(mean_width=float(mean_width), density=float(density), **params)
     p.check()
@@ -297,6 +298,51 @@ def field_seed(seed: int, well: str, field: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def check_wells(wells: Sequence[str], path: str | Path = "synthetic plate") -> None:
+    """Refuse well names that are not a row letter and a column number, and two names of one well (A1, A01)."""
+    from hpc_retrain.io.ngff import split_well
+
+    seen: dict[tuple[str, str], str] = {}
+    for w in wells:
+        try:
+            rc = split_well(w)
+        except ValueError as e:
+            raise SynthError(f"{path}: {e}") from None
+        if rc in seen:
+            raise SynthError(f"{path}: duplicate wells: {seen[rc]!r} and {w!r} are the same well ({rc[0]}{rc[1]}); "
+                             f"give each well once")
+        seen[rc] = w
+
+
+def own_plate_problem(path: str | Path) -> str | None:
+    """None when folder ``path`` is a plate ``write_plate`` wrote (its ``synth.json``, and nothing at its top
+    level that the plate does not consist of), else why not: what ``synth --overwrite`` may replace."""
+    path = Path(path)
+    try:
+        record = json.loads((path / "synth.json").read_text())
+        fmt, fields = record["format"], record["fields"]
+        if record.get("generator") != "hpc_retrain.synth.plates":
+            raise ValueError
+    except FileNotFoundError:
+        return "it holds no synth.json"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its synth.json was not written by synth"
+    expected = {"synth.json"}
+    try:
+        if fmt == "tiff":
+            expected |= {f"{f['well']}_s{f['field']}_{ch}.tif" for f in fields for ch in (*CHANNELS, "masks")}
+        else:
+            from hpc_retrain.io.ngff import split_well
+
+            expected |= {"zarr.json"} | {split_well(f["well"])[0] for f in fields}
+    except (KeyError, TypeError, ValueError):
+        return "its synth.json was not written by synth"
+    other = sorted(set(os.listdir(path)) - expected)
+    if other:
+        return f"it holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, which synth does not write"
+    return None
+
+
 def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zarr",
                 wells: Sequence[str] = ("A1", "A2"), fields_per_well: int = 2,
                 shape: Sequence[int] = (512, 512), seed: int = 0, mean_width: float = 7.0,
@@ -310,11 +356,10 @@ def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zar
     path = Path(path)
     wells = list(wells)
     if fmt not in ("ome-zarr", "tiff"):
-        raise ValueError(f"{path}: unknown plate format {fmt!r}; use 'ome-zarr' or 'tiff'")
+        raise SynthError(f"{path}: unknown plate format {fmt!r}; use 'ome-zarr' or 'tiff'")
     if not wells or fields_per_well < 1:
-        raise ValueError(f"{path}: a plate needs at least one well and one field per well")
-    if len(set(w.upper() for w in wells)) != len(wells):
-        raise ValueError(f"{path}: duplicate wells in {wells}")
+        raise SynthError(f"{path}: a plate needs at least one well and one field per well")
+    check_wells(wells, path)
     # Refuse bad parameters before anything is written.
     p, shape = _checked(shape, mean_width, density, params)
 

@@ -45,6 +45,8 @@ class Progress:
     pos_weight: list | None = None
     data_seed: int = 0
     train_config: dict | None = None
+    store: str | None = None  # the training store the run started on (resolved path)
+    store_generation: str | None = None  # its generation id then (store.GENERATION); None for older stores
 
     @property
     def name(self) -> str:
@@ -103,11 +105,20 @@ def load_checkpoint(path: Path, model, optimizer) -> Progress:
     optimizer.build(model.trainable_variables)
     if names_o != _signature(optimizer.variables):
         raise TrainingError(f"{path}: optimizer state does not match (another init mode or precision?)")
-    with np.load(path / VARIABLES_FILE) as z:
-        for i, v in enumerate(model.variables):
-            v.assign(z[f"m{i:04d}"])
-        for i, v in enumerate(optimizer.variables):
-            v.assign(z[f"o{i:04d}"])
+    try:
+        with np.load(path / VARIABLES_FILE) as z:
+            for prefix, variables in (("m", model.variables), ("o", optimizer.variables)):
+                for i, v in enumerate(variables):
+                    a = z[f"{prefix}{i:04d}"]
+                    if a.dtype.kind not in "fiub":
+                        raise ValueError(f"{prefix}{i:04d} holds {a.dtype} values, not numbers")
+                    v.assign(a)
+    except OSError:
+        raise  # the machine's (permission denied, I/O error): reported as such, the checkpoint is not blamed
+    except Exception as e:  # truncated, an object array (allow_pickle is off), a missing member
+        raise TrainingError(f"{path / VARIABLES_FILE} is unreadable ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); move the folder {path} out of {path.parent} to "
+                            f"resume from the checkpoint before it") from None
     known = set(Progress.__dataclass_fields__)
     return Progress(**{k: v for k, v in state.items() if k in known})
 

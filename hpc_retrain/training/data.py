@@ -122,6 +122,11 @@ def _unreadable_tile(reader: TileReader, i: int, e: Exception) -> str:
         except Exception:
             files.append(str(st.chunk_file(root, reader.path, name, i)))
     files = files or [f"{reader.path}/targets|labels chunk of tile {i}"]
+    env = st.environment_error(e)
+    if env is not None:  # the machine's (permissions, I/O): the file may well be fine, never advise deleting it
+        what, fix = st.ENVIRONMENT_ERRORS[env.errno]
+        return (f"{reader.path}: tile {i}{where}: cannot read chunk file {env.filename or ' and '.join(files)} "
+                f"({what}); {fix} and rerun the same command to resume (the file itself may be fine)")
     text = " ".join(str(e).split())[:200]
     return (f"{reader.path}: tile {i}{where} is unreadable ({type(e).__name__}: {text}): chunk file "
             f"{' and '.join(files)} is truncated or corrupt; delete it and rerun "

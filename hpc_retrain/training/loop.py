@@ -58,9 +58,10 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------- signals
 class _StopOnSignal:
-    """SIGTERM/SIGUSR2 only raise a flag: the loop saves after the step in flight and stops."""
+    """SIGTERM/SIGUSR2 and SIGINT (Ctrl-C) only raise a flag: the loop saves after the step in flight and stops.
+    A second Ctrl-C stops at once (KeyboardInterrupt), without saving."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
@@ -73,6 +74,8 @@ class _StopOnSignal:
         return self
 
     def _raise_flag(self, signum, frame):  # no logging here: a handler may interrupt a logging call
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -109,9 +112,15 @@ def train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     with _RunLog(run_dir):
         try:
-            return _train(cfg, store, run_dir)
+            with st.reading(store):  # prepare --overwrite cannot rebuild the store meanwhile
+                return _train(cfg, store, run_dir)
         except TrainingInterrupted as e:
             write_status(run_dir, "interrupted", checkpoint=str(e.checkpoint), signal=signal.Signals(e.signum).name,
+                         epochs=cfg.train.epochs)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C outside the epochs' loop (or twice): the last checkpoint stands
+            last = latest_checkpoint(run_dir)
+            write_status(run_dir, "interrupted", checkpoint=str(last) if last else None, signal="SIGINT",
                          epochs=cfg.train.epochs)
             raise
         except BaseException as e:
@@ -149,10 +158,15 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     net, export = build_model(cfg, policy)
     opt = make_optimizer(tc.learning_rate, policy)
 
+    generation = st.generation(root)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         prog = load_checkpoint(ckpt, net, opt)
         check_resume(vars(prog), cfg, run_dir)
+        if prog.store_generation is not None and prog.store_generation != generation:
+            raise TrainingError(_rebuilt(store, run_dir, "since this run started on it"))
+        prog.store = prog.store or str(store.resolve())
+        prog.store_generation = prog.store_generation or generation
         train_fields, val_fields = np.array(prog.train_fields, int), np.array(prog.val_fields, int)
         pos_w = np.array(prog.pos_weight)
         log.info("resuming from %s: %d epoch(s) done%s", ckpt.name, prog.epoch,
@@ -165,8 +179,14 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store))
         opt.build(net.trainable_variables)
         prog = Progress(history=[], train_fields=train_fields.tolist(), val_fields=val_fields.tolist(),
-                        pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"))
+                        pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"),
+                        store=str(store.resolve()), store_generation=generation)
     cfg.save(run_dir)
+
+    def check_store() -> None:
+        """The store still holds the tiles this run started on (no ``prepare --overwrite`` meanwhile)."""
+        if generation is not None and st.generation(store) != generation:
+            raise TrainingError(_rebuilt(store, run_dir, "while this run trained on it"))
 
     train_tiles, val_tiles = field_tiles(root, train_fields), field_tiles(root, val_fields)
     if len(train_tiles) == 0:
@@ -231,6 +251,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
             order, codes, steps = epoch_plan(train_tiles, epoch, cfg.seed, tc.batch_size, tc.steps_per_epoch,
                                              tc.augment, tc.tiles_per_epoch)
             start_step = prog.step
+            check_store()
             ds = make_dataset(reader, order[start_step * tc.batch_size:], codes[start_step * tc.batch_size:],
                               tc.batch_size)
             write_status(run_dir, "running", epoch=epoch, **status_extra)
@@ -253,6 +274,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                              prog.loss_sum / prog.seen)
                 if stop.signum is not None:
                     break
+            check_store()  # an epoch that read a rebuilt store is not saved
             if stop.signum is not None and step < steps:
                 prog.step, prog.epoch, prog.elapsed_s = step, epoch - 1, time.perf_counter() - t0
                 path = run_dir / CKPT_DIR / prog.name
@@ -286,6 +308,11 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                 raise TrainingInterrupted(stop.signum, latest_checkpoint(run_dir), stop.previous.get(stop.signum))
 
     return _finish(cfg, run_dir, prog, net, opt, export, validator, val_pass, policy)
+
+
+def _rebuilt(store: Path, run_dir: Path, when: str) -> str:
+    return (f"{store}: the training store was rebuilt (`hpc-retrain prepare --overwrite`) {when}: its tiles, "
+            f"fields and settings are no longer those of run {run_dir}; train the new store into a new run folder")
 
 
 def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_pass,
