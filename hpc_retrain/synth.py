@@ -24,7 +24,7 @@ from skimage import measure
 from skimage.segmentation import relabel_sequential
 
 from hpc_retrain import synthplacement as SP
-from hpc_retrain.synthparams import _U16, SynthField, SynthParams
+from hpc_retrain.synthparams import _U16, MODALITIES, SynthField, SynthParams
 
 # 2: monolayers (cells grown into colonies and never overlapping), envelopes, the phase-contrast modality
 GENERATOR_VERSION = 2

@@ -41,10 +41,13 @@ class SynthParams:
     # phase contrast (modality "phase"; gain, read noise, gradient, mottle and PSF as brightfield's): a
     # mid-grey background, cells darker by up to ph_depth where thickest, light spread into a halo
     ph_background: float = 30000.0
-    ph_depth: float = 0.6  # relative darkening along a cell's axis before the halo light is added back
+    ph_depth: float = 0.8  # relative darkening along a cell's axis before the halo light is added back
     ph_depth_spread: float = 0.1
-    ph_halo: float = 0.7  # share of a cell's phase spread back as halo light (0: no halo)
-    ph_halo_sigma: float = 0.6  # reach of the halo (Gaussian s.d.) in cell widths
+    # share of a cell's phase spread back as halo light (0: no halo; 1: all the light taken from the cell
+    # lands around it). With the defaults an isolated cell's axis is ~0.66 of the background and its halo
+    # peaks ~1.13 of it 2 px out, colonies reach 0.46-1.5 (tests/unit/test_synth_monolayer.py)
+    ph_halo: float = 1.0
+    ph_halo_sigma: float = 0.5  # reach of the halo (Gaussian s.d.) in cell widths
     # fluorescence: cytoplasmic signal over a camera offset and a dim autofluorescent background
     fl_brightness: float = 1500.0  # median cell brightness above background, counts
     fl_brightness_spread: float = 0.35  # log-normal sigma of per-cell brightness

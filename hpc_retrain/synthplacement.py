@@ -188,7 +188,8 @@ class Rods:
             self.xy[:, 1] += dy / cnt
             self.ang += dth / cnt
         else:
-            depth = self.overlaps(pr, 0.0)[0]
+            pr = self.pairs(movable_from) if pr is None else pr
+            depth = self.overlaps(pr, 0.0)[0] if pr.size else np.zeros(0)
             worst = float(depth.max()) if depth.size else 0.0
         return max(worst, 0.0)
 
@@ -309,18 +310,15 @@ def without_overlaps(rods: Rods) -> Rods:
     guarantee that no two capsules share any point."""
     if len(rods) < 2:
         return rods
-    rods.relax(4 * RELAX_ITERS)
+    # A layout grown here has settled already (this returns at once); a pile needs many more sweeps.
+    rods.relax(5 * SETTLE_ITERS)
     drop = np.zeros(len(rods), bool)
-    while True:
-        pr = rods.pairs()
-        pr = pr[~drop[pr[:, 0]] & ~drop[pr[:, 1]]]
-        if pr.size == 0:
-            break
-        bad = rods.overlaps(pr, 1e-3)[0] > 0
-        if not bad.any():
-            break
-        # Drop one cell per overlapping pair, the later one, and look again.
-        drop[np.unique(pr[bad, 1])] = True
+    pr = rods.pairs()
+    if pr.size:
+        # Of each pair still overlapping, the later cell goes, unless the earlier one went already.
+        for i, j in pr[rods.overlaps(pr, 1e-3)[0] > 0].tolist():
+            if not drop[i]:
+                drop[j] = True
     return rods.take(~drop)
 
 
