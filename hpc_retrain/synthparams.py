@@ -21,7 +21,7 @@ class SynthParams:
     mean_width: float = 7.0
     width_spread: float = 0.08  # relative s.d. of cell widths, clipped to +-15 %
     length_range: tuple[float, float] = (2.0, 5.0)  # cell length (caps included) in cell widths
-    density: float = 0.3  # fraction of the field cells cover; met up to ~0.35, beyond it fields jam near 0.4
+    density: float = 0.3  # fraction of the field cells cover; met up to 0.3 (0.35 gives ~0.32, 0.45 ~0.36)
     colony_fraction: float = 0.75  # share of cells drawn in microcolonies; single cells fill the rest
     colony_size: float = 12.0  # mean cells per microcolony
     angle_jitter_deg: float = 2.0  # turn of a daughter from its mother's axis at division (s.d.)

@@ -8,10 +8,12 @@ sisters side by side, in the aligned domains real colonies have, with no crossin
 cells are then dropped at random where they touch nothing. Any pair still overlapping at the end (a jammed
 spot) loses its later cell, so the result never overlaps.
 
-Why our own ~150 lines and not pymunk or SyMBac: a field needs a few hundred rods, contacts only (no
-inertia, friction or joints), deterministic per seed and under a second; numpy and a k-d tree do that,
-and the package takes no new dependency (pymunk is a compiled wheel; SyMBac pulls in its own rendering
-and simulation stack).
+Why our own few hundred lines of numpy and not pymunk or SyMBac: a field needs a few hundred rods and only
+their contacts resolved, quasi-statically (no inertia, bouncing or joints), deterministic per seed and in
+well under a second; numpy and a k-d tree do that. pymunk (Chipmunk2D) integrates inertial dynamics, where
+overlap removal needs damping and many small steps, and would be one more compiled dependency to pin in
+the container; SyMBac builds on pymunk and brings a rendering pipeline of its own, which ``synth`` already
+is.
 
 A cell is a row ``(cy, cx, angle, length, width)`` in pixels: centre, axis direction ``(cos, sin)`` in
 ``(x, y)`` image coordinates, length caps included, width = 2 x the cap radius.
@@ -156,8 +158,9 @@ class Rods:
         for it in range(iters):
             if not fixed_pairs and it % 8 == 0:  # rods move: look for new neighbours now and then
                 pr = self.pairs(movable_from)
-                # Of those, the pairs near enough to meet before the next look (rods move well under 2 px
-                # in 8 sweeps): fewer pairs make a sweep cheaper.
+                # Of those, the pairs near enough to meet before the next look (fewer pairs make a sweep
+                # cheaper); a pair that closes more than 2 px meanwhile is found at the next look, and
+                # without_overlaps checks every pair in the end.
                 pr = pr[self.overlaps(pr, GAP + 2.0)[0] > 0] if pr.size else pr
             if pr.size == 0:
                 return 0.0
