@@ -29,8 +29,6 @@ from hpc_retrain.synthparams import _U16, MODALITIES, SynthField, SynthParams
 # 2: monolayers (cells grown into colonies and never overlapping), envelopes, the phase-contrast modality
 GENERATOR_VERSION = 2
 CHANNELS = ("brightfield", "fluorescence")
-# A phase-contrast plate names its transmitted-light channel "phase" (``plate.phase: phase`` reads it).
-PHASE_CHANNELS = ("phase", "fluorescence")
 
 
 # ------------------------------------------------------------------------------------------ geometry
