@@ -174,15 +174,17 @@ def crossval(cfg: RunConfig, out: str | Path, folds: int = 3) -> dict:
 
 
 def synth(out: str | Path, cfg: RunConfig, fmt: str = "tiff", wells: Iterable[str] = ("A1",),
-          fields_per_well: int = 2, shape: tuple[int, int] = (512, 512), density: float | None = None) -> Path:
+          fields_per_well: int = 2, shape: tuple[int, int] = (512, 512), density: float | None = None,
+          modality: str = "brightfield") -> Path:
     """Write a synthetic plate of paired brightfield/fluorescence fields with true masks to ``out``; cells are
-    drawn ``cfg.preprocess.mean_width`` wide (the synthetic default while it is "auto"), seeded by ``cfg.seed``."""
+    drawn ``cfg.preprocess.mean_width`` wide (the synthetic default while it is "auto"), seeded by ``cfg.seed``;
+    ``modality``: the transmitted-light channel as brightfield or phase contrast."""
     from hpc_retrain.synth import plates
 
     width = plates.SynthParams.mean_width if cfg.preprocess.mean_width == "auto" else cfg.preprocess.mean_width
     kw = {} if density is None else {"density": density}
     plates.write_plate(out, fmt=fmt, wells=list(wells), fields_per_well=fields_per_well, shape=shape,
-                       seed=cfg.seed, mean_width=width, **kw)
+                       seed=cfg.seed, mean_width=width, modality=modality, **kw)
     return Path(out)
 
 

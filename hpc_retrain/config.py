@@ -24,11 +24,18 @@ CHANNELS = ("brightfield", "fluorescence")  # the two images of every field
 # Sections of a store's own config that a run (and the model it exports) carries: a model is only meaningful
 # with the preprocessing, labels and tiling its training tiles were made with.
 STORE_SECTIONS = ("preprocess", "labels", "tiling")
-MODES = ("stitch", "blend")  # how tiles are put back together: MISIC crop-and-stitch, or blended overlaps
+MODES = ("stitch", "blend")
+MODALITIES = ("brightfield", "phase")  # how a synthetic plate draws its transmitted-light channel  # how tiles are put back together: MISIC crop-and-stitch, or blended overlaps
 _PROVENANCE = ("hpc_retrain_version", "written")  # written beside the settings, not settings themselves
 # Settings that moved section: configs written before still load, each old key read as its new one (once
 # logged). compute.* are shared by every stage that runs the model; they lived under infer in 0.1.
 MOVED = {"infer.batch_size": "compute.batch_size", "infer.chunk": "compute.chunk", "infer.engine": "compute.engine"}
+# Other names for a setting, read as it without a warning: the transmitted-light channel is "brightfield"
+# in the config (and in every store and run written), but a lab imaging phase contrast may say so
+# (``plate.phase: PH``, ``--set plate.phase=PH``); its preprocessing is the same (dark cells on a light
+# background). Saved configs write the setting's own name.
+ALIASES = {"plate.phase": "plate.brightfield", "plate.transmitted": "plate.brightfield",
+           "preprocess.phase": "preprocess.brightfield", "preprocess.transmitted": "preprocess.brightfield"}
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[str, str]] = set()
@@ -43,6 +50,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _section_aliases(section: str, data: Any) -> Any:
+    """A section's settings with each ``ALIASES`` name of this section read as its setting; an alias and
+    its setting given different values is an error."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for alias, name in ALIASES.items():
+        (asec, akey), (_, nkey) = alias.split("."), name.split(".")
+        if asec != section or akey not in data:
+            continue
+        value = data.pop(akey)
+        if nkey in data and data[nkey] != value:
+            raise ValueError(f"{alias}={value!r} and {name}={data[nkey]!r} disagree; {alias} is another name "
+                             f"for {name}: give one of them")
+        data[nkey] = value
+    return data
+
+
 class PlateConfig(_Section):
     path: Path | None = Field(None, description="TIFF folder or OME-Zarr HCS plate; none for a synthetic plate")
     layout: Literal["auto", "tiff", "ome-zarr"] = "auto"
@@ -51,7 +76,9 @@ class PlateConfig(_Section):
         description="TIFF file name pattern; placeholders {well}, {field}, {channel}. "
         "The layout channel/NNNNN.tif is found without a pattern.",
     )
-    brightfield: str = Field("brightfield", description="channel name of the brightfield images")
+    brightfield: str = Field("brightfield", description="channel name of the transmitted-light images: "
+                             "brightfield or phase contrast (plate.phase and plate.transmitted are other names "
+                             "for this setting)")
     fluorescence: str = Field("fluorescence", description="channel name of the fluorescence images")
     reference: str | None = Field(None, description="channel holding reference instance masks, if any")
 
@@ -66,6 +93,12 @@ class PlateConfig(_Section):
                                  f"UTF-8 (it is recorded in configs and Zarr attributes, which are UTF-8); rename "
                                  f"the folder") from None
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        # PlateConfig(phase="PH") in Python, as plate.phase in a file (RunConfig reads files through _migrated)
+        return _section_aliases("plate", data)
 
     @field_validator("pattern")
     @classmethod
@@ -103,6 +136,11 @@ class PreprocessConfig(_Section):
     sigmas: tuple[float, ...] = Field((1.0, 1.5, 2.0), description="shape index scales")
     brightfield: ChannelPrep = ChannelPrep(gamma=0.41, light_background=True)
     fluorescence: ChannelPrep = ChannelPrep(gamma=1.0, light_background=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        return _section_aliases("preprocess", data)
 
     @field_validator("sigmas")
     @classmethod
@@ -376,7 +414,11 @@ class RunConfig(_Section):
 
 
 def current_key(key: str, source: str) -> str:
-    """``key`` under its current name (``MOVED``), saying so once per key and source."""
+    """``key`` under its current name (``MOVED``, saying so once per key and source; ``ALIASES``, silently).
+    An alias of a section (``preprocess.phase``) also renames the keys inside it (``preprocess.phase.gamma``)."""
+    for alias, name in ALIASES.items():
+        if key == alias or key.startswith(alias + "."):
+            return name + key[len(alias):]
     new = MOVED.get(key)
     if new is None:
         return key
@@ -387,8 +429,15 @@ def current_key(key: str, source: str) -> str:
 
 
 def _migrated(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """``data`` with every ``MOVED`` key under its new name; both names with different values is an error."""
+    """``data`` with every ``MOVED`` and ``ALIASES`` key under its own name; both names with different values
+    is an error."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for sec in {a.split(".")[0] for a in ALIASES}:
+        if isinstance(data.get(sec), dict):
+            try:
+                data[sec] = _section_aliases(sec, data[sec])
+            except ValueError as e:
+                raise ConfigError(f"{source}: {e}") from None
     for old, new in MOVED.items():
         (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
         section = data.get(osec)

@@ -11,9 +11,12 @@ from pathlib import Path
 
 from hpc_retrain import api
 from hpc_retrain.commands.common import CliError, config_from_args
-from hpc_retrain.config import CHANNELS, MODES, RunConfig
+from hpc_retrain.config import CHANNELS, MODALITIES, MODES, RunConfig
 from hpc_retrain.errors import HpcRetrainError, JobFailed, TrainingInterrupted
 from hpc_retrain.io.runfolder import CONFIG_FILE
+
+# Other names of the transmitted-light channel (config.ALIASES): phase contrast is segmented as brightfield is.
+TRANSMITTED = ("phase", "transmitted")
 
 
 # ------------------------------------------------------------------------------------------ synth
@@ -28,6 +31,10 @@ def synth_arguments(p: argparse.ArgumentParser, name: str = "synth") -> None:
     p.add_argument("--mean-width", type=float, default=None,
                    help="cell width in px (default: the config's preprocess.mean_width; 7 when that is auto)")
     p.add_argument("--density", type=float, default=0.3, help="fraction of the field covered by cells")
+    p.add_argument("--modality", choices=MODALITIES, default="brightfield",
+                   help="the transmitted-light channel: brightfield (cells dark, a dark envelope between "
+                   "touching cells; channel 'brightfield') or phase contrast (dark cells with a bright halo; "
+                   "channel 'phase', read with --set plate.phase=phase). Default brightfield")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plate at --out")
 
 
@@ -57,7 +64,8 @@ def synth_command(args: argparse.Namespace) -> int:
     # disk or a kill leave neither a partial plate that blocks the rerun nor a deleted old one.
     tmp = out.with_name(f".{out.name}.synth-tmp-{os.getpid()}")
     try:
-        api.synth(tmp, cfg, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, density=args.density)
+        api.synth(tmp, cfg, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, density=args.density,
+                  modality=args.modality)
         if occupied:
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -69,7 +77,8 @@ def synth_command(args: argparse.Namespace) -> int:
                        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {fmt} plate {out}: {len(wells)} wells x {args.fields} fields of {shape[0]}x{shape[1]} px")
+    print(f"wrote {fmt} {args.modality} plate {out}: {len(wells)} wells x {args.fields} fields of "
+          f"{shape[0]}x{shape[1]} px")
     return 0
 
 
@@ -221,8 +230,10 @@ def segment_arguments(p: argparse.ArgumentParser, name: str = "segment") -> None
                    help="OME-Zarr plate to write (default: into an OME-Zarr input plate itself; "
                         "<folder>.ome.zarr next to a TIFF plate)")
     p.add_argument("--name", help="label image name under each field's labels/ (default: infer.name)")
-    p.add_argument("--channel", choices=CHANNELS, default="brightfield",
-                   help="which plate channel to segment, with its preprocessing (default: brightfield)")
+    p.add_argument("--channel", choices=[*CHANNELS, *TRANSMITTED], default="brightfield",
+                   help="which plate channel to segment, with its preprocessing (default: brightfield, the "
+                   "transmitted light: plate.brightfield, which may be phase contrast; phase and transmitted "
+                   "are other names for it)")
     p.add_argument("--mode", choices=MODES, help="crop-and-stitch (MISIC) or blended tiles (default: infer.mode)")
     p.add_argument("--batch-size", type=int, help="tiles per model call (default: compute.batch_size)")
     p.add_argument("--chunk", type=int, help="fields larger than this (px) are processed in chunks")
@@ -242,7 +253,8 @@ def segment_command(args: argparse.Namespace) -> int:
         print("\n".join(api.plate_wells(cfg)))
         return 0
     wells = [w.strip() for w in args.wells.split(",") if w.strip()] if args.wells else None
-    done = api.segment(cfg, args.out, channel=args.channel, wells=wells, tiff=args.tiff,
+    channel = "brightfield" if args.channel in TRANSMITTED else args.channel
+    done = api.segment(cfg, args.out, channel=channel, wells=wells, tiff=args.tiff,
                        overwrite=args.overwrite, overrides=args.overrides)
     print(done.text())
     if done.failed:
