@@ -185,6 +185,133 @@ def speed(plates: dict[int, tuple[int, int]], seed: int = 0, mean_width: float =
     return rows, summary
 
 
+# ------------------------------------------------------------------------------------------ profile
+def _clock(fn, *a):
+    """(result, wall s, CPU s of the whole process: every thread, the engines' included)."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn(*a)
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def helper_thread_fields(predictor, images, cfg, mode="stitch"):
+    """``segment_fields`` as it was before issue 28, for the before/after ratio: one helper thread computed
+    the next field's features and labelled the last field's instances while the model ran on this one (in
+    the caller's thread, which also did the tiles, stitching and resizing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hpc_retrain.inference import instances as I
+    from hpc_retrain.inference import predictor as infer
+
+    out = []
+    with ThreadPoolExecutor(1) as pool:
+        feats_next = pool.submit(infer.field_features, images[0], cfg)
+        labelled = None
+        for i, image in enumerate(images):
+            feats = feats_next.result()
+            if i + 1 < len(images):
+                feats_next = pool.submit(infer.field_features, images[i + 1], cfg)
+            prob = infer.resize_to(infer.predict_scaled(predictor, feats, cfg, mode), tuple(image.shape))
+            if labelled is not None:
+                out.append(labelled.result())
+            labelled = pool.submit(lambda p: (p, I.instances(p, cfg)), prob)
+        out.append(labelled.result())
+    return out
+
+
+def sequential_parts(predictor, images, cfg, mode="stitch") -> dict[str, list[float]]:
+    """Segment ``images`` one part after another in one thread: {part: [wall s, CPU s]} summed over fields."""
+    from hpc_retrain.imaging import tiling as T
+    from hpc_retrain.inference import instances as I
+    from hpc_retrain.inference import predictor as infer
+    from hpc_retrain.prepare import targets as TG
+
+    parts = {k: [0.0, 0.0] for k in ("features", "tiles", "model", "stitch", "resize", "instances")}
+
+    def add(k, r):
+        parts[k][0] += r[1]
+        parts[k][1] += r[2]
+        return r[0]
+
+    for im in images:
+        feats = add("features", _clock(infer.field_features, im, cfg))
+        grid = T.TileGrid(tuple(feats.shape[:2]), cfg.tiling.size, cfg.tiling.margin)
+        index, out = TG.canvas_index(grid), infer.ScaledResult(grid.shape, mode)
+        for rows, cols in infer.field_blocks(grid):
+            tiles = add("tiles", _clock(infer.block_tiles, feats, grid, rows, cols, index))
+            pred = add("model", _clock(predictor, tiles))
+            add("stitch", _clock(infer.add_block, pred, grid, rows, cols, out, mode))
+        prob = add("resize", _clock(lambda o=out, g=grid, im=im: infer.resize_to(o.read(0, g.shape[0], 0, g.shape[1]),
+                                                                                 im.shape)))
+        add("instances", _clock(I.instances, prob, cfg))
+    return parts
+
+
+def profile(predictor, plates: dict[int, list[np.ndarray]], cfg, reps: int = 3) -> list[dict]:
+    """Where segment's time goes, per plate, medians of ``reps`` alternating repetitions of: the bare model
+    on the plate's tiles; the parts one after another (wall and CPU s each); the pipelined ``segment_fields``
+    (now); the helper-thread pipeline it replaced (before). ``fraction_of_model`` = bare time / segment time;
+    ``cpu_ceiling`` = the model's CPU s over all parts' CPU s: the fraction reachable when the model alone
+    keeps every core busy, so other work can only take cores from it."""
+    from hpc_retrain.inference import predictor as infer
+
+    rows = []
+    for n, images in plates.items():
+        tiles = plate_tiles(images, cfg)
+        raw: dict[str, list] = {"bare": [], "now": [], "before": [], "sequential": []}
+        for r in range(reps):
+            runs = [("bare", lambda t=tiles: predictor(t)),
+                    ("now", lambda ims=images: list(infer.segment_fields(predictor, ims, cfg, "stitch"))),
+                    ("before", lambda ims=images: helper_thread_fields(predictor, ims, cfg)),
+                    ("sequential", lambda ims=images: sequential_parts(predictor, ims, cfg))]
+            for name, fn in (runs if r % 2 == 0 else runs[::-1]):
+                out, w, c = _clock(fn)
+                raw[name].append({"wall": w, "cpu": c, **({"parts": out} if name == "sequential" else {})})
+        med = {k: {c: float(np.median([x[c] for x in v])) for c in ("wall", "cpu")} for k, v in raw.items()}
+        parts = {k: {c: float(np.median([x["parts"][k][i] for x in raw["sequential"]])) for i, c in
+                     enumerate(("wall", "cpu"))} for k in raw["sequential"][0]["parts"]}
+        cpu_all = sum(p["cpu"] for p in parts.values())
+        row = {"size": n, "fields": len(images), "tiles": int(len(tiles)), "reps": reps, "seconds": med,
+               "parts": parts, "raw": raw,
+               "fraction_of_model": {k: med["bare"]["wall"] / med[k]["wall"] for k in ("now", "before", "sequential")},
+               "now_over_before": med["before"]["wall"] / med["now"]["wall"],
+               "cpu_ceiling": parts["model"]["cpu"] / cpu_all,
+               "cores_busy": {k: v["cpu"] / v["wall"] for k, v in med.items()},
+               "load": os.getloadavg()[0]}
+        rows.append(row)
+        print(f"  profile {len(images)} x {n} px: fraction of the bare model now {row['fraction_of_model']['now']:.2f}, "
+              f"before {row['fraction_of_model']['before']:.2f}, sequential {row['fraction_of_model']['sequential']:.2f}; "
+              f"CPU ceiling {row['cpu_ceiling']:.2f} (load {row['load']:.1f})", flush=True)
+    return rows
+
+
+def run_profile(plates: dict[int, tuple[int, int]], mean_width: float, reps: int, seed: int = 0) -> list[dict]:
+    from hpc_retrain.inference import model as M
+    from hpc_retrain.inference import predictor as infer
+    from hpc_retrain.synth import plates as synth
+
+    cfg = _cfg(mean_width)
+    predictor = infer.Predictor(M.load(), cfg.compute.batch_size)
+    images = {n: [synth.render_field(seed + n + i, (n, n), mean_width=mean_width).brightfield for i in range(count)]
+              for n, (count, _) in plates.items()}
+    list(infer.segment_fields(predictor, images[min(images)][:1], cfg))  # warm
+    return profile(predictor, images, cfg, reps)
+
+
+def profile_table(rows: list[dict]) -> str:
+    out = ["Where segment's time goes (parts one after another in one thread: wall s / CPU s, medians; the",
+           "fraction of the bare model's rate: bare wall time / segment wall time)"]
+    for r in rows:
+        out.append(f"{r['fields']} x {r['size']} px, {r['tiles']} tiles, {r['reps']} reps, load {r['load']:.1f}:")
+        cpu_all = sum(p["cpu"] for p in r["parts"].values())
+        for k, p in r["parts"].items():
+            out.append(f"  {k:>10} {p['wall']:7.2f} s {p['cpu']:7.2f} CPU s  {p['cpu'] / cpu_all:6.1%} of CPU")
+        f = r["fraction_of_model"]
+        out.append(f"  fraction of model: now {f['now']:.2f}, before {f['before']:.2f}, sequential "
+                   f"{f['sequential']:.2f}; now / before {r['now_over_before']:.2f}; CPU ceiling {r['cpu_ceiling']:.2f}; "
+                   "cores busy " + ", ".join(f"{k} {v:.2f}" for k, v in r["cores_busy"].items()))
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------ memory
 def write_scan(folder: Path, n: int, seed: int = 0, mean_width: float = 7.0) -> tuple[Path, Path]:
     """A square brightfield scan as a Zarr array (ours) and a TIFF (reference), tiled from one field."""
@@ -324,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the benchmark runs; its figures mean nothing)")
     ap.add_argument("--json", default=str(HERE / "out" / "infer_bench.json"), help="where the JSON goes")
     ap.add_argument("--skip-memory", action="store_true", help="speed only")
+    ap.add_argument("--profile", type=int, default=0, metavar="REPS",
+                    help="also profile segment on the speed plates (where the time goes; before/after), REPS reps")
     ap.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="scan sizes for peak RSS (default 4096,8192,16384; --quick: 4096)")
     ap.add_argument("--rss-child", choices=("ours", "ref"), help=argparse.SUPPRESS)
@@ -355,11 +484,14 @@ def main(argv: list[str] | None = None) -> int:
                                                pairs=1 if args.smoke else 6 if args.quick else 12)
     pairs = result["engines"].get("pairs")
     result["cpu_engine_speedup"] = pairs["speedup"] if pairs else None
+    if args.profile:
+        print("profile:", flush=True)
+        result["profile"] = run_profile(plates, speed_width, args.profile)
     if not args.skip_memory:
         print("memory:", flush=True)
         with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
             result["memory"] = memory(mem_sizes, mem_width, Path(tmp))
-    text = table(result)
+    text = table(result) + ("\n\n" + profile_table(result["profile"]) if result.get("profile") else "")
     result["table"] = text
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

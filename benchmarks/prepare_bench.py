@@ -9,6 +9,8 @@
 2. Fields per second on a synthetic TIFF plate: a plain per-image loop (read, label, cut targets, write
    the same store arrays; no Dask) vs ``prepare --workers 1`` vs ``--workers 2``, all measured here, side
    by side: wall time including start-up, and steady state from the store's per-field finish times.
+3. The labels pass's ``fraction_of_model``: the wall time inside the model's calls over the pass's wall time
+   (``labels --workers 1`` in one process, the model loaded and warmed first; JSON ``labels_fraction_of_model``).
 
 Every measured run is a fresh child process; its own high-water mark (VmHWM) is its peak RSS.
 """
@@ -71,6 +73,55 @@ def _child_loop(plate: str, out: str) -> None:
         root["targets"][e.tiles] = t
         finished.append(time.time())
     _report(rc=0, seconds=time.time() - t0, finished=finished)
+
+
+class ModelClock:
+    """Wall seconds spent inside the model's calls (``Predictor.__call__``, every engine), while installed."""
+
+    def __init__(self):
+        self.seconds, self.calls, self.tiles = 0.0, 0, 0
+        self._orig = None
+
+    def __enter__(self):
+        from hpc_retrain.inference import predictor as infer
+
+        self._orig = orig = infer.Predictor.__call__
+
+        def timed(pred, tiles):
+            t = time.perf_counter()
+            try:
+                return orig(pred, tiles)
+            finally:
+                self.seconds += time.perf_counter() - t
+                self.calls += 1
+                self.tiles += len(tiles)
+
+        infer.Predictor.__call__ = timed
+        return self
+
+    def __exit__(self, *exc):
+        from hpc_retrain.inference import predictor as infer
+
+        infer.Predictor.__call__ = self._orig
+
+
+def _child_labels(argv: list[str]) -> None:
+    """``hpc-retrain labels ARGV`` in this process (synchronous Dask: ``--workers 1``), the model loaded and
+    its engine chosen and warmed first; reports the pass's wall time and the time inside the model's calls."""
+    import logging
+
+    from hpc_retrain import commands
+    from hpc_retrain.config import RunConfig
+    from hpc_retrain.prepare import labels as L
+
+    logging.getLogger("hpc_retrain").setLevel(logging.WARNING)
+    model = L.get_model()
+    L.predict_tiles(model, np.zeros((1, 256, 256, 3), np.float32), RunConfig().compute.batch_size)
+    with ModelClock() as clock:
+        t0 = time.perf_counter()
+        rc = commands.main(argv)
+        wall = time.perf_counter() - t0
+    _report(rc=rc, seconds=wall, model_seconds=clock.seconds, model_calls=clock.calls, model_tiles=clock.tiles)
 
 
 def _peak_rss_mb() -> float:
@@ -182,10 +233,33 @@ def throughput(work: Path, quick: bool, smoke: bool = False) -> dict:
     return res
 
 
+def labels_fraction(work: Path, quick: bool, smoke: bool = False) -> dict:
+    """The labels pass's model calls vs its wall time (``fraction_of_model``), on a synthetic TIFF plate
+    (quick: 4 fields of 512 px; else 8 of 1024 px; smoke: 2 of 256 px), one process, the width given (no
+    width measurement)."""
+    from hpc_retrain.synth import plates as synth
+
+    n, shape = (2, (256, 256)) if smoke else (4, (512, 512)) if quick else (8, (1024, 1024))
+    plate = synth.write_plate(work / "labels-plate", fmt="tiff", wells=["A1", "A2"], fields_per_well=n // 2,
+                              shape=shape, seed=2)
+    r = _run_child(["--child-labels", "labels", "--plate", str(plate), "--out", str(work / "labels.train.zarr"),
+                    "--mean-width", "7", "--workers", "1"], work)
+    res = {"fields": n, "shape": list(shape), "wall_seconds": r["seconds"], "model_seconds": r["model_seconds"],
+           "model_calls": r["model_calls"], "model_tiles": r["model_tiles"],
+           "fraction_of_model": r["model_seconds"] / r["seconds"], "load": os.getloadavg()[0]}
+    print(f"labels pass, {n} fields of {shape[0]} x {shape[1]} px: {res['model_seconds']:.1f} s of "
+          f"{res['wall_seconds']:.1f} s in {res['model_calls']} model calls ({res['model_tiles']} tiles): "
+          f"fraction of model {res['fraction_of_model']:.2f} (load {res['load']:.1f})", flush=True)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child-cli":
         _child_cli(argv[1:])
+        return 0
+    if argv and argv[0] == "--child-labels":
+        _child_labels(argv[1:])
         return 0
     if argv and argv[0] == "--child-loop":
         _child_loop(*argv[1:3])
@@ -204,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--smoke", action="store_true", help="one small scan and a two-field plate, once (a test that "
                    "the benchmark runs; its figures mean nothing)")
+    p.add_argument("--skip-labels-fraction", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.quick = True
@@ -237,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 a, b, c = (tp[k][f"{kind}_fields_per_s"] for k in ("loop", "workers1", "workers2"))
                 print(f"  ratios ({kind}): workers2/workers1 = {c / b:.2f}, workers1/loop = {b / a:.2f}, "
                       f"workers2/loop = {c / a:.2f}")
+        if not args.skip_labels_fraction:
+            lf = results["labels_fraction"] = labels_fraction(work, args.quick, args.smoke)
+            results["labels_fraction_of_model"] = lf["fraction_of_model"]
     finally:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

@@ -1,7 +1,7 @@
 """Which engine runs the model: OpenVINO on a CPU, TensorFlow on a GPU (``compute.engine``).
 
-``auto`` (the default) picks OpenVINO when it is installed, TensorFlow sees no GPU and the CPU has no AVX-512
-(there TensorFlow's oneDNN kernels were as fast: benchmarks/RESULTS.md), TensorFlow otherwise;
+``auto`` (the default) picks TensorFlow when it sees a GPU or OpenVINO is not installed, and otherwise the
+engine that is faster on this CPU, timed once per machine and cached per user (``engine_choice``);
 ``tensorflow`` and ``openvino`` force one. The choice is logged once per process. OpenVINO converts the
 loaded Keras model object itself (any MISIC-style model: pretrained, retrained, a checkpoint), once per
 model per process, with a dynamic batch and nearest ``UpSampling2D`` as an equal resize (``nearest_as_resize``),
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "tensorflow", "openvino")
 
-_RESOLVED: dict[str, tuple[str, str]] = {}  # requested -> (engine, why)
+_RESOLVED: dict[Any, tuple[str, str]] = {}  # requested (auto: with tile, threads) -> (engine, why)
 _LOGGED: set[tuple[str, str]] = set()
 _COMPILED: dict[tuple, tuple[Any, OpenVINOModel]] = {}  # (id(model), tile, threads) -> (model ref, runner)
 _FAILED: dict[tuple, str] = {}  # conversions that failed (auto falls back to TensorFlow, once)
@@ -64,32 +64,31 @@ def gpu_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def resolve(engine: str = "auto") -> str:
-    """``tensorflow`` or ``openvino`` for a ``compute.engine`` value; logged once per process."""
+def resolve(engine: str = "auto", model=None, tile: int = 256, threads: int | None = None) -> str:
+    """``tensorflow`` or ``openvino`` for a ``compute.engine`` value; logged once per process. ``auto`` on a
+    CPU times ``model`` (None: the pretrained MISIC) on both engines the first time this machine and
+    ``tile`` size are seen (``engine_choice``)."""
     if engine not in ENGINES:
         raise EngineError(f"unknown inference engine {engine!r}; use one of {ENGINES}")
-    if engine not in _RESOLVED:
+    key = engine if engine != "auto" else (engine, int(tile), threads)
+    if key not in _RESOLVED:
         ov = openvino_version()
         if engine == "tensorflow":
-            _RESOLVED[engine] = ("tensorflow", "compute.engine=tensorflow")
+            _RESOLVED[key] = ("tensorflow", "compute.engine=tensorflow")
         elif engine == "openvino":
             if ov is None:
                 raise EngineError("compute.engine=openvino, but OpenVINO is not installed here "
                                   "(pip install openvino, or use compute.engine=auto)")
-            _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, compute.engine=openvino")
+            _RESOLVED[key] = ("openvino", f"OpenVINO {ov} on CPU, compute.engine=openvino")
         elif gpu_visible():
-            _RESOLVED[engine] = ("tensorflow", "compute.engine=auto: a GPU is visible to TensorFlow")
+            _RESOLVED[key] = ("tensorflow", "compute.engine=auto: a GPU is visible to TensorFlow")
         elif ov is None:
-            _RESOLVED[engine] = ("tensorflow", "compute.engine=auto: CPU only, OpenVINO not installed")
-        elif "avx512f" in cpu_flags():
-            # Measured side by side: OpenVINO 1.34-1.49x TensorFlow on a 2-core AVX2 CPU, but 1.0-1.1x on a
-            # 2-core AVX-512 (+BF16) one (streams, Interpolate), where TensorFlow's oneDNN kernels use AVX-512
-            # too (float32 both): within the noise of a loaded machine, so TensorFlow stays.
-            _RESOLVED[engine] = ("tensorflow", "compute.engine=auto: an AVX-512 CPU, where TensorFlow is as fast "
-                                 "(compute.engine=openvino forces OpenVINO)")
-        else:
-            _RESOLVED[engine] = ("openvino", f"OpenVINO {ov} on CPU, compute.engine=auto: no GPU visible to TensorFlow")
-    name, why = _RESOLVED[engine]
+            _RESOLVED[key] = ("tensorflow", "compute.engine=auto: CPU only, OpenVINO not installed")
+        else:  # CPU flags do not tell which is faster (benchmarks/RESULTS.md section 7): measured, cached
+            from hpc_retrain.inference import engine_choice
+
+            _RESOLVED[key] = engine_choice.choose(model, tile, threads)
+    name, why = _RESOLVED[key]
     _log_once(name, why)
     return name
 
@@ -222,7 +221,9 @@ def for_model(model, engine: str = "auto", tile: int = 256, threads: int | None 
 
     ``auto`` falls back to TensorFlow (one warning) if OpenVINO cannot convert this model; a forced
     ``openvino`` raises ``EngineError`` then."""
-    name = resolve(engine)
+    if threads is None:
+        threads = tensorflow_threads()
+    name = resolve(engine, model, tile, threads)
     if name == "tensorflow":
         return name, None
     try:

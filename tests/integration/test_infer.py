@@ -68,13 +68,19 @@ def test_scan_in_chunks_equals_the_whole_field(predictor, mode):
     assert np.unique(np.stack([labels.ravel(), l_out.ravel()]), axis=1).shape[1] == n + 1
 
 
-def test_pipelined_fields_equal_one_at_a_time(predictor):
-    images = [synth.render_field(s, (150, 170)).brightfield for s in (8, 9)]
-    piped = list(infer.segment_fields(predictor, images, CFG))
-    assert len(piped) == 2
+@pytest.mark.parametrize("mode", ["stitch", "blend"])
+def test_pipelined_fields_equal_one_at_a_time(predictor, monkeypatch, mode):
+    # blocks of one tile row, so a field is several blocks in flight (as a large field is)
+    blocks = infer.field_blocks
+    monkeypatch.setattr(infer, "field_blocks", lambda g: [((i, i + 1), c) for (r0, r1), c in blocks(g)
+                                                          for i in range(r0, r1)])
+    images = [synth.render_field(s, shape).brightfield for s, shape in ((8, (150, 170)), (9, (260, 200)),
+                                                                        (10, (120, 300)))]
+    piped = list(infer.segment_fields(predictor, images, CFG, mode, depth=1))
+    assert len(piped) == 3
     for im, (prob, labels) in zip(images, piped):
-        p1, l1 = infer.segment_field(predictor, im, CFG)
-        assert np.array_equal(prob, p1) and np.array_equal(labels, l1)
+        p1, l1 = infer.segment_field(predictor, im, CFG, mode)
+        assert labels.max() > 0 and np.array_equal(prob, p1) and np.array_equal(labels, l1)
 
 
 def test_blend_differs_from_stitch_only_slightly(predictor):
