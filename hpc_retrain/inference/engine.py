@@ -87,7 +87,7 @@ def resolve(engine: str = "auto", model=None, tile: int = 256, threads: int | No
         else:  # CPU flags do not tell which is faster (benchmarks/RESULTS.md section 7): measured, cached
             from hpc_retrain.inference import engine_choice
 
-            _RESOLVED[key] = engine_choice.choose(model, tile, threads)
+            _RESOLVED[key] = engine_choice.choose(model, tile, threads, compile_openvino=openvino_model)
     name, why = _RESOLVED[key]
     _log_once(name, why)
     return name
