@@ -27,8 +27,10 @@ def prepare(cfg: RunConfig, out: str | Path | None = None, stages: Iterable[str]
             overwrite: bool = False, progress: bool = True) -> Summary:
     """Fill the training store ``out`` (default: ``./<plate name>.train.zarr``) with ``stages`` of every field
     of ``cfg.plate``; a rerun resumes. The summary's ``text()`` lists flagged fields; its QC table is beside."""
+    from hpc_retrain import backend as B
     from hpc_retrain import preparation as PR
 
+    B.apply(cfg.compute.backend)
     if cfg.plate.path is None:
         raise PR.PrepareError("no plate: give --plate PATH or set plate.path in the config")
     cfg = cfg.updated(plate__path=Path(cfg.plate.path).resolve())
@@ -60,8 +62,10 @@ def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executo
 def segment(cfg: RunConfig, out: str | Path | None = None, **options: Any) -> Segmented:
     """Segment ``cfg.plate`` with ``cfg.infer.model`` into OME-Zarr results named ``cfg.infer.name`` (see
     :func:`hpc_retrain.segmentation.segment` for ``channel``, ``wells``, ``tiff``, ``overwrite``)."""
+    from hpc_retrain import backend as B
     from hpc_retrain.segmentation import segment as run
 
+    B.apply(cfg.compute.backend)
     return run(cfg, out, **options)
 
 

@@ -69,8 +69,8 @@ def save_checkpoint(run_dir: Path, prog: Progress, model, optimizer, keep: int, 
     tmp = ck_root / f".tmp-{prog.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    arrays = {f"m{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
-    arrays.update({f"o{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
+    arrays = {f"m{i:04d}": _numpy(v) for i, v in enumerate(model.variables)}
+    arrays.update({f"o{i:04d}": _numpy(v) for i, v in enumerate(optimizer.variables)})
     with open(tmp / "variables.npz", "wb") as f:
         np.savez(f, **arrays)
         f.flush()
@@ -101,24 +101,42 @@ def _prune(ck_root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _numpy(v) -> np.ndarray:
+    from keras import ops
+
+    return np.asarray(ops.convert_to_numpy(v.value))
+
+
 def _signature(variables) -> list[str]:
     return [f"{tuple(v.shape)} {v.dtype}" for v in variables]
+
+
+def _fits(saved: list[str], ours: list[str]) -> bool:
+    """The same variables by shape and kind (float or integer), not by exact dtype: backends keep the Dropout
+    seed states and Adam's step count in integers of their own width (TensorFlow int64, JAX and PyTorch
+    uint32/int32), so a checkpoint written under one backend resumes under another."""
+    def key(sig: str) -> tuple[str, bool]:
+        shape, dtype = sig.rsplit(" ", 1)
+        return shape, dtype.startswith(("float", "bfloat"))
+
+    return len(saved) == len(ours) and all(key(a) == key(b) for a, b in zip(saved, ours))
 
 
 def load_checkpoint(path: Path, model, optimizer) -> Progress:
     state = json.loads((path / "state.json").read_text())
     names_m, names_o = state.pop("model_variables"), state.pop("optimizer_variables")
     # Shapes, not names: Keras numbers layer names per process, so a second model in one process differs.
-    if names_m != _signature(model.variables):
+    if not _fits(names_m, _signature(model.variables)):
         raise TrainingError(f"{path}: checkpoint variables do not match this model (another base model?)")
     optimizer.build(model.trainable_variables)
-    if names_o != _signature(optimizer.variables):
+    if not _fits(names_o, _signature(optimizer.variables)):
         raise TrainingError(f"{path}: optimizer state does not match (another init mode or precision?)")
     with np.load(path / "variables.npz") as z:
+        # Cast to the variable's own dtype (another backend's integer width): values, not types, carry over.
         for i, v in enumerate(model.variables):
-            v.assign(z[f"m{i:04d}"])
+            v.assign(z[f"m{i:04d}"].astype(str(v.dtype), copy=False))
         for i, v in enumerate(optimizer.variables):
-            v.assign(z[f"o{i:04d}"])
+            v.assign(z[f"o{i:04d}"].astype(str(v.dtype), copy=False))
     known = set(Progress.__dataclass_fields__)
     return Progress(**{k: v for k, v in state.items() if k in known})
 

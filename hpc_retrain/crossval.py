@@ -60,7 +60,9 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     from hpc_retrain import preparation, training
     from hpc_retrain.plate import open_plate
     from hpc_retrain import labels as L
+    from hpc_retrain import backend as B
 
+    B.apply(cfg.compute.backend)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plate = open_plate(cfg.plate)

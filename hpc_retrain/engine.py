@@ -1,5 +1,9 @@
 """Which engine runs the model: OpenVINO on a CPU, TensorFlow on a GPU (``compute.engine``).
 
+OpenVINO converts TensorFlow graphs, so it runs only with the TensorFlow Keras backend (``compute.backend``):
+under JAX or PyTorch ``auto`` (and ``keras``) picks the Keras predictor on that backend, and ``openvino`` or
+``tensorflow`` is refused in one line. ``keras``: the Keras predictor on whichever backend is in use.
+
 ``auto`` (the default) picks OpenVINO when it is installed, TensorFlow sees no GPU and the CPU has no AVX-512
 (there TensorFlow's oneDNN kernels were as fast: benchmarks/RESULTS.md), TensorFlow otherwise;
 ``tensorflow`` and ``openvino`` force one. The choice is logged once per process. OpenVINO converts the
@@ -22,7 +26,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "tensorflow", "openvino")
+ENGINES = ("auto", "keras", "tensorflow", "openvino")
 
 _RESOLVED: dict[str, tuple[str, str]] = {}  # requested -> (engine, why)
 _LOGGED: set[tuple[str, str]] = set()
@@ -57,19 +61,29 @@ def cpu_flags() -> set[str]:
 
 
 def gpu_visible() -> bool:
-    import tensorflow as tf
+    from hpc_retrain import backend as B
 
-    return bool(tf.config.list_physical_devices("GPU"))
+    return B.gpu_visible()
 
 
 def resolve(engine: str = "auto") -> str:
-    """``tensorflow`` or ``openvino`` for a ``compute.engine`` value; logged once per process."""
+    """``openvino`` or the Keras backend (``tensorflow``, ``jax``, ``torch``) for a ``compute.engine`` value;
+    logged once per process."""
+    from hpc_retrain import backend as B
+
     if engine not in ENGINES:
         raise EngineError(f"unknown inference engine {engine!r}; use one of {ENGINES}")
+    backend = B.current()
+    if engine not in _RESOLVED and backend != "tensorflow":
+        if engine in ("openvino", "tensorflow"):
+            raise EngineError(f"compute.engine={engine} needs the TensorFlow backend (OpenVINO converts TensorFlow "
+                              f"models), but compute.backend is {backend}: use compute.engine=auto (the Keras "
+                              f"predictor on {backend}) or compute.backend=tensorflow")
+        _RESOLVED[engine] = (backend, f"compute.engine={engine}: the Keras predictor on the {backend} backend")
     if engine not in _RESOLVED:
         ov = openvino_version()
-        if engine == "tensorflow":
-            _RESOLVED[engine] = ("tensorflow", "compute.engine=tensorflow")
+        if engine in ("tensorflow", "keras"):
+            _RESOLVED[engine] = ("tensorflow", f"compute.engine={engine}")
         elif engine == "openvino":
             if ov is None:
                 raise EngineError("compute.engine=openvino, but OpenVINO is not installed here "
@@ -216,12 +230,12 @@ def _ref(obj):
 
 def for_model(model, engine: str = "auto", tile: int = 256, threads: int | None = None
               ) -> tuple[str, OpenVINOModel | None]:
-    """(engine name, the OpenVINO model or None for TensorFlow) to run ``model`` with.
+    """(engine name, the OpenVINO model or None for the Keras predictor) to run ``model`` with.
 
     ``auto`` falls back to TensorFlow (one warning) if OpenVINO cannot convert this model; a forced
     ``openvino`` raises ``EngineError`` then."""
     name = resolve(engine)
-    if name == "tensorflow":
+    if name != "openvino":
         return name, None
     try:
         return name, openvino_model(model, tile, threads)

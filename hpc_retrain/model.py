@@ -280,6 +280,9 @@ def load_with_source(path: str | Path | None = None, tile: int = 256):
         log.log(logging.INFO if chosen else logging.WARNING, "%s", src.note)
         return model, ModelSource(src.path, src.run, src.checkpoint, src.note, sha)
     file = src.path
+    from hpc_retrain import backend as B
+
+    B.apply()  # the backend this process was given (KERAS_BACKEND), checked before keras is imported
     try:
         import keras
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if not verbose and args.command not in NO_TENSORFLOW:
+    if not verbose and args.command not in NO_TENSORFLOW and _backend_of(args) == "tensorflow":
         from hpc_retrain.model import import_tensorflow
 
         import_tensorflow()  # first, so no later import prints TensorFlow's start-up lines
@@ -125,6 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__module__.startswith("hpc_retrain"):
             return _report(args.command, e)
         raise
+
+
+def _backend_of(args: argparse.Namespace) -> str | None:
+    """The Keras backend the command will apply (its --config and --set, else KERAS_BACKEND); None when that
+    cannot be told yet (the command itself reports why, in one line)."""
+    from hpc_retrain import backend as B
+    from hpc_retrain.config import RunConfig
+
+    try:
+        cfg = RunConfig.layered(file=getattr(args, "config", None), overrides=list(getattr(args, "overrides", ()) or ()))
+        name = B.requested(cfg.compute.backend)[0]
+        return name if B.installed(name) else None
+    except ValueError:
+        return None
 
 
 def _report(command: str, e: Exception) -> int:

@@ -28,5 +28,10 @@ def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **fields) -> RunConfig:
-    """--config, then --set, then the stage's own options (those not None), validated once."""
-    return RunConfig.layered(file=args.config, overrides=list(args.overrides), options=fields)
+    """--config, then --set, then the stage's own options (those not None), validated once; its Keras backend
+    applied (``backend.apply``: before keras is imported; a conflict or a missing backend is one line)."""
+    from hpc_retrain import backend as B
+
+    cfg = RunConfig.layered(file=args.config, overrides=list(args.overrides), options=fields)
+    B.apply(cfg.compute.backend)
+    return cfg
