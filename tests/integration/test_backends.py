@@ -6,7 +6,11 @@ process. Real MISIC, real Zarr stores (tests/trainstore.py), real training on CP
 on PyPI, whose torch brings ~3 GB of CUDA libraries).
 
 Dropout draws from each backend's own random generator, so training steps are compared on MISIC with its
-Dropout rate set to 0 (a `--base-model`): the same start, the same batches, the same updates.
+Dropout rate set to 0 (a `--base-model`): the same start, the same batches, the same updates. Measured here
+(2-core AVX-512 CPU): inference within 5.8e-6 (JAX) and 3.4e-6 (PyTorch) of TensorFlow; the 3 steps' losses
+within 3.2e-5, 8.4e-5, 1.7e-5 (JAX and PyTorch agree with each other to 2e-6). The training-mode forward pass
+carries most of it: BatchNorm's batch statistics, float32 sums over 2 x 256 x 256 pixels in each backend's own
+order, move the first loss by up to ~1e-4 before any update.
 """
 
 from __future__ import annotations
