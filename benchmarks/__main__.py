@@ -15,15 +15,19 @@ BENCHES = {
     "prepare": "benchmarks.prepare_bench",  # labels + targets: fields/s, workers scaling, peak RSS by scan size
     "infer": "benchmarks.infer_bench",  # segment vs the MISIC reference: MP/s, peak RSS by scan size
     "train": "benchmarks.train_bench",  # training tiles/s: Zarr vs in-memory; efficiency vs bare inference
+    "gpu": "benchmarks.gpu_bench",  # the GPU check on every installed Keras backend (--cpu: its rehearsal here)
 }
+# With --quick these also report every installed Keras backend side by side (benchmarks.gpu_bench --side-by-side).
+SIDE_BY_SIDE = {"train", "infer"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("which", nargs="*", default=["all"], help=f"all or any of {', '.join(BENCHES)}")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (minutes on 2 cores)")
+    p.add_argument("--cpu", action="store_true", help="gpu: the CPU rehearsal (tiny sizes, no GPU)")
     args = p.parse_args(argv)
-    names = list(BENCHES) if "all" in args.which else args.which
+    names = [n for n in BENCHES if n != "gpu"] if "all" in args.which else args.which  # gpu: named, on its machine
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
@@ -31,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"\n=== {name} ({BENCHES[name]}) ===", flush=True)
         t = time.perf_counter()
-        rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + (["--quick"] if args.quick else []))
+        if name == "gpu":
+            rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + (["--cpu"] if args.cpu else []))
+        else:
+            rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + (["--quick"] if args.quick else []))
+        if not rc and args.quick and name in SIDE_BY_SIDE:
+            rc = subprocess.call([sys.executable, "-m", BENCHES["gpu"], "--side-by-side", name, "--quick"])
         print(f"=== {name}: exit {rc} after {time.perf_counter() - t:.0f} s", flush=True)
         if rc:
             failed.append(name)

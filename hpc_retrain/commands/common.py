@@ -15,7 +15,9 @@ class CliError(Exception):
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="run configuration (defaults apply to what it omits)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one configuration field, e.g. --set train.epochs=5 (repeatable)")
+                   help="override one configuration field, e.g. --set train.epochs=5 (repeatable); "
+                   "--set compute.backend=jax|torch|tensorflow runs Keras on that backend (default: KERAS_BACKEND, "
+                   "else tensorflow); the OpenVINO engine (compute.engine=openvino) runs only on tensorflow")
     # Also accepted after the subcommand; SUPPRESS keeps the top-level value when not given here.
     _add_verbosity(p, default=argparse.SUPPRESS)
 
