@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", nargs="*", default=["all"], help=f"all or any of {', '.join(BENCHES)}")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (minutes on 2 cores)")
     p.add_argument("--cpu", action="store_true", help="gpu: the CPU rehearsal (tiny sizes, no GPU)")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)  # the rest goes to the gpu check (--wheels DIR, --backends ...)
+    if rest and args.which != ["gpu"]:
+        p.error(f"unrecognized arguments: {' '.join(rest)} (only `gpu` takes more options)")
     names = [n for n in BENCHES if n != "gpu"] if "all" in args.which else args.which  # gpu: named, on its machine
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== {name} ({BENCHES[name]}) ===", flush=True)
         t = time.perf_counter()
         if name == "gpu":
-            rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + (["--cpu"] if args.cpu else []))
+            rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + (["--cpu"] if args.cpu else []) + rest)
         else:
             rc = subprocess.call([sys.executable, "-m", BENCHES[name]] + (["--quick"] if args.quick else []))
         if not rc and args.quick and name in SIDE_BY_SIDE:

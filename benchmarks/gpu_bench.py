@@ -45,9 +45,9 @@ BACKENDS = ("tensorflow", "jax", "torch")
 CARRY = ("keras", "absl-py", "namex", "optree", "rich", "markdown-it-py", "mdurl", "Pygments", "zarr", "numcodecs",
          "donfig", "google-crc32c", "typing_extensions", "dask", "distributed", "tornado", "zict", "tblib",
          "sortedcontainers", "msgpack", "psutil", "Jinja2", "MarkupSafe", "urllib3", "cloudpickle", "toolz", "partd",
-         "locket", "fsspec", "click", "importlib_metadata", "zipp", "pydantic", "pydantic_core", "annotated-types",
+         "locket", "fsspec", "click", "importlib_metadata", "lazy-importer", "zipp", "pydantic", "pydantic_core", "annotated-types",
          "typing-inspection", "submitit", "matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver",
-         "pyparsing", "python-dateutil", "six", "tqdm", "packaging")
+         "pyparsing", "python-dateutil", "tzdata", "six", "tqdm", "packaging")
 NO_DEPS = ("misic",)
 
 
