@@ -81,10 +81,6 @@ def install(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ one backend
-def _sync(x) -> None:
-    float(np.asarray(x).ravel()[0]) if not isinstance(x, float) else None
-
-
 def train_rates(store: Path, batch: int, policy: str, steps: int, warmup: int) -> dict[str, float]:
     """Training tiles/s of the real training step, one model compiled once: from a batch already on the device
     (``device``) and through the threaded Zarr tile loader (``zarr``), ``steps`` steps each after ``warmup``."""
@@ -252,7 +248,7 @@ def measure(backend: str, cpu: bool, budget_s: float) -> dict:
         store = synthetic_store(work / "bench.zarr", sizes["store_tiles"])
         train = {}
         for prec, policy in (("float32", "float32"), ("mixed", precision_policy("on"))):
-            r = part(f"train {prec} ({policy})", 30, lambda: train_rates(store, batch, policy, steps, warmup))
+            r = part(f"train {prec} ({policy})", 30, lambda p=policy: train_rates(store, batch, p, steps, warmup))
             if r is not None and "error" not in r:
                 train.update({f"{prec}_{k}": v for k, v in r.items()})
                 train[f"{prec}_pipeline_share"] = 1 - r["zarr"] / r["device"]

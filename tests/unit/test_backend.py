@@ -87,7 +87,7 @@ def test_loader_gives_the_batches_tf_data_gave(small_store):
     """Same tiles, same order, same flip/turn per tile, same batch edges: an epoch plan of every code."""
     reader = td.TileReader(small_store)
     tiles = td.field_tiles(st.open_store(small_store), np.arange(6))
-    order, codes, steps = td.epoch_plan(tiles, 3, 11, 4, None, True, 16)
+    order, codes, _ = td.epoch_plan(tiles, 3, 11, 4, None, True, 16)
     assert set(codes.tolist()) == set(range(8)) and len(order) == 18  # 3 rounds of 6 tiles: a short last batch
     want = _tf_data_reference(reader, order, codes, 4)
     got = list(tl.TileLoader(reader, order, codes, 4))
