@@ -70,10 +70,11 @@ def store(tmp_path_factory):
 
 
 def segment(plate: Path, out: Path, backend: str, *extra) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
-    """Segment ``plate`` into ``out`` on ``backend`` (the Keras predictor, not OpenVINO); per field:
-    (probabilities, labels, provenance)."""
+    """Segment ``plate`` into ``out`` on ``backend`` with the Keras predictor (on TensorFlow forced: ``auto`` may
+    pick OpenVINO there; elsewhere ``auto`` must pick it); per field: (probabilities, labels, provenance)."""
+    engine = "keras" if backend == "tensorflow" else "auto"
     cli("segment", "--plate", plate, "--out", out, "--set", "preprocess.mean_width=7",
-        "--set", f"compute.backend={backend}", "--set", "compute.engine=keras", *extra)
+        "--set", f"compute.backend={backend}", "--set", f"compute.engine={engine}", *extra)
     root = zarr.open_group(str(out), mode="r")
     res = {}
     for f in ("A/1/0", "A/1/1"):

@@ -136,3 +136,22 @@ def test_checkpoint_signatures_fit_across_integer_widths_not_across_shapes():
     assert not _fits(tf_sig, ["(3, 3, 3, 16) float32", "(2,) uint32", "() int32"])  # another model
     assert not _fits(tf_sig, tf_sig[:2])  # another optimizer state (loss scaling adds variables)
     assert not _fits(tf_sig, ["(3, 3, 3, 32) float32", "(2,) float32", "() int32"])
+
+
+# ------------------------------------------------------------------------------------------ the GPU check
+def test_gpu_check_carries_pinned_wheels_for_python_312():
+    """benchmarks/gpu_bench.py installs these on a GPU machine without network: each must be the pinned
+    version (container/constraints.txt), and neither TensorFlow nor OpenVINO may be among them."""
+    from benchmarks import gpu_bench as gb
+
+    specs = gb.wheel_specs()
+    pinned = gb.pins()
+    assert len(specs) == len(gb.CARRY) + len(gb.NO_DEPS)
+    for s in specs:
+        name, ver = s.split("==")
+        assert pinned[name.lower().replace("_", "-")] == s
+    names = {s.split("==")[0].lower() for s in specs}
+    assert {"keras", "zarr", "numcodecs", "dask", "pydantic", "submitit", "misic"} <= names
+    assert not names & {"tensorflow", "openvino", "tensorboard", "jax", "torch"}
+    cmd = gb.download_command(Path("/tmp/whl"))
+    assert cmd[cmd.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in cmd and "--no-deps" in cmd
