@@ -1,7 +1,7 @@
 """Training throughput of the MISIC U-Net (tiles/s): batch sizes x precision x input pipeline.
 
-Pipelines: ``zarr`` is the real one (tf.data reading tiles from the training store, augmenting, batching,
-prefetching); ``device`` feeds one batch already resident on the accelerator, the upper bound the model
+Pipelines: ``zarr`` is the real one (the threaded tile loader reading tiles from the training store, augmenting,
+batching, prefetching); ``device`` feeds one batch already resident on the accelerator, the upper bound the model
 itself allows. Their ratio shows how much the input pipeline costs; mixed/float32 shows what
 ``mixed_float16`` buys on a GPU, bfloat16/float32 what ``mixed_bfloat16`` buys on a CPU that has it natively
 (training's ``train.mixed_precision: on`` picks it there).
@@ -152,8 +152,11 @@ def _cuts(net, opt, pos_w, size: int, xla: bool) -> dict:
 
 
 def _block(out) -> None:
-    """Wait for a step's results (a tensor, or a tuple whose first item is one)."""
-    float((out[0] if isinstance(out, (tuple, list)) else out).numpy().ravel()[0])
+    """Wait for a step's results (a tensor, or a tuple whose first item is one; the training step returns
+    Python floats, already waited for)."""
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(first, float):
+        float(first.numpy().ravel()[0])
 
 
 def efficiency(store: Path, batch: int, infer_batch: int, steps: int, warmup: int, reps: int,

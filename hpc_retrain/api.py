@@ -37,12 +37,34 @@ def import_tensorflow():
     return load()
 
 
+def apply_backend(cfg: RunConfig) -> str:
+    """Choose the Keras backend ``cfg`` asks for (``compute.backend``, else KERAS_BACKEND) before keras is
+    imported; its name. A conflict or a backend that is not installed is one line (``BackendError``)."""
+    from hpc_retrain.inference import backend
+
+    return backend.apply(cfg.compute.backend)
+
+
+def backend_of(cfg: RunConfig) -> str | None:
+    """The Keras backend ``cfg`` asks for (``compute.backend``, else KERAS_BACKEND) when it is installed; None
+    when that cannot be told (the stage itself reports why, in one line)."""
+    from hpc_retrain.inference import backend
+
+    try:
+        name = backend.requested(cfg.compute.backend)[0]
+        return name if backend.installed(name) else None
+    except ValueError:
+        return None
+
+
 def prepare(cfg: RunConfig, out: str | Path | None = None, stages: Iterable[str] = ("labels", "targets"),
             overwrite: bool = False, progress: bool = True) -> Summary:
     """Fill the training store ``out`` (default: ``./<plate name>.train.zarr``) with ``stages`` of every field
     of ``cfg.plate``; a rerun resumes. The summary's ``text()`` lists flagged fields; its QC table is beside."""
+    from hpc_retrain.inference import backend
     from hpc_retrain.prepare import pipeline as preparation
 
+    backend.apply(cfg.compute.backend)
     if cfg.plate.path is None:
         raise preparation.PrepareError("no plate: give --plate PATH or set plate.path in the config")
     cfg = cfg.updated(plate__path=Path(cfg.plate.path).resolve())
@@ -142,8 +164,10 @@ def status_text(record: dict) -> str:
 def segment(cfg: RunConfig, out: str | Path | None = None, **options: Any) -> Segmented:
     """Segment ``cfg.plate`` with ``cfg.infer.model`` into OME-Zarr results named ``cfg.infer.name`` (see
     :func:`hpc_retrain.segment.pipeline.segment` for ``channel``, ``wells``, ``tiff``, ``overwrite``)."""
+    from hpc_retrain.inference import backend
     from hpc_retrain.segment.pipeline import segment as run
 
+    backend.apply(cfg.compute.backend)
     return run(cfg, out, **options)
 
 

@@ -283,9 +283,14 @@ class ComputeConfig(_Section):
                             "and ~80 MB less per tile (infer.CPU_BATCH); training batches are train.batch_size")
     chunk: int = Field(2048, ge=256, description="block edge in pixels at full resolution: fields larger than "
                        "this go block by block, strip by strip (hpc_retrain.imaging.blocks)")
-    engine: Literal["auto", "tensorflow", "openvino"] = Field(
+    engine: Literal["auto", "keras", "tensorflow", "openvino"] = Field(
         "auto", description="what runs the model (segment, and prepare's labels): auto: OpenVINO when installed "
-        "and TensorFlow sees no GPU, else TensorFlow; or force either")
+        "and TensorFlow sees no GPU, else TensorFlow; or force either (OpenVINO and tensorflow need "
+        "compute.backend=tensorflow; under jax or torch auto and keras run the Keras predictor on that backend)")
+    backend: Literal["tensorflow", "jax", "torch"] | None = Field(
+        None, description="the Keras 3 backend that runs and trains the model (hpc_retrain.inference.backend): tensorflow, "
+        "jax or torch (pip install 'hpc-retrain[jax]' / '[torch]'); not given: KERAS_BACKEND if set, else "
+        "tensorflow; both given and different is refused")
 
 
 class InferConfig(_Section):

@@ -104,6 +104,7 @@ def _scores(ref: np.ndarray, pred: np.ndarray) -> metrics.Score:
 
 def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     """Cross-validate ``cfg``'s recipe on ``cfg.plate``; writes ``out/crossval.json`` and returns it."""
+    from hpc_retrain.inference import backend
     from hpc_retrain.inference import model as M
     from hpc_retrain.inference import predictor as infer
     from hpc_retrain.io.plate import open_plate
@@ -111,6 +112,7 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     from hpc_retrain.prepare import pipeline as preparation
     from hpc_retrain.training import loop as tr
 
+    backend.apply(cfg.compute.backend)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plate = open_plate(cfg.plate)

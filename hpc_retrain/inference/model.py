@@ -147,6 +147,9 @@ def load_with_source(path: str | Path | None = None, tile: int = 256):
         log.log(logging.INFO if chosen else logging.WARNING, "%s", src.note)
         return model, ModelSource(src.path, src.run, src.checkpoint, src.note, sha)
     file = src.path
+    from hpc_retrain.inference import backend
+
+    backend.apply()  # the backend this process was given (KERAS_BACKEND), checked before keras is imported
     try:
         import keras
 

@@ -134,6 +134,7 @@ def segment(cfg: RunConfig, out: str | Path | None = None, channel: str = "brigh
     predict = infer.Predictor(model, cfg.compute.batch_size, cfg.tiling.size, cfg.compute.engine)
     provenance = {"version": __version__, "model": str(source.path), "model_sha256": source.sha256,
                   "mode": cfg.infer.mode, "channel": source_channel, "engine": predict.engine,
+                  "backend": _keras_backend(),
                   "config": cfg.to_dict()}
     if source.is_checkpoint:  # the folder (best, above all) changes as training goes on: say what it held
         provenance["model_checkpoint"] = dict(source.checkpoint, weights="variables.npz")
@@ -372,3 +373,9 @@ class _progress:
             self.bar.update()
         else:
             log.info("%s %d/%d %s", self.desc, self.n, self.total, msg)
+
+
+def _keras_backend() -> str:
+    from hpc_retrain.inference import backend
+
+    return backend.current()

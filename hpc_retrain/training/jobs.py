@@ -320,8 +320,8 @@ def failure_line(e: BaseException, run_dir: Path, store: Path | None = None) -> 
     from hpc_retrain.prepare.store import ENVIRONMENT_ERRORS, environment_error
     from hpc_retrain.training.loop import TileReader
 
-    if type(e).__module__.startswith("tensorflow") and TileReader.failure:
-        return TileReader.failure
+    if TileReader.failure and (type(e).__module__.startswith("tensorflow") or str(e) == TileReader.failure):
+        return TileReader.failure  # a training tile that did not decode (raised by the tile loader as it is)
     env = environment_error(e)
     if env is None:
         return _damaged_chunks(e, store) if store is not None and _raised_in_zarr(e) else None

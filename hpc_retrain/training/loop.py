@@ -1,7 +1,8 @@
-"""Retrain MISIC on a training store: a custom TensorFlow loop whose checkpoints make resumes exact.
+"""Retrain MISIC on a training store: a custom Keras loop whose checkpoints make resumes exact, on any backend.
 
 Why a custom loop rather than ``model.fit``: every piece of state that decides the next update is
-explicit and saved together, so a run killed at any point continues bit-for-bit (with op determinism):
+explicit and saved together, so a run killed at any point continues bit-for-bit (with op determinism), on
+TensorFlow, JAX or PyTorch (``compute.backend``; only the gradient step differs, ``backend.make_train_step``):
 
 * weights, BatchNorm statistics and the Dropout layers' seed-generator states (``model.variables``);
 * the optimizer's variables (Adam moments, iteration count, loss scale under mixed precision);
@@ -108,6 +109,9 @@ class _RunLog:
 # ----------------------------------------------------------------------------------------- training
 def train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     """Train (or resume) into ``run_dir``; returns the final metrics (also written to metrics.json)."""
+    from hpc_retrain.inference import backend
+
+    backend.apply(cfg.compute.backend)  # before anything imports keras: a backend that cannot run fails here, up front
     store, run_dir = Path(store), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _RunLog(run_dir):
@@ -144,15 +148,15 @@ def store_config(cfg: RunConfig, root, store: Path) -> RunConfig:
 
 def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     import keras
-    import tensorflow as tf
 
+    from hpc_retrain.inference import backend
     from hpc_retrain.training.validation import FieldValidator
 
     root = st.open_store(store)
     cfg = store_config(cfg, root, store)
     tc = cfg.train
     if tc.deterministic:
-        tf.config.experimental.enable_op_determinism()
+        backend.enable_determinism()
     keras.utils.set_random_seed(cfg.seed)  # before building: Dropout seed generators draw from it
     policy = precision_policy(tc.mixed_precision)
     net, export = build_model(cfg, policy)
@@ -192,9 +196,9 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     if len(train_tiles) == 0:
         raise TrainingError(f"{store}: the training fields hold no tiles")
     log.info("store %s: %d training tiles (%d fields), %d validation tiles (%d fields); pos_weight %s; "
-             "batch %d; lr %g; init %s; %s", store, len(train_tiles), len(train_fields), len(val_tiles),
+             "batch %d; lr %g; init %s; %s; Keras backend %s", store, len(train_tiles), len(train_fields), len(val_tiles),
              len(val_fields), np.round(pos_w, 3).tolist(), tc.batch_size, tc.learning_rate, tc.init,
-             policy)
+             policy, keras.backend.backend())
     if len(val_tiles) == 0:
         log.warning("no validation fields (need at least 2 usable fields); the last epoch is exported, "
                     "thresholds stay MISIC's")
@@ -215,8 +219,8 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         vals, probs = np.zeros(6), []
         for x, y in val_ds:
             v, p = val_step(x, y)
-            vals += v.numpy()
-            probs.append(p.numpy())
+            vals += v
+            probs.append(p)
         return vals, validator.stitch(np.concatenate(probs))
 
     def validate(row: dict) -> dict:
@@ -266,8 +270,8 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                 loss, acc = train_step(x, y)
                 n = int(x.shape[0])
                 step += 1
-                prog.loss_sum += float(loss) * n
-                prog.acc_sum += float(acc) * n
+                prog.loss_sum += loss * n
+                prog.acc_sum += acc * n
                 prog.seen += n
                 if step % every == 0 or step == steps:
                     log.info("epoch %d/%d step %d/%d loss %.4f", epoch, tc.epochs, step, steps,
@@ -318,6 +322,8 @@ def _rebuilt(store: Path, run_dir: Path, when: str) -> str:
 def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_pass,
             policy: str) -> dict:
     """Export the best epoch's float32 model with thresholds calibrated on the validation fields."""
+    import keras
+
     best = run_dir / CKPT_DIR / BEST
     if validator is not None and (best / STATE_FILE).is_file():
         load_checkpoint(best, net, opt)  # the exported model is the best epoch's, not the last one's
@@ -333,6 +339,7 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
     metrics = {"epochs": prog.epoch, "final": prog.history[-1] if prog.history else {},
                "best_epoch": prog.best_epoch, "best_score": prog.best_score, "pos_weight": prog.pos_weight,
                "train_fields": prog.train_fields, "val_fields": prog.val_fields, "precision": policy,
+               "backend": keras.backend.backend(),
                "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1")}}
     if validator is not None:
         metrics["validation"]["validation_cells"] = validator.n_cells
