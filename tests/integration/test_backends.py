@@ -103,6 +103,21 @@ def test_pretrained_misic_agrees_with_tensorflow_on_a_plate(plate, tf_segmented,
     print(f"{backend}: max |p - p_tensorflow| = {worst:.2e}")
 
 
+def test_prepare_on_jax_writes_the_labels_tensorflow_writes(plate, tmp_path):
+    """Training labels from fluorescence (pretrained MISIC, thresholds, cleaning) and targets, on both backends."""
+    stores = {}
+    for backend in ("tensorflow", "jax"):
+        stores[backend] = tmp_path / f"{backend}.train.zarr"
+        out = cli("prepare", "--plate", plate, "--out", stores[backend], "--mean-width", 7,
+                  "--set", "labels.width_factors=[1.0]", "--set", f"compute.backend={backend}",
+                  "--set", "compute.engine=keras")
+        assert f"Keras backend: {backend} (compute.backend)" in out.stderr
+    tf_root, jax_root = (zarr.open_group(str(stores[b]), mode="r") for b in ("tensorflow", "jax"))
+    for name in ("labels", "targets"):
+        np.testing.assert_array_equal(jax_root[name][...], tf_root[name][...], err_msg=name)
+    assert jax_root["labels"][...].any()  # cells were labelled
+
+
 # ------------------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
 def misic_without_dropout(tmp_path_factory):
