@@ -453,6 +453,8 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.infer_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; scans at low magnification")
+    ap.add_argument("--smoke", action="store_true", help="one tiny field and one small scan, once (a test that "
+                    "the benchmark runs; its figures mean nothing)")
     ap.add_argument("--json", default=str(HERE / "out" / "infer_bench.json"), help="where the JSON goes")
     ap.add_argument("--skip-memory", action="store_true", help="speed only")
     ap.add_argument("--profile", type=int, default=0, metavar="REPS",
@@ -464,20 +466,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mean-width", type=float, default=7.0, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.smoke and args.json == ap.get_default("json"):  # the figures of a smoke run replace no real result
+        args.json = str(Path(tempfile.gettempdir()) / "hpc-retrain-bench-smoke" / "infer_bench.json")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from hpc_retrain.inference.model import import_tensorflow
+
+    import_tensorflow()  # without TensorFlow's native start-up lines, as the CLI
     if args.rss_child:
         print(json.dumps(_rss_child(args.rss_child, args.scan, args.mean_width, args.out_dir)))
         return 0
     # --quick: the scans at low magnification (mean cell width 40 px, scale 0.25) keep the model's share
     # small; the full run uses the default 7 px cells (scale 1.43), ~11,000 tiles at 16384 px.
-    plates = {512: (4, 1), 2048: (1, 1)} if args.quick else {512: (8, 3), 2048: (2, 3)}
-    speed_width = 14.0 if args.quick else 7.0
-    mem_sizes, mem_width = args.sizes or ([4096] if args.quick else [4096, 8192, 16384]), (40.0 if args.quick else 7.0)
-    result = {"command": "python -m benchmarks.infer_bench" + (" --quick" if args.quick else ""),
+    plates = {256: (1, 1)} if args.smoke else {512: (4, 1), 2048: (1, 1)} if args.quick else {512: (8, 3), 2048: (2, 3)}
+    speed_width = 14.0 if args.quick or args.smoke else 7.0
+    mem_sizes = args.sizes or ([1024] if args.smoke else [4096] if args.quick else [4096, 8192, 16384])
+    mem_width = 40.0 if args.quick or args.smoke else 7.0
+    result = {"command": "python -m benchmarks.infer_bench" + (" --quick" if args.quick else "")
+              + (" --smoke" if args.smoke else ""),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count()}
     print("speed:", flush=True)
-    result["speed"], result["engines"] = speed(plates, mean_width=speed_width, pairs=6 if args.quick else 12)
+    result["speed"], result["engines"] = speed(plates, mean_width=speed_width,
+                                               pairs=1 if args.smoke else 6 if args.quick else 12)
     pairs = result["engines"].get("pairs")
     result["cpu_engine_speedup"] = pairs["speedup"] if pairs else None
     if args.profile:

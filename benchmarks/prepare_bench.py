@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# The synthetic plate's cell width: given, not measured (mean_width auto would time the measurement too, and
+# the loop baseline has no measuring step)
+SYNTH_WIDTH = 7.0
 
 
 # ------------------------------------------------------------------------------------ child modes
@@ -54,7 +57,7 @@ def _child_loop(plate: str, out: str) -> None:
     from hpc_retrain.prepare import store as st
     from hpc_retrain.prepare import targets as TG
 
-    cfg = RunConfig().updated(plate__path=plate)
+    cfg = RunConfig().updated(plate__path=plate, preprocess__mean_width=SYNTH_WIDTH)
     fields = open_plate(cfg.plate).fields
     entries = layout.plan_fields(fields, cfg.preprocess.scale, cfg.tiling.size, cfg.tiling.margin)
     root = st.create(out, entries, cfg.to_dict(), cfg.tiling.size)
@@ -181,7 +184,7 @@ def _store_rate(store: Path) -> float:
 
 # ------------------------------------------------------------------------------------ benchmarks
 def memory(work: Path, quick: bool, sizes: list[int] | None = None, stage: str = "targets",
-           mean_width: float | None = None) -> list[dict]:
+           mean_width: float | None = None, smoke: bool = False) -> list[dict]:
     # quick: ColiCoords-like cells, half the pixels after scaling; wider cells (fewer tiles) reach the largest
     # scans in minutes: blocks are fixed in input pixels, so the memory pattern holds at any magnification.
     mw = mean_width or (14.0 if quick else 7.0)
@@ -192,6 +195,8 @@ def memory(work: Path, quick: bool, sizes: list[int] | None = None, stage: str =
         plan += [(4096, "labels", 4096), (8192, "labels", 1024), (16384, "labels", 1024)]
     if sizes:  # only the chunked runs of one stage (targets, labels or prepare: both), at these sizes
         plan = [(s, stage, 1024) for s in sizes]
+    if smoke:  # one chunked and one whole-image run of a 1024 px scan (wide cells: few tiles)
+        mw, plan = mean_width or 40.0, [(1024, "targets", 512), (1024, "targets", 1024)]
     scans: dict[int, Path] = {}
     for size, stage, chunk in plan:
         if size not in scans:
@@ -208,10 +213,10 @@ def memory(work: Path, quick: bool, sizes: list[int] | None = None, stage: str =
     return rows
 
 
-def throughput(work: Path, quick: bool) -> dict:
+def throughput(work: Path, quick: bool, smoke: bool = False) -> dict:
     from hpc_retrain.synth import plates as synth
 
-    n, shape = (6, (512, 512)) if quick else (24, (1024, 1024))
+    n, shape = (2, (256, 256)) if smoke else (6, (512, 512)) if quick else (24, (1024, 1024))
     plate = synth.write_plate(work / "plate", fmt="tiff", wells=["A1", "A2"], fields_per_well=n // 2, shape=shape,
                               seed=1)
     res = {"fields": n, "shape": list(shape)}
@@ -221,18 +226,20 @@ def throughput(work: Path, quick: bool) -> dict:
                    "peak_rss_mb": loop["peak_rss_mb"]}
     for w in (1, 2):
         out = work / f"w{w}.train.zarr"
-        r = _run_child(["--child-cli", "prepare", "--plate", str(plate), "--out", str(out), "--workers", str(w)], work)
+        r = _run_child(["--child-cli", "prepare", "--plate", str(plate), "--out", str(out), "--workers", str(w),
+                        "--mean-width", str(SYNTH_WIDTH)], work)
         res[f"workers{w}"] = {"wall_fields_per_s": n / r["seconds"], "steady_fields_per_s": _store_rate(out),
                               "peak_rss_mb_main_process": r["peak_rss_mb"]}
     return res
 
 
-def labels_fraction(work: Path, quick: bool) -> dict:
+def labels_fraction(work: Path, quick: bool, smoke: bool = False) -> dict:
     """The labels pass's model calls vs its wall time (``fraction_of_model``), on a synthetic TIFF plate
-    (quick: 4 fields of 512 px; else 8 of 1024 px), one process, the width given (no width measurement)."""
+    (quick: 4 fields of 512 px; else 8 of 1024 px; smoke: 2 of 256 px), one process, the width given (no
+    width measurement)."""
     from hpc_retrain.synth import plates as synth
 
-    n, shape = (4, (512, 512)) if quick else (8, (1024, 1024))
+    n, shape = (2, (256, 256)) if smoke else (4, (512, 512)) if quick else (8, (1024, 1024))
     plate = synth.write_plate(work / "labels-plate", fmt="tiff", wells=["A1", "A2"], fields_per_well=n // 2,
                               shape=shape, seed=2)
     r = _run_child(["--child-labels", "labels", "--plate", str(plate), "--out", str(work / "labels.train.zarr"),
@@ -269,8 +276,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --sizes: the stage measured (prepare: labels + targets in one process)")
     p.add_argument("--mean-width", type=float, help="memory part: cell width of the scans (default 14 quick, 7)")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="one small scan and a two-field plate, once (a test that "
+                   "the benchmark runs; its figures mean nothing)")
     p.add_argument("--skip-labels-fraction", action="store_true")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.quick = True
+        if args.json == p.get_default("json"):  # the figures of a smoke run replace no real result
+            args.json = Path(tempfile.gettempdir()) / "hpc-retrain-bench-smoke" / "prepare_bench.json"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="prepare-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"prepare benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores, work in {work}")
@@ -278,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_memory:
             print("peak memory, one field per scan (OME-Zarr, 1024 px chunks):")
-            rows = results["memory"] = memory(work, args.quick, args.sizes, args.stage, args.mean_width)
+            rows = results["memory"] = memory(work, args.quick, args.sizes, args.stage, args.mean_width, args.smoke)
             t = {r["scan"]: r["peak_rss_mb"] for r in rows if r["stage"] == "targets" and r["path"] == "chunked"}
             if 4096 in t:
                 print("  targets peak RSS relative to the 4096 px scan (chunked): "
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {r['stage']} 4096 px: chunked / whole-image peak RSS = "
                       f"{c['peak_rss_mb'] / r['peak_rss_mb']:.2f}, time {c['seconds'] / r['seconds']:.2f}")
         if not args.skip_throughput:
-            tp = results["throughput"] = throughput(work, args.quick)
+            tp = results["throughput"] = throughput(work, args.quick, args.smoke)
             print(f"throughput, {tp['fields']} fields of {tp['shape'][0]} x {tp['shape'][1]} px (labels + targets):")
             for k in ("loop", "workers1", "workers2"):
                 r = tp[k]
@@ -300,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  ratios ({kind}): workers2/workers1 = {c / b:.2f}, workers1/loop = {b / a:.2f}, "
                       f"workers2/loop = {c / a:.2f}")
         if not args.skip_labels_fraction:
-            lf = results["labels_fraction"] = labels_fraction(work, args.quick)
+            lf = results["labels_fraction"] = labels_fraction(work, args.quick, args.smoke)
             results["labels_fraction_of_model"] = lf["fraction_of_model"]
     finally:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Training throughput of the MISIC U-Net (tiles/s): batch sizes x precision x input pipeline.
 
-Pipelines: ``zarr`` is the real one (tf.data reading tiles from the training store, augmenting, batching,
-prefetching); ``device`` feeds one batch already resident on the accelerator, the upper bound the model
+Pipelines: ``zarr`` is the real one (the threaded tile loader reading tiles from the training store, augmenting,
+batching, prefetching); ``device`` feeds one batch already resident on the accelerator, the upper bound the model
 itself allows. Their ratio shows how much the input pipeline costs; mixed/float32 shows what
 ``mixed_float16`` buys on a GPU, bfloat16/float32 what ``mixed_bfloat16`` buys on a CPU that has it natively
 (training's ``train.mixed_precision: on`` picks it there).
@@ -152,8 +152,11 @@ def _cuts(net, opt, pos_w, size: int, xla: bool) -> dict:
 
 
 def _block(out) -> None:
-    """Wait for a step's results (a tensor, or a tuple whose first item is one)."""
-    float((out[0] if isinstance(out, (tuple, list)) else out).numpy().ravel()[0])
+    """Wait for a step's results (a tensor, or a tuple whose first item is one; the training step returns
+    Python floats, already waited for)."""
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(first, float):
+        float(first.numpy().ravel()[0])
 
 
 def efficiency(store: Path, batch: int, infer_batch: int, steps: int, warmup: int, reps: int,
@@ -320,7 +323,7 @@ def precision_speedup(store: Path, batch: int, policy: str, steps: int, warmup: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hpc_retrain.config import InferConfig, TrainConfig
+    from hpc_retrain.config import ComputeConfig, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, help="training store to read (default: a synthetic one)")
@@ -340,15 +343,25 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 3; --quick: 1)")
     p.add_argument("--xla", action="store_true", help="also time the training step compiled with XLA")
     p.add_argument("--quick", action="store_true", help="tiny settings that finish on a CPU in a few minutes")
+    p.add_argument("--smoke", action="store_true", help="every part once at the smallest sizes (a test that the "
+                   "benchmark runs; its figures mean nothing)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "train_bench.json")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.quick, a.parts, a.efficiency_batch = True, "table,efficiency,precision", 2
+        if a.out == p.get_default("out"):  # the figures of a smoke run replace no real result
+            a.out = Path(tempfile.gettempdir()) / "hpc-retrain-bench-smoke" / "train_bench.json"
+        a.precisions = a.precisions or "float32"  # the other policy is timed by the precision part
+        a.steps, a.warmup, a.reps = a.steps or 1, a.warmup if a.warmup is not None else 0, a.reps or 1
     parts = {x.strip() for x in a.parts.split(",")}
     batches = [int(b) for b in (a.batch_sizes or ("2" if a.quick else "8,32")).split(",")]
     steps = a.steps or (2 if a.quick else 20)
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 5)
     reps = a.reps or (1 if a.quick else 3)
 
-    import tensorflow as tf
+    from hpc_retrain.inference.model import import_tensorflow
+
+    tf = import_tensorflow()  # without TensorFlow's native start-up lines, as the CLI
 
     gpus = tf.config.list_physical_devices("GPU")
     from hpc_retrain.training.network import cpu_has_native_bfloat16
@@ -361,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU ({platform.processor() or platform.machine()})"
     rows, eff, speed = [], None, None
     with tempfile.TemporaryDirectory() as tmp:
-        store = a.store or synthetic_store(Path(tmp) / "bench.zarr", 8 if a.quick else 64)
+        store = a.store or synthetic_store(Path(tmp) / "bench.zarr", 2 if a.smoke else 8 if a.quick else 64)
         if "table" in parts:
             for batch in batches:
                 for prec in precisions:
@@ -372,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                               flush=True)
                     rows.append(r)
         if "efficiency" in parts:
-            eff = efficiency(store, a.efficiency_batch, InferConfig().batch_size, steps, warmup, reps, a.xla)
+            eff = efficiency(store, a.efficiency_batch, 2 if a.smoke else ComputeConfig().batch_size, steps, warmup,
+                             reps, a.xla)
         if "precision" in parts:
             from hpc_retrain.training.network import precision_policy
 

@@ -37,12 +37,34 @@ def import_tensorflow():
     return load()
 
 
+def apply_backend(cfg: RunConfig) -> str:
+    """Choose the Keras backend ``cfg`` asks for (``compute.backend``, else KERAS_BACKEND) before keras is
+    imported; its name. A conflict or a backend that is not installed is one line (``BackendError``)."""
+    from hpc_retrain.inference import backend
+
+    return backend.apply(cfg.compute.backend)
+
+
+def backend_of(cfg: RunConfig) -> str | None:
+    """The Keras backend ``cfg`` asks for (``compute.backend``, else KERAS_BACKEND) when it is installed; None
+    when that cannot be told (the stage itself reports why, in one line)."""
+    from hpc_retrain.inference import backend
+
+    try:
+        name = backend.requested(cfg.compute.backend)[0]
+        return name if backend.installed(name) else None
+    except ValueError:
+        return None
+
+
 def prepare(cfg: RunConfig, out: str | Path | None = None, stages: Iterable[str] = ("labels", "targets"),
             overwrite: bool = False, progress: bool = True) -> Summary:
     """Fill the training store ``out`` (default: ``./<plate name>.train.zarr``) with ``stages`` of every field
     of ``cfg.plate``; a rerun resumes. The summary's ``text()`` lists flagged fields; its QC table is beside."""
+    from hpc_retrain.inference import backend
     from hpc_retrain.prepare import pipeline as preparation
 
+    backend.apply(cfg.compute.backend)
     if cfg.plate.path is None:
         raise preparation.PrepareError("no plate: give --plate PATH or set plate.path in the config")
     cfg = cfg.updated(plate__path=Path(cfg.plate.path).resolve())
@@ -104,7 +126,8 @@ def train(cfg: RunConfig, store: str | Path | None, run_dir: str | Path, executo
 
     run_dir = Path(run_dir)
     store = jobs.resolve_store(run_dir, store)
-    jobs.check_resume(cfg, run_dir)
+    jobs.check_resume(cfg, run_dir, store)
+    jobs.check_run_folder(run_dir)
     if executor == "inline":
         return InlineRun(cfg, store, run_dir)
     if executor is not None and executor != cfg.cluster.executor:
@@ -124,6 +147,10 @@ def status(run_dir: str | Path) -> dict:
     if not runfolder.is_run(run):
         raise runstate.RunFileError(f"{run}: not a training run: no config.yaml/status.json; train with "
                                     f"`hpc-retrain train --store STORE --run {run}`")
+    if not any((run / n).exists() for n in (runfolder.STATUS_FILE, runfolder.JOB_FILE)):
+        raise runstate.RunFileError(f"{run}: no training was started here (a config.yaml but no "
+                                    f"{runfolder.STATUS_FILE} or {runfolder.JOB_FILE}); train with "
+                                    f"`hpc-retrain train --store STORE --run {run}`")
     return runstate.run_status(run)
 
 
@@ -137,8 +164,10 @@ def status_text(record: dict) -> str:
 def segment(cfg: RunConfig, out: str | Path | None = None, **options: Any) -> Segmented:
     """Segment ``cfg.plate`` with ``cfg.infer.model`` into OME-Zarr results named ``cfg.infer.name`` (see
     :func:`hpc_retrain.segment.pipeline.segment` for ``channel``, ``wells``, ``tiff``, ``overwrite``)."""
+    from hpc_retrain.inference import backend
     from hpc_retrain.segment.pipeline import segment as run
 
+    backend.apply(cfg.compute.backend)
     return run(cfg, out, **options)
 
 
@@ -149,7 +178,7 @@ def evaluate(cfg: RunConfig, pred: str | Path, ref: str, ref_plate: str | Path |
     from hpc_retrain.evaluate.scoring import evaluate_plate
 
     return evaluate_plate(pred, cfg.infer.name, ref, ref_plate, out, overlays, channel or cfg.plate.brightfield,
-                          plate_cfg=cfg.plate)
+                          plate_cfg=cfg.plate, channel_given=channel is not None)
 
 
 def plate_wells(cfg: RunConfig) -> list[str]:
@@ -169,13 +198,22 @@ def crossval(cfg: RunConfig, out: str | Path, folds: int = 3) -> dict:
 
 
 def synth(out: str | Path, cfg: RunConfig, fmt: str = "tiff", wells: Iterable[str] = ("A1",),
-          fields_per_well: int = 2, shape: tuple[int, int] = (512, 512), density: float | None = None) -> Path:
+          fields_per_well: int = 2, shape: tuple[int, int] = (512, 512), density: float | None = None,
+          modality: str = "brightfield") -> Path:
     """Write a synthetic plate of paired brightfield/fluorescence fields with true masks to ``out``; cells are
-    drawn ``cfg.preprocess.mean_width`` wide (the synthetic default while it is "auto"), seeded by ``cfg.seed``."""
+    drawn ``cfg.preprocess.mean_width`` wide (the synthetic default while it is "auto"), seeded by ``cfg.seed``;
+    ``modality``: the transmitted-light channel as brightfield or phase contrast."""
     from hpc_retrain.synth import plates
 
     width = plates.SynthParams.mean_width if cfg.preprocess.mean_width == "auto" else cfg.preprocess.mean_width
     kw = {} if density is None else {"density": density}
     plates.write_plate(out, fmt=fmt, wells=list(wells), fields_per_well=fields_per_well, shape=shape,
-                       seed=cfg.seed, mean_width=width, **kw)
+                       seed=cfg.seed, mean_width=width, modality=modality, **kw)
     return Path(out)
+
+
+def synth_plate_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a plate ``synth`` wrote (which ``synth --overwrite`` may replace); None when it is."""
+    from hpc_retrain.synth import plates
+
+    return plates.own_plate_problem(Path(path))

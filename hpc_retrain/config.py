@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -23,11 +24,18 @@ CHANNELS = ("brightfield", "fluorescence")  # the two images of every field
 # Sections of a store's own config that a run (and the model it exports) carries: a model is only meaningful
 # with the preprocessing, labels and tiling its training tiles were made with.
 STORE_SECTIONS = ("preprocess", "labels", "tiling")
-MODES = ("stitch", "blend")  # how tiles are put back together: MISIC crop-and-stitch, or blended overlaps
+MODES = ("stitch", "blend")
+MODALITIES = ("brightfield", "phase")  # how a synthetic plate draws its transmitted-light channel  # how tiles are put back together: MISIC crop-and-stitch, or blended overlaps
 _PROVENANCE = ("hpc_retrain_version", "written")  # written beside the settings, not settings themselves
 # Settings that moved section: configs written before still load, each old key read as its new one (once
 # logged). compute.* are shared by every stage that runs the model; they lived under infer in 0.1.
 MOVED = {"infer.batch_size": "compute.batch_size", "infer.chunk": "compute.chunk", "infer.engine": "compute.engine"}
+# Other names for a setting, read as it without a warning: the transmitted-light channel is "brightfield"
+# in the config (and in every store and run written), but a lab imaging phase contrast may say so
+# (``plate.phase: PH``, ``--set plate.phase=PH``); its preprocessing is the same (dark cells on a light
+# background). Saved configs write the setting's own name.
+ALIASES = {"plate.phase": "plate.brightfield", "plate.transmitted": "plate.brightfield",
+           "preprocess.phase": "preprocess.brightfield", "preprocess.transmitted": "preprocess.brightfield"}
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[str, str]] = set()
@@ -42,6 +50,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _section_aliases(section: str, data: Any) -> Any:
+    """A section's settings with each ``ALIASES`` name of this section read as its setting; an alias and
+    its setting given different values is an error."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for alias, name in ALIASES.items():
+        (asec, akey), (_, nkey) = alias.split("."), name.split(".")
+        if asec != section or akey not in data:
+            continue
+        value = data.pop(akey)
+        if nkey in data and data[nkey] != value:
+            raise ValueError(f"{alias}={value!r} and {name}={data[nkey]!r} disagree; {alias} is another name "
+                             f"for {name}: give one of them")
+        data[nkey] = value
+    return data
+
+
 class PlateConfig(_Section):
     path: Path | None = Field(None, description="TIFF folder or OME-Zarr HCS plate; none for a synthetic plate")
     layout: Literal["auto", "tiff", "ome-zarr"] = "auto"
@@ -50,15 +76,39 @@ class PlateConfig(_Section):
         description="TIFF file name pattern; placeholders {well}, {field}, {channel}. "
         "The layout channel/NNNNN.tif is found without a pattern.",
     )
-    brightfield: str = Field("brightfield", description="channel name of the brightfield images")
+    brightfield: str = Field("brightfield", description="channel name of the transmitted-light images: "
+                             "brightfield or phase contrast (plate.phase and plate.transmitted are other names "
+                             "for this setting)")
     fluorescence: str = Field("fluorescence", description="channel name of the fluorescence images")
     reference: str | None = Field(None, description="channel holding reference instance masks, if any")
+
+    @field_validator("path")
+    @classmethod
+    def _utf8(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            try:
+                str(v).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{str(v).encode('utf-8', 'backslashreplace').decode()}: the path is not valid "
+                                 f"UTF-8 (it is recorded in configs and Zarr attributes, which are UTF-8); rename "
+                                 f"the folder") from None
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        # PlateConfig(phase="PH") in Python, as plate.phase in a file (RunConfig reads files through _migrated)
+        return _section_aliases("plate", data)
 
     @field_validator("pattern")
     @classmethod
     def _pattern_names_channel(cls, v: str) -> str:
         if "{channel}" not in v or "{field}" not in v:
             raise ValueError("the pattern must contain {channel} and {field} (and may contain {well})")
+        twice = [p for p in ("{well}", "{field}", "{channel}") if v.count(p) > 1]
+        if twice:
+            raise ValueError(f"{', '.join(twice)} appear(s) more than once in {v!r}; each placeholder may appear "
+                             f"once")
         return v
 
 
@@ -75,6 +125,10 @@ class ChannelPrep(_Section):
         return v
 
 
+# Bounds of preprocess.mean_width (px): MISIC sees cells 10 px wide, images are scaled by 10 / mean_width.
+MIN_WIDTH, MAX_WIDTH = 2.0, 200.0
+
+
 class PreprocessConfig(_Section):
     mean_width: float | Literal["auto"] = Field(
         "auto", description="mean cell width in pixels (images are scaled by 10/mean_width), or auto: measured "
@@ -82,6 +136,11 @@ class PreprocessConfig(_Section):
     sigmas: tuple[float, ...] = Field((1.0, 1.5, 2.0), description="shape index scales")
     brightfield: ChannelPrep = ChannelPrep(gamma=0.41, light_background=True)
     fluorescence: ChannelPrep = ChannelPrep(gamma=1.0, light_background=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        return _section_aliases("preprocess", data)
 
     @field_validator("sigmas")
     @classmethod
@@ -101,6 +160,11 @@ class PreprocessConfig(_Section):
             raise ValueError(f"expected a cell width in pixels or 'auto', got {v!r}") from None
         if not w > 0 or w == float("inf"):  # also refuses NaN
             raise ValueError(f"must be a positive width in pixels or 'auto', got {v!r}")
+        if not MIN_WIDTH <= w <= MAX_WIDTH:
+            raise ValueError(f"{v!r} px is outside {MIN_WIDTH:g}-{MAX_WIDTH:g} px: images are scaled by "
+                             f"10/mean_width, so a width below {MIN_WIDTH:g} px would enlarge them more than "
+                             f"{10 / MIN_WIDTH:g}-fold (memory) and one above {MAX_WIDTH:g} px shrink them more than "
+                             f"{MAX_WIDTH / 10:g}-fold (cells vanish); give the cells' width in pixels")
         return w
 
     @property
@@ -147,6 +211,9 @@ class TilingConfig(_Section):
 
     @model_validator(mode="after")
     def _margin_fits(self) -> TilingConfig:
+        if self.size % 8:
+            raise ValueError(f"size {self.size}: MISIC's U-Net halves a tile three times, so its edge must be a "
+                             f"multiple of 8 (e.g. 256)")
         if 2 * self.margin >= self.size:
             raise ValueError(f"margin {self.margin} leaves nothing of a {self.size} px tile")
         return self
@@ -216,9 +283,14 @@ class ComputeConfig(_Section):
                             "and ~80 MB less per tile (infer.CPU_BATCH); training batches are train.batch_size")
     chunk: int = Field(2048, ge=256, description="block edge in pixels at full resolution: fields larger than "
                        "this go block by block, strip by strip (hpc_retrain.imaging.blocks)")
-    engine: Literal["auto", "tensorflow", "openvino"] = Field(
+    engine: Literal["auto", "keras", "tensorflow", "openvino"] = Field(
         "auto", description="what runs the model (segment, and prepare's labels): auto: OpenVINO when installed "
-        "and TensorFlow sees no GPU, else TensorFlow; or force either")
+        "and TensorFlow sees no GPU, else TensorFlow; or force either (OpenVINO and tensorflow need "
+        "compute.backend=tensorflow; under jax or torch auto and keras run the Keras predictor on that backend)")
+    backend: Literal["tensorflow", "jax", "torch"] | None = Field(
+        None, description="the Keras 3 backend that runs and trains the model (hpc_retrain.inference.backend): tensorflow, "
+        "jax or torch (pip install 'hpc-retrain[jax]' / '[torch]'); not given: KERAS_BACKEND if set, else "
+        "tensorflow; both given and different is refused")
 
 
 class InferConfig(_Section):
@@ -230,9 +302,32 @@ class InferConfig(_Section):
     marker_threshold: float = Field(0.95, gt=0, le=1, description="confident body core for watershed markers")
     name: str = Field("misic", description="label image name under each field's labels/ group")
 
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, v: str) -> str:
+        return check_name(v)
+
+
+NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot, at most 100 characters"
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
+
+
+def check_name(v: str) -> str:
+    """A result name (``infer.name``, ``--name``): one folder name, so it can never leave its group."""
+    if not isinstance(v, str) or not _NAME.match(v):
+        raise ValueError(f"{v!r} is not a name: use {NAME_RULE}")
+    return v
+
 
 class RunConfig(_Section):
     seed: int = 0
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _an_integer(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(f"expected an integer seed, got {v!r}")
+        return v
     plate: PlateConfig = PlateConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     labels: LabelConfig = LabelConfig()
@@ -324,7 +419,11 @@ class RunConfig(_Section):
 
 
 def current_key(key: str, source: str) -> str:
-    """``key`` under its current name (``MOVED``), saying so once per key and source."""
+    """``key`` under its current name (``MOVED``, saying so once per key and source; ``ALIASES``, silently).
+    An alias of a section (``preprocess.phase``) also renames the keys inside it (``preprocess.phase.gamma``)."""
+    for alias, name in ALIASES.items():
+        if key == alias or key.startswith(alias + "."):
+            return name + key[len(alias):]
     new = MOVED.get(key)
     if new is None:
         return key
@@ -335,8 +434,15 @@ def current_key(key: str, source: str) -> str:
 
 
 def _migrated(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """``data`` with every ``MOVED`` key under its new name; both names with different values is an error."""
+    """``data`` with every ``MOVED`` and ``ALIASES`` key under its own name; both names with different values
+    is an error."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for sec in {a.split(".")[0] for a in ALIASES}:
+        if isinstance(data.get(sec), dict):
+            try:
+                data[sec] = _section_aliases(sec, data[sec])
+            except ValueError as e:
+                raise ConfigError(f"{source}: {e}") from None
     for old, new in MOVED.items():
         (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
         section = data.get(osec)

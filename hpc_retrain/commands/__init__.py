@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if not verbose and args.command not in NO_TENSORFLOW:
+    if not verbose and args.command not in NO_TENSORFLOW and _backend_of(args) == "tensorflow":
         api.import_tensorflow()  # first, so no later import prints TensorFlow's start-up lines
     try:
         return int(args._run(args) or 0)
@@ -121,6 +121,24 @@ def main(argv: list[str] | None = None) -> int:
         # Every error a user can fix derives from it, and its message already names the file or setting and
         # the fix; anything else is a bug and keeps its traceback.
         return _report(args.command, e)
+    except KeyboardInterrupt:
+        # Ctrl-C: every stage keeps what it finished (prepare's and segment's fields, train's checkpoints)
+        print(f"\nhpc-retrain {args.command}: stopped by Ctrl-C; what was finished is kept: run the same command "
+              f"to continue", file=sys.stderr)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        return 130
+
+
+def _backend_of(args: argparse.Namespace) -> str | None:
+    """The Keras backend the command will apply (its --config and --set, else KERAS_BACKEND); None when that
+    cannot be told yet (the command itself reports why, in one line)."""
+    from hpc_retrain.config import RunConfig
+
+    try:
+        cfg = RunConfig.layered(file=getattr(args, "config", None), overrides=list(getattr(args, "overrides", ()) or ()))
+    except ValueError:
+        return None
+    return api.backend_of(cfg)
 
 
 def _report(command: str, e: Exception) -> int:

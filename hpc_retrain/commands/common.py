@@ -16,7 +16,9 @@ class CliError(HpcRetrainError):
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="run configuration (defaults apply to what it omits)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one configuration field, e.g. --set train.epochs=5 (repeatable)")
+                   help="override one configuration field, e.g. --set train.epochs=5 (repeatable); "
+                   "--set compute.backend=jax|torch|tensorflow runs Keras on that backend (default: KERAS_BACKEND, "
+                   "else tensorflow); the OpenVINO engine (compute.engine=openvino) runs only on tensorflow")
     # Also accepted after the subcommand; SUPPRESS keeps the top-level value when not given here.
     add_verbosity(p, default=argparse.SUPPRESS)
 
@@ -29,5 +31,10 @@ def add_verbosity(p: argparse.ArgumentParser, default) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **fields) -> RunConfig:
-    """--config, then --set, then the stage's own options (those not None), validated once."""
-    return RunConfig.layered(file=args.config, overrides=list(args.overrides), options=fields)
+    """--config, then --set, then the stage's own options (those not None), validated once; its Keras backend
+    applied (``backend.apply``: before keras is imported; a conflict or a missing backend is one line)."""
+    from hpc_retrain import api
+
+    cfg = RunConfig.layered(file=args.config, overrides=list(args.overrides), options=fields)
+    api.apply_backend(cfg)
+    return cfg

@@ -33,6 +33,9 @@ def demo_arguments(p: argparse.ArgumentParser, name: str = "demo") -> None:
     p.add_argument("--size", type=int, default=512, help="field size in px (default 512)")
     p.add_argument("--fields", type=int, default=2, help="fields per well of the training plate (default 2)")
     p.add_argument("--steps", type=int, default=16, help="training batches per epoch (default 16; 0: all tiles)")
+    p.add_argument("--modality", choices=["brightfield", "phase"], default="brightfield",
+                   help="the plates' transmitted light: brightfield (default) or phase contrast (its channel "
+                   "is named 'phase' and given to the tool as plate.phase)")
     p.add_argument("--default-recipe", action="store_true",
                    help="train with the tool's defaults instead of the demo's recipe (lr 2e-3, no class weight, bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing output folder")
@@ -47,6 +50,9 @@ def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> 
     # (an interrupted demo: every stage below resumes or skips what is done)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config_from_args(args)
+    if args.modality == "phase":
+        # What a lab with phase contrast does: name its transmitted-light channel (config.ALIASES).
+        cfg = cfg.updated(plate__phase="phase")
     # Synthetic cells are 7 px wide (the config's default mean width); the run's config goes beside it.
     cfg_path = cfg.save(out)
     common = ["--config", str(cfg_path)]
@@ -63,12 +69,13 @@ def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> 
 
     train_plate, test_plate = out / "train_plate.zarr", out / "test_plate.zarr"
     size = str(args.size)
+    synth_opts = ["--size", size, "--modality", args.modality]
     if not train_plate.exists():
         step("synth train", ["synth", *common, "--out", str(train_plate), "--wells", "A1,A2,B1",
-                             "--fields", str(args.fields), "--size", size, "--seed", "1"])
+                             "--fields", str(args.fields), *synth_opts, "--seed", "1"])
     if not test_plate.exists():
         step("synth test", ["synth", *common, "--out", str(test_plate), "--wells", "C1",
-                            "--fields", "2", "--size", size, "--seed", "2"])
+                            "--fields", "2", *synth_opts, "--seed", "2"])
     store = out / "train.zarr"
     step("prepare", ["prepare", *common, "--plate", str(train_plate), "--out", str(store)])
     run = out / "run"
@@ -88,9 +95,10 @@ def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> 
         step(f"evaluate {name}", ["evaluate", *common, "--pred", str(test_plate), "--name", name,
                                   "--ref", "truth", "--out", str(out / "evaluation")])
         scores[name] = json.loads((out / "evaluation" / f"scores_{name}.json").read_text())
-    summary = summary_text(scores, timings, time.perf_counter() - t0, recipe)
+    summary = summary_text(scores, timings, time.perf_counter() - t0, recipe, args.modality)
     (out / "summary.json").write_text(json.dumps({"scores": {k: v.get("overall") for k, v in scores.items()},
-                                                  "timings_s": timings, "recipe": list(recipe)}, indent=1))
+                                                  "timings_s": timings, "recipe": list(recipe),
+                                                  "modality": args.modality}, indent=1))
     (out / "summary.txt").write_text(summary)
     print("\n" + summary)
     return 0
@@ -100,8 +108,9 @@ def f1_at_half(score: dict) -> float:
     return next(r["f1"] for r in score["overall"] if r["threshold"] == 0.5)
 
 
-def summary_text(scores: dict, timings: dict, total: float, recipe=()) -> str:
-    lines = ["hpc-retrain demo: brightfield segmentation of held-out synthetic fields vs their true masks", ""]
+def summary_text(scores: dict, timings: dict, total: float, recipe=(), modality: str = "brightfield") -> str:
+    what = "phase-contrast" if modality == "phase" else "brightfield"
+    lines = [f"hpc-retrain demo: {what} segmentation of held-out synthetic fields vs their true masks", ""]
     lines.append(f"{'model':<11} {'F1@0.5':>7} {'AP@0.5':>7} {'AP@0.75':>8} {'mean IoU':>9}")
     for name, s in scores.items():
         o = {row["threshold"]: row for row in s["overall"]}

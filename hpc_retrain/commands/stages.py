@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 from hpc_retrain import api
 from hpc_retrain.commands.common import CliError, config_from_args
-from hpc_retrain.config import CHANNELS, MODES, RunConfig
-from hpc_retrain.errors import JobFailed, TrainingInterrupted
+from hpc_retrain.config import CHANNELS, MODALITIES, MODES, RunConfig
+from hpc_retrain.errors import HpcRetrainError, JobFailed, TrainingInterrupted
 from hpc_retrain.io.runfolder import CONFIG_FILE
+
+# Other names of the transmitted-light channel (config.ALIASES): phase contrast is segmented as brightfield is.
+TRANSMITTED = ("phase", "transmitted")
 
 
 # ------------------------------------------------------------------------------------------ synth
@@ -27,22 +31,54 @@ def synth_arguments(p: argparse.ArgumentParser, name: str = "synth") -> None:
     p.add_argument("--mean-width", type=float, default=None,
                    help="cell width in px (default: the config's preprocess.mean_width; 7 when that is auto)")
     p.add_argument("--density", type=float, default=0.3, help="fraction of the field covered by cells")
+    p.add_argument("--modality", choices=MODALITIES, default="brightfield",
+                   help="the transmitted-light channel: brightfield (cells dark, a dark envelope between "
+                   "touching cells; channel 'brightfield') or phase contrast (dark cells with a bright halo; "
+                   "channel 'phase', read with --set plate.phase=phase). Default brightfield")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plate at --out")
 
 
 def synth_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, **{"preprocess.mean_width": args.mean_width, "seed": args.seed})
     out = Path(args.out)
-    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    occupied = any(out.iterdir()) if out.is_dir() else out.exists() or out.is_symlink()
     if occupied:
         if not args.overwrite:
             raise CliError(f"{out}: already exists; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
+        # --overwrite replaces only a plate synth wrote: never a file, a folder of other things, or the
+        # folder this command runs in.
+        if not out.is_dir() or out.is_symlink():
+            raise CliError(f"{out}: exists and is not a folder; --overwrite replaces only a plate synth wrote: "
+                           f"choose another --out")
+        if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise CliError(f"{out}: is the working folder (or holds it); --overwrite never deletes it: choose "
+                           f"another --out")
+        problem = api.synth_plate_problem(out)
+        if problem:
+            raise CliError(f"{out}: is not a plate synth wrote ({problem}); --overwrite replaces only those, "
+                           f"nothing was deleted: choose another --out")
     fmt = args.format or ("ome-zarr" if out.suffix == ".zarr" else "tiff")
     shape = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
     wells = [w.strip() for w in args.wells.split(",") if w.strip()]
-    api.synth(out, cfg, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, density=args.density)
-    print(f"wrote {fmt} plate {out}: {len(wells)} wells x {args.fields} fields of {shape[0]}x{shape[1]} px")
+    # Written under a temporary name beside --out and renamed into place once whole: bad parameters, a full
+    # disk or a kill leave neither a partial plate that blocks the rerun nor a deleted old one.
+    tmp = out.with_name(f".{out.name}.synth-tmp-{os.getpid()}")
+    try:
+        api.synth(tmp, cfg, fmt=fmt, wells=wells, fields_per_well=args.fields, shape=shape, density=args.density,
+                  modality=args.modality)
+        if occupied:
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except HpcRetrainError as e:  # synth's parameter errors name the temporary plate: name --out
+        raise CliError(str(e).replace(str(tmp), str(out))) from None
+    except OSError as e:
+        raise CliError(f"{out}: cannot write the plate ({e.strerror or e}{f': {e.filename}' if e.filename else ''})"
+                       f"; choose another --out or fix its permissions or free space".replace(str(tmp), str(out))
+                       ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {fmt} {args.modality} plate {out}: {len(wells)} wells x {args.fields} fields of "
+          f"{shape[0]}x{shape[1]} px")
     return 0
 
 
@@ -134,6 +170,10 @@ def train_command(args: argparse.Namespace) -> int:
         except TrainingInterrupted as e:
             print(f"hpc-retrain train: {e}; run the same command to resume", file=sys.stderr)
             return 128 + e.signum
+        except KeyboardInterrupt:
+            print("hpc-retrain train: stopped by Ctrl-C before the step in flight finished; the last checkpoint "
+                  "is kept: run the same command to resume from it", file=sys.stderr)
+            return 130
         print(json.dumps(metrics.get("final", {})))
         return 0
     job = api.train(cfg, args.store, run_dir, time_min=args.time)
@@ -150,6 +190,12 @@ def train_command(args: argparse.Namespace) -> int:
     except JobFailed as e:
         print(f"hpc-retrain train: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        stop = f"scancel {job.job_id}" if cfg.cluster.executor == "slurm" else f"kill -TERM {job.job_id}"
+        print(f"\nhpc-retrain train: stopped waiting; {cfg.cluster.executor} job {job.job_id} goes on training "
+              f"{run_dir} (`hpc-retrain status {run_dir}`); to stop it (it saves a checkpoint first): {stop}",
+              file=sys.stderr)
+        return 130
     print(json.dumps(metrics.get("final", {})))
     return 0
 
@@ -184,8 +230,10 @@ def segment_arguments(p: argparse.ArgumentParser, name: str = "segment") -> None
                    help="OME-Zarr plate to write (default: into an OME-Zarr input plate itself; "
                         "<folder>.ome.zarr next to a TIFF plate)")
     p.add_argument("--name", help="label image name under each field's labels/ (default: infer.name)")
-    p.add_argument("--channel", choices=CHANNELS, default="brightfield",
-                   help="which plate channel to segment, with its preprocessing (default: brightfield)")
+    p.add_argument("--channel", choices=[*CHANNELS, *TRANSMITTED], default="brightfield",
+                   help="which plate channel to segment, with its preprocessing (default: brightfield, the "
+                   "transmitted light: plate.brightfield, which may be phase contrast; phase and transmitted "
+                   "are other names for it)")
     p.add_argument("--mode", choices=MODES, help="crop-and-stitch (MISIC) or blended tiles (default: infer.mode)")
     p.add_argument("--batch-size", type=int, help="tiles per model call (default: compute.batch_size)")
     p.add_argument("--chunk", type=int, help="fields larger than this (px) are processed in chunks")
@@ -205,7 +253,8 @@ def segment_command(args: argparse.Namespace) -> int:
         print("\n".join(api.plate_wells(cfg)))
         return 0
     wells = [w.strip() for w in args.wells.split(",") if w.strip()] if args.wells else None
-    done = api.segment(cfg, args.out, channel=args.channel, wells=wells, tiff=args.tiff,
+    channel = "brightfield" if args.channel in TRANSMITTED else args.channel
+    done = api.segment(cfg, args.out, channel=channel, wells=wells, tiff=args.tiff,
                        overwrite=args.overwrite, overrides=args.overrides)
     print(done.text())
     if done.failed:

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from hpc_retrain.config import RunConfig
+from hpc_retrain.errors import HpcRetrainError
+from hpc_retrain.evaluate import scoring
 from hpc_retrain.imaging import metrics
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,60 @@ def _write_plate(fields, channels: list[str], out: Path) -> Path:
     return out
 
 
+class CrossvalError(HpcRetrainError, ValueError):
+    """A cross-validation that cannot run as asked; the message names the plate or folder and what to do."""
+
+
+PLATE_RECORD = "crossval.plate.json"  # in --out: which plate the folds there were made from
+
+
+def plate_identity(plate) -> dict:
+    """What makes the folds of ``out`` belong to ``plate``: its path, its fields and their sizes, and a digest
+    of the first field's pixels (a plate written anew at the same path is another plate)."""
+    import hashlib
+
+    first = plate.fields[0]
+    h = hashlib.sha256()
+    for name in sorted(first.channels):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(np.asarray(first.channel(name))).tobytes())
+    return {"plate": str(Path(plate.path).resolve()), "fields": [f.key for f in plate.fields],
+            "shapes": [list(f.shape) for f in plate.fields], "first_field_sha256": h.hexdigest()}
+
+
+def claim_out(out: Path, plate) -> None:
+    """Record ``plate`` as the plate of ``out`` or refuse: the folds' stores and runs in ``out`` are resumed
+    from, so those of another plate would be reported as this plate's gain."""
+    from hpc_retrain.io import atomic
+
+    record = out / PLATE_RECORD
+    ident = plate_identity(plate)
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except (OSError, ValueError) as e:
+            raise CrossvalError(f"{record}: unreadable ({e}); choose another --out") from None
+        if old != ident:
+            same = old.get("plate") == ident["plate"]
+            what = f"an earlier version of {ident['plate']}" if same else f"plate {old.get('plate')}"
+            raise CrossvalError(f"{out}: holds the cross-validation of {what} ({len(old.get('fields') or [])} "
+                                f"field(s)), not of {ident['plate']} ({len(ident['fields'])} field(s)); its "
+                                f"folds would be reused: choose another --out")
+        return
+    earlier = sorted(p.name for p in out.glob("fold*") if p.is_dir())
+    if earlier:
+        raise CrossvalError(f"{out}: holds folds ({', '.join(earlier[:3])}) of a cross-validation that did not "
+                            f"record its plate; they may be another plate's: choose another --out")
+    atomic.write_json(record, ident)
+
+
 def _scores(ref: np.ndarray, pred: np.ndarray) -> metrics.Score:
     return metrics.match(ref, pred, (0.5,))[0]
 
 
 def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     """Cross-validate ``cfg``'s recipe on ``cfg.plate``; writes ``out/crossval.json`` and returns it."""
+    from hpc_retrain.inference import backend
     from hpc_retrain.inference import model as M
     from hpc_retrain.inference import predictor as infer
     from hpc_retrain.io.plate import open_plate
@@ -62,11 +112,16 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
     from hpc_retrain.prepare import pipeline as preparation
     from hpc_retrain.training import loop as tr
 
+    backend.apply(cfg.compute.backend)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plate = open_plate(cfg.plate)
     pc = cfg.plate
     plate.require(pc.brightfield, pc.fluorescence)
+    if len(plate.fields) < 2:
+        raise CrossvalError(f"{plate.path}: cross-validation needs at least 2 fields (each fold trains on some "
+                            f"and scores the others); the plate has {len(plate.fields)}")
+    claim_out(out, plate)
     if cfg.preprocess.mean_width == "auto":
         from hpc_retrain.prepare.width import resolve_mean_width
 
@@ -105,7 +160,8 @@ def run(cfg: RunConfig, out: str | Path, k: int = 3) -> dict:
                 totals[name] = totals[name] + s
                 row[name] = s.as_dict()
             if pc.reference and pc.reference in f.channels:
-                ref = np.asarray(f.channel(pc.reference))
+                ref, _ = scoring.reference_instances(np.asarray(f.channel(pc.reference)),
+                                               f"{plate.path}: reference {pc.reference!r} of {f.key}")
                 for name, pred in (("pretrained", pre), ("retrained", post), ("teacher", teacher)):
                     s = _scores(ref, pred)
                     recall[name] = recall[name] + s

@@ -166,7 +166,7 @@ class Pictures:
             png.parent.mkdir(parents=True, exist_ok=True)
             label = key if source_key == key else f"{key} ({source_key})"
             rgb = outline_rgb(image, pred, reference, outcome, OVERLAY_SIDE)
-            overlay_figure(rgb, outcome, title(label, self.name, score)).savefig(png)
+            _save(overlay_figure(rgb, outcome, title(label, self.name, score)), png)
             self.written.append(str(png))
 
     def sheet(self, plate_name: str) -> str:
@@ -174,5 +174,18 @@ class Pictures:
         t = self.totals
         total = Score(0.5, t["matched"], t["false positive"], t["missed"], 0.0)
         path = self.out / f"contact_{self.name}.png"
-        contact_sheet(self.tiles, title(f"{plate_name}: {len(self.tiles)} fields", self.name, total), t).savefig(path)
+        _save(contact_sheet(self.tiles, title(f"{plate_name}: {len(self.tiles)} fields", self.name, total), t), path)
         return str(path)
+
+
+def _save(fig, path: Path) -> None:
+    """A PNG written under a temporary name and renamed into place: a failed or killed evaluate leaves no
+    half-written picture."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

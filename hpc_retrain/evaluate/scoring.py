@@ -23,6 +23,42 @@ class EvaluateError(HpcRetrainError, ValueError):
     """Predictions or references that cannot be scored; the message names the plate and field."""
 
 
+# ------------------------------------------------------------------------------------------ references
+BINARY = "binary masks (connected components are the cells)"
+LABELS = "label images (each value is one cell)"
+
+
+def reference_instances(reference: np.ndarray, source: str = "reference") -> tuple[np.ndarray, str]:
+    """The reference cells as an instance label image, and how the image was read (:data:`BINARY`, :data:`LABELS`).
+
+    A mask with a single non-zero value, whatever it is (1, 255 as ImageJ/Fiji export, 1.0, True), is binary:
+    its connected components are the cells. Otherwise each non-zero value is one cell; fractional or negative
+    values (probabilities, signed images) are refused, naming ``source``.
+    """
+    from scipy import ndimage as ndi
+
+    reference = np.asarray(reference)
+    if reference.dtype.kind == "b":
+        return ndi.label(reference)[0], BINARY
+    if reference.dtype.kind not in "uif":
+        raise EvaluateError(f"{source}: a {reference.dtype} image is not a mask; give integer labels or a binary mask")
+    if reference.dtype.kind == "f":
+        if not np.all(np.isfinite(reference)):
+            raise EvaluateError(f"{source}: holds NaN or infinite values; give integer labels or a binary mask")
+        if np.any(reference != np.round(reference)):
+            raise EvaluateError(f"{source}: holds fractional values (a probability map?); give integer labels or "
+                                f"a binary mask (0 background, one value for cells)")
+    if reference.dtype.kind in "if" and reference.size and reference.min() < 0:
+        raise EvaluateError(f"{source}: holds negative values ({reference.min():g}); labels are 0 (background) "
+                            f"and positive cell ids")
+    values = np.unique(reference)
+    values = values[values != 0]
+    if len(values) <= 1:
+        return ndi.label(reference != 0)[0], BINARY
+    # Sequential ids (any integer ids, however large, count as given; ``np.bincount`` needs small ones)
+    return np.searchsorted(np.concatenate([[0], values]), reference).astype(np.int64), LABELS
+
+
 # ------------------------------------------------------------------------------------------ plates
 def _field_key(well: str, field: str) -> str:
     return f"{well}/{field}"
@@ -68,22 +104,99 @@ def prediction_fields(path: Path, name: str, ref: str | None = None):
     return out
 
 
+def _writable_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot take the scores, before any scoring: a file, or a folder that cannot be
+    written (read-only, permission denied, full)."""
+    from hpc_retrain.segment.outputs import probe_writable
+
+    if out.exists() and not out.is_dir():
+        raise EvaluateError(f"{out}: is a file, not a folder; choose another --out for the scores and pictures")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvaluateError(f"{out}: cannot create it ({e.strerror or e}); choose another --out") from None
+    err = probe_writable(out)
+    if err is not None:
+        raise EvaluateError(f"{out}: cannot write there ({err.strerror or err}); choose another --out, or fix its "
+                            f"permissions or free space")
+
+
+class _OutLock:
+    """An exclusive flock on ``--out`` for the whole evaluate: two evaluates into one folder would mix their
+    pictures. Where the file system has no flock, nothing is locked."""
+
+    def __init__(self, out: Path | None):
+        self.out, self.fd = out, None
+
+    def __enter__(self):
+        import fcntl
+        import os
+
+        if self.out is None:
+            return self
+        try:
+            self.fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return self
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise EvaluateError(f"{self.out}: another evaluate is writing there now; wait for it, or choose another "
+                                f"--out") from None
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)
+
+
 def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | Path | None = None,
                    out: str | Path | None = None, overlays: int = 3, image_channel: str | None = None,
-                   thresholds=THRESHOLDS, plate_cfg=None) -> dict[str, Any]:
+                   thresholds=THRESHOLDS, plate_cfg=None, channel_given: bool = False) -> dict[str, Any]:
     """Score label image ``name`` of every field against ``ref``: a label image of the same plate, or
-    (with ``ref_plate``) a channel of a TIFF/OME-Zarr plate such as ``masks``. Writes JSON (+ PNGs) to ``out``."""
+    (with ``ref_plate``) a channel of a TIFF/OME-Zarr plate such as ``masks``. Writes JSON (+ PNGs) to ``out``.
+
+    ``channel_given``: ``image_channel`` was asked for (``--channel``), so a plate without it is refused rather
+    than drawn on its first channel."""
+    for n in (name, ref) if ref_plate is None else (name,):
+        # read, not written: any name a label image can have, but one path element inside labels/
+        if not n or "/" in n or "\\" in n or n.startswith("."):
+            raise EvaluateError(f"{pred_path}: {n!r} is not a label image name (one name under labels/, such as "
+                                f"misic); pass --name/--ref with the name")
+    if out is not None:
+        _writable_out(Path(out))
+    with _OutLock(Path(out) if out is not None else None):
+        return _evaluate_plate(pred_path, name, ref, ref_plate, out, overlays, image_channel, thresholds, plate_cfg,
+                               channel_given)
+
+
+def _evaluate_plate(pred_path, name, ref, ref_plate, out, overlays, image_channel, thresholds, plate_cfg,
+                    channel_given) -> dict[str, Any]:
     from hpc_retrain.config import PlateConfig
     from hpc_retrain.io.plate import open_plate
 
     pred_path = Path(pred_path)
     fields = prediction_fields(pred_path, name, ref if ref_plate is None else None)
+    if channel_given and out is not None and overlays > 0 and fields:
+        from hpc_retrain.io import ngff
+
+        have = ngff.channel_names(fields[0][1])
+        if image_channel not in have:
+            raise EvaluateError(f"{pred_path}/{fields[0][0]}: no channel {image_channel!r} to draw the overlays on "
+                                f"(has {have}); pass --channel with one of them")
     refs: dict[str, Any] = {}
     if ref_plate is not None:
         cfg = plate_cfg or PlateConfig()
         rp = open_plate(cfg.model_copy(update={"path": Path(ref_plate)}))
         refs = {_field_key(f.well, f.field): f for f in rp.fields}
     per_field: dict[str, list[Score]] = {}
+    readings: dict[str, list[str]] = {}
     pictures = None
     if out is not None and overlays > 0:
         from hpc_retrain.evaluate.overlays import Pictures  # matplotlib: only when drawing
@@ -102,19 +215,20 @@ def evaluate_plate(pred_path: str | Path, name: str, ref: str, ref_plate: str | 
             if f is None:
                 raise EvaluateError(f"{ref_plate}: no field matching {source_key} of {pred_path}")
             reference = np.asarray(f.channel(ref))
-        if reference.dtype.kind == "b" or (reference.max() == 1 and reference.dtype.kind in "ui"):
-            # A binary mask: its connected components are the reference cells.
-            from scipy import ndimage as ndi
-            reference = ndi.label(reference > 0)[0]
+        reference, reading = reference_instances(reference, f"{ref_plate or pred_path}: reference {ref!r} of {key}")
+        readings.setdefault(reading, []).append(key)
         # Pictures: matched / false-positive / missed objects at IoU 0.5, by the same matching as the scores.
         per_field[key], outcome = match_objects(reference, pred, thresholds, 0.5 if pictures is not None else None)
         if pictures is not None:
             pictures.add(k, key, source_key, grp, pred, reference, outcome)
+    for reading, keys in readings.items():
+        log.info("reference %r: %d field(s) read as %s", ref, len(keys), reading)
     overall = summarize(per_field)
     result = {
         "prediction": str(pred_path), "name": name, "reference": ref,
         "reference_plate": str(ref_plate) if ref_plate else None,
         "thresholds": list(thresholds),
+        "reference_reading": {reading: len(keys) for reading, keys in readings.items()},
         "overall": [s.as_dict() for s in overall],
         "fields": {k: [s.as_dict() for s in v] for k, v in per_field.items()},
         "overlays": pictures.written if pictures is not None else [],

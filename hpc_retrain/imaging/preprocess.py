@@ -50,6 +50,42 @@ def check_image(im, source: str = "image") -> None:
         raise ImageError(f"{source}: image {im.shape} is too small to segment")
 
 
+MIN_SCALED = 16  # px: the smallest rescaled image (either side) worth segmenting
+# Bytes per pixel of the rescaled image an in-memory field needs at once: the float64 rescale and its
+# padded copy, the three float32 shape-index channels and the filters' float64 temporaries.
+BYTES_PER_SCALED_PX = 64
+
+
+def check_scaled(shape, scale: float, source: str = "image", in_memory: bool = True) -> tuple[int, int]:
+    """The rescaled shape of an image of ``shape``; ImageError when it would be too small to segment, or (for
+    an image processed whole, ``in_memory``) need more memory than the machine has available, before
+    allocating it."""
+    out = rescaled_shape(tuple(shape), scale)
+    width = f"preprocess.mean_width {10 / scale:.3g} px" if scale > 0 else "preprocess.mean_width"
+    if min(out) < MIN_SCALED:
+        raise ImageError(f"{source}: {tuple(shape)} px scaled by {scale:g} (10 / {width}) is {out} px, too small "
+                         f"to segment; check {width.split()[0]} (the cells' width in pixels)")
+    need = out[0] * out[1] * BYTES_PER_SCALED_PX
+    have = available_memory() if in_memory else None
+    if have is not None and need > have:
+        raise ImageError(f"{source}: {tuple(shape)} px scaled by {scale:g} (10 / {width}) is {out} px and needs "
+                         f"about {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available; check "
+                         f"{width.split()[0]} (the cells' width in pixels) or lower compute.chunk")
+    return out
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def intensity_range(im, percentiles, source: str = "image") -> tuple[float, float]:
     """Exact percentiles (integer images: from a full histogram, so chunking cannot change them)."""
     lo_p, hi_p = percentiles
@@ -121,6 +157,8 @@ def normalize(x, lo: float, hi: float):
 def prepare_np(im: np.ndarray, prep: ChannelPrep, scale: float, source: str = "image") -> np.ndarray:
     """Normalize, gamma, rescale one in-memory image (float64)."""
     check_image(im, source)
+    if scale != 1.0:
+        check_scaled(im.shape, scale, source)  # before anything is allocated
     lo, hi = intensity_range(im, prep.percentiles, source)
     x = normalize(im, lo, hi)
     if prep.gamma != 1.0:
@@ -246,6 +284,7 @@ def features(im: da.Array, prep: ChannelPrep, cfg: PreprocessConfig, chunk: int 
     if not isinstance(im, da.Array):
         im = da.from_array(np.asarray(im), chunks=chunk)
     check_image(im, source)
+    check_scaled(im.shape, cfg.scale, source, in_memory=False)  # block by block: any size fits
     lo, hi = intensity_range(im, prep.percentiles, source)
     x = normalize(im, lo, hi)
     if prep.gamma != 1.0:

@@ -1,5 +1,9 @@
 """Which engine runs the model: OpenVINO on a CPU, TensorFlow on a GPU (``compute.engine``).
 
+OpenVINO converts TensorFlow graphs, so it runs only with the TensorFlow Keras backend (``compute.backend``):
+under JAX or PyTorch ``auto`` (and ``keras``) picks the Keras predictor on that backend, and ``openvino`` or
+``tensorflow`` is refused in one line. ``keras``: the Keras predictor on whichever backend is in use.
+
 ``auto`` (the default) picks TensorFlow when it sees a GPU or OpenVINO is not installed, and otherwise the
 engine that is faster on this CPU, timed once per machine and cached per user (``engine_choice``);
 ``tensorflow`` and ``openvino`` force one. The choice is logged once per process. OpenVINO converts the
@@ -24,7 +28,7 @@ from hpc_retrain.errors import HpcRetrainError
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "tensorflow", "openvino")
+ENGINES = ("auto", "keras", "tensorflow", "openvino")
 
 _RESOLVED: dict[Any, tuple[str, str]] = {}  # requested (auto: with tile, threads) -> (engine, why)
 _LOGGED: set[tuple[str, str]] = set()
@@ -59,22 +63,32 @@ def cpu_flags() -> set[str]:
 
 
 def gpu_visible() -> bool:
-    import tensorflow as tf
+    from hpc_retrain.inference import backend
 
-    return bool(tf.config.list_physical_devices("GPU"))
+    return backend.gpu_visible()
 
 
 def resolve(engine: str = "auto", model=None, tile: int = 256, threads: int | None = None) -> str:
-    """``tensorflow`` or ``openvino`` for a ``compute.engine`` value; logged once per process. ``auto`` on a
-    CPU times ``model`` (None: the pretrained MISIC) on both engines the first time this machine and
-    ``tile`` size are seen (``engine_choice``)."""
+    """``openvino`` or the Keras backend (``tensorflow``, ``jax``, ``torch``) for a ``compute.engine`` value;
+    logged once per process. ``auto`` on a CPU with the TensorFlow backend times ``model`` (None: the
+    pretrained MISIC) on both engines the first time this machine and ``tile`` size are seen
+    (``engine_choice``)."""
+    from hpc_retrain.inference import backend
+
     if engine not in ENGINES:
         raise EngineError(f"unknown inference engine {engine!r}; use one of {ENGINES}")
+    active = backend.current()
     key = engine if engine != "auto" else (engine, int(tile), threads)
+    if key not in _RESOLVED and active != "tensorflow":
+        if engine in ("openvino", "tensorflow"):
+            raise EngineError(f"compute.engine={engine} needs the TensorFlow backend (OpenVINO converts TensorFlow "
+                              f"models), but compute.backend is {active}: use compute.engine=auto (the Keras "
+                              f"predictor on {active}) or compute.backend=tensorflow")
+        _RESOLVED[key] = (active, f"compute.engine={engine}: the Keras predictor on the {active} backend")
     if key not in _RESOLVED:
         ov = openvino_version()
-        if engine == "tensorflow":
-            _RESOLVED[key] = ("tensorflow", "compute.engine=tensorflow")
+        if engine in ("tensorflow", "keras"):
+            _RESOLVED[key] = ("tensorflow", f"compute.engine={engine}")
         elif engine == "openvino":
             if ov is None:
                 raise EngineError("compute.engine=openvino, but OpenVINO is not installed here "
@@ -87,7 +101,7 @@ def resolve(engine: str = "auto", model=None, tile: int = 256, threads: int | No
         else:  # CPU flags do not tell which is faster (benchmarks/RESULTS.md section 7): measured, cached
             from hpc_retrain.inference import engine_choice
 
-            _RESOLVED[key] = engine_choice.choose(model, tile, threads)
+            _RESOLVED[key] = engine_choice.choose(model, tile, threads, compile_openvino=openvino_model)
     name, why = _RESOLVED[key]
     _log_once(name, why)
     return name
@@ -217,14 +231,14 @@ def _ref(obj):
 
 def for_model(model, engine: str = "auto", tile: int = 256, threads: int | None = None
               ) -> tuple[str, OpenVINOModel | None]:
-    """(engine name, the OpenVINO model or None for TensorFlow) to run ``model`` with.
+    """(engine name, the OpenVINO model or None for the Keras predictor) to run ``model`` with.
 
     ``auto`` falls back to TensorFlow (one warning) if OpenVINO cannot convert this model; a forced
     ``openvino`` raises ``EngineError`` then."""
     if threads is None:
         threads = tensorflow_threads()
     name = resolve(engine, model, tile, threads)
-    if name == "tensorflow":
+    if name != "openvino":
         return name, None
     try:
         return name, openvino_model(model, tile, threads)

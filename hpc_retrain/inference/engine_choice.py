@@ -112,13 +112,16 @@ def write_cache(choices: dict, path: Path | None = None) -> bool:
         return False
 
 
-def time_engines(model, tile: int = 256, threads: int | None = None, tiles: int = TILES, pairs: int = PAIRS) -> dict:
+def time_engines(model, tile: int = 256, threads: int | None = None, tiles: int = TILES, pairs: int = PAIRS,
+                 compile_openvino: Callable | None = None) -> dict:
     """Seconds of each engine on the same ``tiles`` random tiles, ``pairs`` times, alternating (the order
     flips each pair), after one untimed call each (TensorFlow's tracing, OpenVINO's first inference).
-    TensorFlow runs one tile per call, as ``Predictor`` does on a CPU; OpenVINO the whole stack in one call."""
+    TensorFlow runs one tile per call, as ``Predictor`` does on a CPU; OpenVINO the whole stack in one call.
+    ``compile_openvino``: ``engine.openvino_model`` (passed in by the engine module, which imports this one)."""
     import tensorflow as tf
 
-    from hpc_retrain.inference import engine as E
+    if compile_openvino is None:
+        raise ValueError("time_engines needs compile_openvino (engine.openvino_model)")
 
     if model is None:
         from hpc_retrain.inference import model as M
@@ -127,7 +130,7 @@ def time_engines(model, tile: int = 256, threads: int | None = None, tiles: int 
     x = np.random.default_rng(0).random((tiles, tile, tile, 3), dtype=np.float32)
     fn = tf.function(lambda t: model(t, training=False),
                      input_signature=[tf.TensorSpec([None, tile, tile, 3], tf.float32)])
-    ov = E.openvino_model(model, tile, threads)
+    ov = compile_openvino(model, tile, threads)
 
     def run_tf():
         for i in range(len(x)):
@@ -166,7 +169,8 @@ def describe(rec: dict, cached: bool, path: Path) -> str:
             f"measure again, compute.engine=tensorflow|openvino forces one)")
 
 
-def choose(model=None, tile: int = 256, threads: int | None = None, timer: Timer | None = None) -> tuple[str, str]:
+def choose(model=None, tile: int = 256, threads: int | None = None, timer: Timer | None = None,
+           compile_openvino: Callable | None = None) -> tuple[str, str]:
     """(engine, why) for ``compute.engine=auto`` on a CPU with both engines: the cached choice for this
     machine, else measured now (``timer``, default ``time_engines``; ``model`` None: the pretrained MISIC)
     and cached."""
@@ -181,7 +185,9 @@ def choose(model=None, tile: int = 256, threads: int | None = None, timer: Timer
                 log.warning("engine choice cache %s: the entry for this machine is damaged; measuring again", path)
         log.info("compute.engine=auto: timing TensorFlow and OpenVINO on this CPU (once per machine; %s)", key)
         try:
-            rec = _measure(model, int(tile), threads, timer or time_engines)
+            # positional: a timer is called as (model, tile, threads, ...)
+            rec = _measure(model, int(tile), threads,
+                           timer or (lambda m, t, th: time_engines(m, t, th, TILES, PAIRS, compile_openvino)))
         except Exception as e:  # OpenVINO cannot convert this model, say: TensorFlow, nothing cached
             log.warning("compute.engine=auto: the engines could not be timed (%s: %s); using TensorFlow",
                         type(e).__name__, e)

@@ -1,8 +1,8 @@
 """Container health check: load the pinned MISIC model, run one tile through it, report the GPUs.
 
-    python -m hpc_retrain.inference.healthcheck [--require-gpu]
+    [KERAS_BACKEND=jax] python -m hpc_retrain.inference.healthcheck [--require-gpu]
 
-Prints one JSON object ``{"model", "sha256", "gpus", "output_shape", "ok"}`` (plus ``"error"`` on failure)
+Prints one JSON object ``{"model", "sha256", "backend", "gpus", "output_shape", "ok"}`` (plus ``"error"`` on failure)
 and exits 0 only when the model loaded, matched its pinned checksum and produced finite output. Used by
 the Dockerfile's HEALTHCHECK and the Apptainer image's %test, so a broken image fails at build/start, not
 hours into a queued job.
@@ -18,15 +18,17 @@ import sys
 
 def check(require_gpu: bool = False) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter would bury the JSON
-    report: dict = {"model": None, "sha256": None, "gpus": [], "output_shape": None, "ok": False}
+    report: dict = {"model": None, "sha256": None, "backend": None, "gpus": [], "output_shape": None, "ok": False}
     try:
         import numpy as np
 
+        from hpc_retrain.inference import backend
         from hpc_retrain.inference import model as M
 
-        tf = M.import_tensorflow()
-
-        report["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+        report["backend"] = backend.apply()  # KERAS_BACKEND, else tensorflow
+        if report["backend"] == "tensorflow":
+            M.import_tensorflow()
+        report["gpus"] = backend.gpu_names()
         path = M.pretrained_path(verify=False)
         report["model"] = str(path)
         report["sha256"] = M.sha256(path)
@@ -38,7 +40,7 @@ def check(require_gpu: bool = False) -> dict:
             raise RuntimeError("the model's output on a zero tile is not finite")
         if require_gpu and not report["gpus"]:
             raise RuntimeError(
-                "no GPU visible to TensorFlow (--require-gpu): check the driver, `--gpus all` (Docker) "
+                f"no GPU visible to {report['backend']} (--require-gpu): check the driver, `--gpus all` (Docker) "
                 "or `--nv` (Apptainer), and CUDA_VISIBLE_DEVICES"
             )
         report["ok"] = True
@@ -49,7 +51,7 @@ def check(require_gpu: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpc_retrain.inference.healthcheck", description=__doc__.split("\n")[0])
-    parser.add_argument("--require-gpu", action="store_true", help="fail when TensorFlow sees no GPU")
+    parser.add_argument("--require-gpu", action="store_true", help="fail when the Keras backend sees no GPU")
     args = parser.parse_args(argv)
     report = check(require_gpu=args.require_gpu)
     print(json.dumps(report), flush=True)

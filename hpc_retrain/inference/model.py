@@ -147,6 +147,9 @@ def load_with_source(path: str | Path | None = None, tile: int = 256):
         log.log(logging.INFO if chosen else logging.WARNING, "%s", src.note)
         return model, ModelSource(src.path, src.run, src.checkpoint, src.note, sha)
     file = src.path
+    from hpc_retrain.inference import backend
+
+    backend.apply()  # the backend this process was given (KERAS_BACKEND), checked before keras is imported
     try:
         import keras
 
@@ -191,9 +194,16 @@ def _load_checkpoint(src: ModelSource, tile: int):
             f"({cfg.train.base_model or 'MISIC pretrained'}): {len(saved)} variables vs {len(ours)}, first "
             f"difference at #{diff}; was train.base_model in {run / 'config.yaml'} changed?")
     for i, v in enumerate(model.variables):
-        a = arrays[f"m{i:04d}"]
+        try:
+            a = arrays[f"m{i:04d}"]
+        except Exception as e:  # an object array (allow_pickle is off), a damaged member
+            raise ModelError(f"{ckpt}: variable m{i:04d} of variables.npz is unreadable ({type(e).__name__}: "
+                             f"{e}); use another checkpoint (--model RUN/checkpoints/...)") from None
         if tuple(a.shape) != tuple(v.shape):
             raise ModelError(f"{ckpt}: variable m{i:04d} has shape {a.shape}, the model's is {tuple(v.shape)}")
+        if a.dtype.kind not in "fiub":
+            raise ModelError(f"{ckpt}: variable m{i:04d} of variables.npz holds {a.dtype} values, not numbers; "
+                             f"use another checkpoint (--model RUN/checkpoints/...)")
         v.assign(a.astype(np.dtype(str(v.dtype)), copy=False))
     _remember_source(model, ckpt)
     check_io(model, tile, source=str(ckpt))

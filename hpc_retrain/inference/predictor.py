@@ -49,10 +49,12 @@ class InferError(HpcRetrainError, ValueError):
 # ------------------------------------------------------------------------------------------ model
 class Predictor:
     """The model on its engine (``compute.engine``, see ``hpc_retrain.inference.engine``), tiles in batches of ``batch_size``:
-    OpenVINO compiled once per model (CPU), or TensorFlow as one traced function with a dynamic batch (no
-    retracing and none of ``predict``'s per-call pipeline set-up). ``engine``: the one it runs on
-    ("tensorflow" or "openvino"), for provenance; ``requested``: the ``compute.engine`` value asked for.
-    TensorFlow without a GPU takes ``CPU_BATCH`` tiles per call whatever ``batch_size`` says (``step``)."""
+    OpenVINO compiled once per model (CPU, TensorFlow backend only), or Keras on its backend compiled once
+    (``backend.predict_function``: TensorFlow as one traced function with a dynamic batch, no retracing and
+    none of ``predict``'s per-call pipeline set-up; JAX jit-compiled; PyTorch without autograd). ``engine``:
+    the one it runs on ("openvino", or the Keras backend: "tensorflow", "jax", "torch"), for provenance;
+    ``requested``: the ``compute.engine`` value asked for. Without a GPU it takes ``CPU_BATCH`` tiles per call
+    whatever ``batch_size`` says (``step``)."""
 
     def __init__(self, model, batch_size: int = 8, tile: int = 256, engine: str = "auto"):
         from hpc_retrain.inference import engine as E
@@ -68,12 +70,13 @@ class Predictor:
         self.channels = int(model.output_shape[-1])
         self.requested = engine
         self.engine, self._ov = E.for_model(model, engine, self.tile)
-        self._fn, self.step = None, self.batch_size
+        self._fn, self.step, self._pad = None, self.batch_size, False
         if self._ov is None:
-            import tensorflow as tf
+            from hpc_retrain.inference import backend
 
-            spec = tf.TensorSpec([None, tile, tile, 3], tf.float32)
-            self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+            self._fn = backend.predict_function(model)
+            # jax.jit compiles once per batch shape: a short last batch is padded to the step instead.
+            self._pad = self.engine == "jax"
             if not E.gpu_visible():
                 self.step = min(self.batch_size, CPU_BATCH)
 
@@ -82,8 +85,11 @@ class Predictor:
         out = np.empty((n, self.tile, self.tile, 2), np.float32)
         for i in range(0, n, self.step):
             batch = np.ascontiguousarray(tiles[i:i + self.step], np.float32)
-            y = self._ov(batch) if self._ov is not None else self._fn(batch).numpy()
-            out[i:i + len(batch)] = y[..., :2]
+            k = len(batch)
+            if self._pad and k < self.step:
+                batch = np.concatenate([batch, np.zeros((self.step - k,) + batch.shape[1:], np.float32)])
+            y = self._ov(batch) if self._ov is not None else self._fn(batch)
+            out[i:i + k] = y[:k, ..., :2]
         return out
 
 

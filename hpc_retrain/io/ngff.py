@@ -204,11 +204,27 @@ def plate_fields(root: zarr.Group) -> list[tuple[str, int, str]]:
         raise ValueError(f"{root.store}: not an OME-Zarr HCS plate (no 'plate' metadata)")
     out = []
     for w in meta["wells"]:
-        row, col = w["path"].split("/")
+        parts = str(w.get("path", "")).split("/")
+        if len(parts) != 2 or not all(_plain_name(p) for p in parts):
+            raise ValueError(f"the plate lists well path {w.get('path')!r}; a well path is 'row/column' (e.g. A/1)")
+        row, col = parts
+        if w["path"] not in root:
+            raise ValueError(f"the plate lists well {w['path']} but it is not there; fix the plate's metadata")
         well_meta = _ome(root[w["path"]]).get("well") or root[w["path"]].attrs.get("well", {})
         for i, img in enumerate(well_meta.get("images", [])):
-            out.append((f"{row}{col}", i, f"{w['path']}/{img['path']}"))
+            if not _plain_name(str(img.get("path", ""))):
+                raise ValueError(f"well {w['path']} lists image path {img.get('path')!r}; an image path is one name "
+                                 f"inside its well (e.g. 0), without '/', '.' or '..'")
+            gpath = f"{w['path']}/{img['path']}"
+            if gpath not in root:
+                raise ValueError(f"well {w['path']} lists field {gpath} but it is not there; fix the plate's metadata")
+            out.append((f"{row}{col}", i, gpath))
     return out
+
+
+def _plain_name(name: str) -> bool:
+    """One path element that stays where it is: not empty, no '/', not '.' or '..'."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
 
 def open_hcs(path, mode: str = "r") -> tuple[zarr.Group, list[tuple[str, int, str]]]:

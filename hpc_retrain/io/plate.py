@@ -141,12 +141,29 @@ def _open_tiffs(root: Path, pattern: str) -> Plate:
                     found.setdefault(("A1", m.group(1)), {})[sub.name] = p
     if not found:
         raise PlateError(_nothing_found(root, pattern))
+    _one_spelling_per_well(found)
     fields = []
     for (well, fld), chans in sorted(found.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
         f = Field(well, fld, {c: _lazy_tiff(p) for c, p in sorted(chans.items())}, str(root / f"{well}_{fld}"))
         _check_same_shape(f, chans)
         fields.append(f)
     return Plate(root, "tiff", fields)
+
+
+def _one_spelling_per_well(found: dict[tuple[str, str], dict[str, Path]]) -> None:
+    """Refuse two spellings of one well (A1 and a1, A1 and A01): an HCS plate has one group per well, so
+    their fields would overwrite each other. Also a well name that is not a row letter and a column number."""
+    spelled: dict[tuple[str, str], tuple[str, Path]] = {}
+    for (well, _), chans in sorted(found.items()):
+        example = next(iter(chans.values()))
+        try:
+            rc = ngff.split_well(well)
+        except ValueError as e:
+            raise PlateError(f"{example}: {e}") from None
+        first = spelled.setdefault(rc, (well, example))
+        if first[0] != well:
+            raise PlateError(f"{first[1]} and {example} name the same well {rc[0]}{rc[1]} ({first[0]!r} and "
+                             f"{well!r}); rename the files so each well is spelled one way")
 
 
 def _nothing_found(root: Path, pattern: str, sample: int = 5) -> str:
@@ -197,6 +214,12 @@ def _plane_index(path, shape: tuple, axes: str, images: int = 1) -> tuple:
             kept.append((a, n))
     if len(kept) == 2 and images == 1:
         return tuple(index)
+    if len(kept) < 2 and images == 1 and len(shape) >= 2:
+        # A tiny 2-D image (1 x 1, 1 x N): read as such; the stages skip it as too small, naming the file
+        yx = [i for i, a in enumerate(axes) if a in "YX"]
+        yx = yx if len(yx) == 2 else [len(shape) - 2, len(shape) - 1]
+        if all(n == 1 or i in yx for i, n in enumerate(shape)):
+            return tuple(slice(None) if i in yx else 0 for i in range(len(shape)))
     if len(kept) > 2:
         planar = [n for a, n in kept if a not in "YX"] if {"Y", "X"} <= {a for a, _ in kept} else \
             [n for _, n in kept[:-2]]
@@ -252,7 +275,12 @@ def _open_zarr(root_path: Path) -> Plate:
     for well, idx, gpath in entries:
         grp = root[gpath]
         names = ngff.channel_names(grp)
-        arr = grp["0"]
+        try:
+            arr = grp["0"]
+        except KeyError:
+            raise PlateError(f"{root_path}/{gpath}: the field image has no array '0' (its full-resolution level); "
+                             f"the plate is incomplete: rewrite that field, or remove it from well "
+                             f"{gpath.rsplit('/', 1)[0]}'s list") from None
         if arr.ndim != 3 or len(names) != arr.shape[0]:
             raise PlateError(f"{root_path}/{gpath}: image {arr.shape} does not match channels {names}")
         full = da.from_zarr(arr)

@@ -41,16 +41,15 @@ def get_model(path=None, threads: int | None = None, engine: str | None = None):
     key = str(path or "pretrained")
     if key not in _MODELS:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from hpc_retrain.inference import backend
         from hpc_retrain.inference import model as M
 
-        tf = M.import_tensorflow()  # a Dask worker process's first import: without TF's start-up lines
+        # A Dask worker process inherits KERAS_BACKEND from the process that applied compute.backend.
+        if backend.apply() == "tensorflow":
+            M.import_tensorflow()  # a Dask worker process's first import: without TF's start-up lines
         if threads:
             # Several worker processes on one machine: split the cores instead of oversubscribing them.
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:  # TF already initialised in this process; keep its settings
-                pass
+            backend.limit_threads(int(threads))
         _MODELS[key] = M.load(path)
     if engine is not None:
         from hpc_retrain.inference import engine as E

@@ -113,6 +113,11 @@ def _run(cfg: RunConfig, store_path: Path, stages: tuple[str, ...], overwrite: b
 
     from hpc_retrain.io.plate import open_plate
 
+    if overwrite and store_path.is_dir():
+        with st.replacing(store_path):  # refused now, before any work, while a training reads the store
+            pass
+    if cfg.cluster.scheduler_address:
+        check_scheduler(cfg.cluster.scheduler_address)
     plate = open_plate(cfg.plate)
     needs = {"labels": cfg.plate.fluorescence, "targets": cfg.plate.brightfield}
     plate.require(*(needs[s] for s in stages))
@@ -166,6 +171,27 @@ def resolve_width(cfg: RunConfig, plate, store_path: Path, overwrite: bool = Fal
 
     # The labelling model: this process's labels stage reuses it, so measuring loads nothing extra.
     return W.resolve_mean_width(cfg, plate, model=L.get_model(None))
+
+
+def check_scheduler(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse, before any work, a Dask scheduler address nothing answers at (one line, not a traceback after
+    distributed's 30 s timeout)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address if "://" in address else f"tcp://{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise PrepareError(f"--scheduler {address}: not a scheduler address; give tcp://HOST:PORT (e.g. "
+                           f"tcp://node1:8786)")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise PrepareError(f"--scheduler {address}: nothing answers there ({e.strerror or e}); start the scheduler "
+                           f"(`dask scheduler`) and its workers, or leave out --scheduler to run here") from None
 
 
 def _compute(tasks, cfg: RunConfig, progress: bool) -> list[Any]:
@@ -228,7 +254,8 @@ def open_or_create(path: Path, entries: list[layout.FieldEntry], cfg: RunConfig,
                 raise st.StoreError(f"{path}: was made with other parameters ({'; '.join(diffs[:5])}); "
                                    f"rerun with --overwrite to rebuild it, or choose another --out")
             log.warning("%s: rebuilding (--overwrite): %s", path, "; ".join(diffs[:5]))
-        shutil.rmtree(path)
+        with st.replacing(path):
+            shutil.rmtree(path)
         qc_path(path).unlink(missing_ok=True)
         st.config_copy_path(path).unlink(missing_ok=True)
     root = st.create(path, entries, config, cfg.tiling.size)

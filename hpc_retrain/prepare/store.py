@@ -21,9 +21,12 @@ keys, without reading a chunk. Older stores skipped all-zero chunks; for them on
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,9 @@ from hpc_retrain.prepare.layout import (
     FieldEntry,
     array_layout,
 )
+
+# Root attribute: a new id each time a store is created (rebuilt); a training checks it has not changed.
+GENERATION = "generation"
 
 
 class StoreError(HpcRetrainError, ValueError):
@@ -130,6 +136,7 @@ def _create(path: Path, entries: list[FieldEntry], config: dict[str, Any], size:
         "qc_columns": list(QC_COLUMNS),
         "tile_size": size,
         EVERY_CHUNK: True,
+        GENERATION: uuid.uuid4().hex,
     })
 
 
@@ -169,6 +176,65 @@ def describe_arrays(root: zarr.Group) -> list[str]:
             root[name].attrs.update(attrs)
         changed.append(name)
     return changed
+
+
+# ----------------------------------------------------------------------------------------- generation, lock
+def generation(path_or_root) -> str | None:
+    """The store's generation id, read afresh from its metadata (None: an older store, or none at ``path``)."""
+    try:
+        root = path_or_root if isinstance(path_or_root, zarr.Group) else zarr.open_group(str(path_or_root), mode="r")
+        value = root.attrs.get(GENERATION)
+    except Exception:
+        return None
+    return str(value) if value else None
+
+
+@contextlib.contextmanager
+def reading(path: str | Path):
+    """Held by a training for as long as it reads the store: a shared ``flock`` on the store's folder, which
+    :func:`replacing` (``prepare --overwrite``) cannot take meanwhile. Where the file system has no ``flock``
+    the training goes on; its generation check still notices a rebuild."""
+    fd = _lock_fd(path)
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"{path}: the store is being rebuilt (`hpc-retrain prepare --overwrite`); "
+                                 f"train once it has finished") from None
+            except OSError:
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path):
+    """Held while an existing store is deleted to be rebuilt; refused while a training reads it."""
+    fd = _lock_fd(path)
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"{path}: a training is reading this store (`hpc-retrain train --store {path}`); "
+                                 f"rebuilding it would change its tiles under the run: wait for the training to "
+                                 f"end (or stop it), or prepare into another --out") from None
+            except OSError:
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock_fd(path: str | Path) -> int | None:
+    try:
+        return os.open(str(path), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None  # not a folder (yet): nothing to lock
 
 
 # ----------------------------------------------------------------------------------------- config

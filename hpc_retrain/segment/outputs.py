@@ -83,6 +83,32 @@ def result_state(field_group, name: str) -> str | None:
     return "incomplete"
 
 
+def foreign_result(field_group, name: str) -> str | None:
+    """``labels/<name>`` or ``probabilities/<name>`` of a field when hpc_retrain did not write it (no
+    ``hpc_retrain`` attributes: hand-made masks, another tool's): such results are never replaced."""
+    for parent in ("labels", PROB_GROUP):
+        grp = field_group.get(parent)
+        if grp is not None and name in grp and not isinstance(grp[name].attrs.get(ngff.PROVENANCE), dict):
+            return f"{parent}/{name}"
+    return None
+
+
+def check_inside(plate_path: Path, group_path: str, name: str) -> None:
+    """Refuse to write a field's results through a symbolic link that leads out of the plate (a field group,
+    its ``labels``/``probabilities`` or the result itself linked elsewhere): the results would land outside."""
+    root = Path(plate_path).resolve()
+    for rel in (group_path, f"{group_path}/labels", f"{group_path}/labels/{name}", f"{group_path}/{PROB_GROUP}",
+                f"{group_path}/{PROB_GROUP}/{name}"):
+        p = Path(plate_path) / rel
+        if not (p.exists() or p.is_symlink()):
+            continue
+        real = p.resolve()
+        if real != root and root not in real.parents:
+            raise OutputError(f"{p}: is a link to {real}, outside the plate {plate_path}; results are never written "
+                              f"through it: replace the link with the folder itself, or pass --out PATH to write "
+                              f"a new plate")
+
+
 def begin_result(field_group, name: str) -> None:
     """Mark ``labels/<name>`` then ``probabilities/<name>`` unfinished before any of their arrays changes (a
     new group is created with the mark in one metadata write)."""

@@ -125,6 +125,7 @@ def segment(cfg: RunConfig, out: str | Path | None = None, channel: str = "brigh
         fields = [f for f in fields if f.well in wells]
     given = bool(out)
     target, in_place = _check_output(plate, out)
+    tiff_folder(plate, tiff, cfg.infer.name, check=True)  # the TIFF folder's own problems name it, not --out
 
     cfg = settle(cfg, plate, source_channel, overrides)
     prep = getattr(cfg.preprocess, channel)
@@ -133,6 +134,7 @@ def segment(cfg: RunConfig, out: str | Path | None = None, channel: str = "brigh
     predict = infer.Predictor(model, cfg.compute.batch_size, cfg.tiling.size, cfg.compute.engine)
     provenance = {"version": __version__, "model": str(source.path), "model_sha256": source.sha256,
                   "mode": cfg.infer.mode, "channel": source_channel, "engine": predict.engine,
+                  "backend": _keras_backend(),
                   "config": cfg.to_dict()}
     if source.is_checkpoint:  # the folder (best, above all) changes as training goes on: say what it held
         provenance["model_checkpoint"] = dict(source.checkpoint, weights="variables.npz")
@@ -144,6 +146,28 @@ def segment(cfg: RunConfig, out: str | Path | None = None, channel: str = "brigh
         if problem is None:
             raise
         raise SegmentError(problem) from None
+
+
+def tiff_folder(plate, tiff, name: str, check: bool = False) -> Path | None:
+    """The folder of ``--tiff`` (None: no TIFFs), created; with ``check``, refused (one line naming it) when it
+    is a file or cannot be written, before any work."""
+    if tiff is None or tiff is False:
+        return None
+    folder = Path(tiff) if tiff not in (True, "") else plate.path.parent / f"{plate.path.name}_{name}_tiff"
+    if check:
+        if folder.exists() and not folder.is_dir():
+            raise SegmentError(f"{folder}: is a file, not a folder for the TIFFs; choose another --tiff DIR")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SegmentError(f"{folder}: cannot create the TIFF folder ({e.strerror or e}); choose another "
+                               f"--tiff DIR") from None
+        err = O.probe_writable(folder)
+        if err is not None:
+            raise SegmentError(f"{folder}: cannot write the TIFFs there ({err.strerror or err}); choose another "
+                               f"--tiff DIR, or fix its permissions or free space")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _check_output(plate, out: str | Path | None) -> tuple[Path, bool]:
@@ -204,10 +228,7 @@ class _Run:
     def __call__(self, plate, fields, out: Path | None, tiff) -> Segmented:
         out_path, groups = O.output_plate(plate, out, fields, self.cfg.compute.chunk)
         todo, kept = self._plan(out_path, fields, groups)
-        if tiff is not None and tiff is not False:
-            self.tiff_dir = Path(tiff) if tiff not in (True, "") else \
-                plate.path.parent / f"{plate.path.name}_{self.name}_tiff"
-            self.tiff_dir.mkdir(parents=True, exist_ok=True)
+        self.tiff_dir = tiff_folder(plate, tiff, self.name)
         self.result = Segmented(out_path, self.name, kept=kept)
         chunk = self.cfg.compute.chunk
         small = [(f, g) for f, g in todo if max(f.shape) <= chunk]
@@ -224,6 +245,12 @@ class _Run:
         name = self.name
         todo, kept, clash, redo = [], [], [], []
         for f, grp in zip(fields, groups):
+            O.check_inside(out_path, grp.path, name)
+            foreign = O.foreign_result(grp, name)
+            if foreign:
+                raise SegmentError(f"{out_path}/{grp.path}/{foreign} was not written by hpc-retrain (hand-made masks, "
+                                   f"or another tool's): it is never replaced, --overwrite or not; choose another "
+                                   f"--name for the results")
             state = O.result_state(grp, name)
             if state == "complete" and not self.overwrite:
                 diff = O.settings_differ(grp["labels"][name].attrs.get(ngff.PROVENANCE), self.settings)
@@ -346,3 +373,9 @@ class _progress:
             self.bar.update()
         else:
             log.info("%s %d/%d %s", self.desc, self.n, self.total, msg)
+
+
+def _keras_backend() -> str:
+    from hpc_retrain.inference import backend
+
+    return backend.current()

@@ -1,17 +1,19 @@
-"""Synthetic paired brightfield / fluorescence fields of rod-shaped bacteria with exact instance masks.
+"""Synthetic paired transmitted-light (brightfield or phase contrast) / fluorescence fields of rod-shaped
+bacteria with exact instance masks.
 
 Used for tests, benchmarks and demos where real plates are absent: every field is a deterministic
 function of its seed, and its ``masks`` are the very pixels the two channels were rendered from, so they
 are a complete ground truth (unlike the partial masks of real data sets).
 
-Cells are spherocylinders (capsules). Most sit in microcolonies grown side by side and end to end, so
-touching cells are common; where two capsules overlap, a pixel belongs to the cell whose surface it is
-deepest inside, so each pixel has one owner and overlaps stay small (candidates overlapping more than
-``max_overlap`` of their own area are not placed).
+Cells are spherocylinders (capsules) lying in a monolayer: no two overlap, so every cell's mask is its
+whole capsule. Most sit in microcolonies grown by division (:mod:`hpc_retrain.synth.placement`), packed side
+by side and end to end, so touching cells are common; in brightfield a dark envelope line parts them, in
+phase contrast (``modality="phase"``) cells are dark with a bright halo and bright lines between them.
 """
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -24,9 +26,11 @@ from skimage import measure
 from skimage.segmentation import relabel_sequential
 
 from hpc_retrain.config import CHANNELS
-from hpc_retrain.synth.params import U16, SynthField, SynthParams
+from hpc_retrain.synth import placement as SP
+from hpc_retrain.synth.params import U16, SynthError, SynthField, SynthParams
 
-GENERATOR_VERSION = 1
+# 2: monolayers (cells grown into colonies and never overlapping), envelopes, the phase-contrast modality
+GENERATOR_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -37,47 +41,6 @@ def _cell_widths(rng: np.random.Generator, p: SynthParams, n: int) -> np.ndarray
 
 def _cell_lengths(rng: np.random.Generator, p: SynthParams, widths: np.ndarray) -> np.ndarray:
     return widths * rng.uniform(*p.length_range, widths.shape[0])
-
-
-def _colony(rng: np.random.Generator, p: SynthParams, center: np.ndarray) -> np.ndarray:
-    """Cells (cy, cx, angle, length, width) of one microcolony: rows of cells lying side by side.
-
-    Within a row cells follow end to end, as daughters do after division; rows are stacked at the sum of
-    neighbouring radii (times 0.96-1.02) so they touch. Rows fill an elliptical footprint, so the
-    random lengths stagger the cell ends like bricks in a wall.
-    """
-    n_target = max(1, int(rng.poisson(p.colony_size)))
-    w0 = p.mean_width
-    mean_len = w0 * np.mean(p.length_range)
-    aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))  # footprint length / breadth
-    # rows x cells-per-row ~= n, with a footprint (per_row * L) / (rows * w) ~= aspect.
-    per_row = max(1.0, np.sqrt(n_target * aspect * w0 / mean_len))
-    n_rows = max(1, int(round(n_target / per_row)))
-    half_len = per_row * mean_len / 2
-    theta = rng.uniform(0, np.pi)
-    row_w = _cell_widths(rng, p, n_rows)
-    ys = np.concatenate([[0.0], np.cumsum((row_w[:-1] + row_w[1:]) / 2 * rng.uniform(0.96, 1.02, n_rows - 1))])
-    ys -= ys.mean()
-    half_breadth = ys.max(initial=0.0) + row_w.max() / 2
-    cells = []
-    for y, w in zip(ys, row_w):
-        # Flank rows are shorter, giving the rounded outline of a real microcolony.
-        ext = half_len * np.sqrt(max(0.0, 1 - (y / half_breadth) ** 2)) if n_rows > 1 else half_len
-        x = -ext + rng.uniform(-0.25, 0.25) * mean_len
-        while True:
-            wd = float(np.clip(w * rng.normal(1.0, 0.03), 0.85 * w0, 1.15 * w0))
-            ln = float(_cell_lengths(rng, p, np.array([wd]))[0])
-            cells.append((y, x + ln / 2, ln, wd))
-            x += ln + wd * rng.uniform(-0.05, 0.15)
-            if x >= ext - 0.3 * mean_len:
-                break
-    arr = np.array(cells, dtype=float)
-    c, s = np.cos(theta), np.sin(theta)
-    # Axis direction (cos, sin) in (x, y) image coordinates; rows are offset along its normal.
-    cy = center[0] + arr[:, 1] * s + arr[:, 0] * c
-    cx = center[1] + arr[:, 1] * c - arr[:, 0] * s
-    ang = theta + np.deg2rad(rng.normal(0, p.angle_jitter_deg, len(arr)))
-    return np.column_stack([cy, cx, ang, arr[:, 2], arr[:, 3]])
 
 
 def _singles(rng: np.random.Generator, p: SynthParams, n: int, shape: tuple[int, int], pad: float) -> np.ndarray:
@@ -96,42 +59,57 @@ def _mean_cell_area(p: SynthParams) -> float:
     return w * w * (np.mean(p.length_range) - 1 + np.pi / 4)
 
 
-def _candidates(rng: np.random.Generator, p: SynthParams, shape: tuple[int, int]) -> np.ndarray:
-    """More cells than fit, colonies first; placement keeps those that do not overlap much."""
+def _layout(rng: np.random.Generator, p: SynthParams, shape: tuple[int, int]) -> np.ndarray:
+    """Cells (cy, cx, angle, length, width) of a field, none overlapping another: microcolonies grown by
+    division and relaxation (:mod:`hpc_retrain.synth.placement`), then single cells where there is room,
+    until they cover ``density`` of the field."""
     pad = p.mean_width * p.length_range[1] / 2
-    target = p.density * (shape[0] + pad) * (shape[1] + pad)
-    n_cells = target / _mean_cell_area(p)
+    n_cells = p.density * (shape[0] + pad) * (shape[1] + pad) / _mean_cell_area(p)
     n_col_cells = n_cells * p.colony_fraction
     n_colonies = int(rng.poisson(n_col_cells / p.colony_size)) if n_col_cells > 0 else 0
-    parts = [np.zeros((0, 5))]
+    rods = SP.Rods(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0))
     if n_colonies:
-        centers = np.column_stack([rng.uniform(-pad, shape[0] + pad, n_colonies),
-                                   rng.uniform(-pad, shape[1] + pad, n_colonies)])
-        parts += [_colony(rng, p, c) for c in centers]
-    # Singles are over-drawn because those landing on colonies are refused.
-    n_single = int(rng.poisson(2.0 * n_cells * (1 - p.colony_fraction) + 0.5 * n_col_cells))
-    parts.append(_singles(rng, p, n_single, shape, pad))
-    return np.concatenate(parts)
+        centres = np.column_stack([rng.uniform(-pad, shape[1] + pad, n_colonies),
+                                   rng.uniform(-pad, shape[0] + pad, n_colonies)])  # (x, y)
+        sizes = np.maximum(1, rng.poisson(p.colony_size, n_colonies))
+        rods = SP.grow_colonies(rng, centres, sizes, lambda k: _cell_widths(rng, p, k), p.length_range,
+                                p.angle_jitter_deg)
+    # Area in the field so far, counting a cell whose centre lies in the field as wholly inside (cells
+    # across the edge balance those outside it that reach in).
+    inside = (rods.xy[:, 0] >= 0) & (rods.xy[:, 0] < shape[1]) & (rods.xy[:, 1] >= 0) & (rods.xy[:, 1] < shape[0])
+    have = float((rods.width ** 2 * (rods.length / rods.width - 1 + np.pi / 4))[inside].sum())
+    need = p.density * shape[0] * shape[1] - have
+    # Singles are over-drawn (those landing on cells are refused); drawing stops once they cover ``need``.
+    n_single = int(rng.poisson(3.0 * max(need, 0.0) / _mean_cell_area(p) + 2.0 * n_cells * (1 - p.colony_fraction)))
+    s = _singles(rng, p, n_single, shape, pad)
+    cand = SP.Rods(s[:, [1, 0]], s[:, 2], s[:, 3], s[:, 4])
+    w = cand.width
+    areas = w * w * (cand.length / w - 1 + np.pi / 4)
+    areas = areas * ((s[:, 0] >= 0) & (s[:, 0] < shape[0]) & (s[:, 1] >= 0) & (s[:, 1] < shape[1]))
+    rods = SP.add_singles(rods, cand, areas, need)
+    return SP.as_cells(SP.without_overlaps(rods))
 
 
-def _place(cells: np.ndarray, shape: tuple[int, int], p: SynthParams, target_area: float
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Rasterise capsules one by one into an instance image; returns labels and each pixel's radial
-    position in its own cell (0 on the axis, 1 on the surface), which shapes both channels."""
+def _place(cells: np.ndarray, shape: tuple[int, int], p: SynthParams
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rasterise capsules (which do not overlap) into an instance image.
+
+    Returns the labels (cell i of ``cells`` is label i + 1), each cell pixel's radial position in its cell
+    (0 on the axis, 1 on the surface) and, for every pixel within a band around the cells, the signed
+    distance to the nearest cell surface (px, negative inside; +inf farther out): the envelopes are drawn
+    from it, across the boundary between touching cells too."""
     H, W = shape
     labels = np.zeros(shape, np.int32)
-    depth = np.full(shape, np.inf, np.float32)  # signed distance to the owner's surface (negative inside)
+    sdf = np.full(shape, np.inf, np.float32)
     rho = np.ones(shape, np.float32)
-    covered = 0
-    next_id = 1
-    for cy, cx, ang, length, width in cells:
-        if covered >= target_area:
-            break
+    band = 3.0 * _envelope_sigma(p)
+    for k, (cy, cx, ang, length, width) in enumerate(cells):
         r = width / 2
         half = max(length / 2 - r, 0.0)
         dy, dx = np.sin(ang) * half, np.cos(ang) * half
-        y0, y1 = int(np.floor(cy - abs(dy) - r)), int(np.ceil(cy + abs(dy) + r)) + 1
-        x0, x1 = int(np.floor(cx - abs(dx) - r)), int(np.ceil(cx + abs(dx) + r)) + 1
+        ext = r + band
+        y0, y1 = int(np.floor(cy - abs(dy) - ext)), int(np.ceil(cy + abs(dy) + ext)) + 1
+        x0, x1 = int(np.floor(cx - abs(dx) - ext)), int(np.ceil(cx + abs(dx) + ext)) + 1
         y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
         if y0 >= y1 or x0 >= x1:
             continue
@@ -141,27 +119,20 @@ def _place(cells: np.ndarray, shape: tuple[int, int], p: SynthParams, target_are
         ux, uy = np.float32(np.cos(ang)), np.float32(np.sin(ang))
         t = np.clip(xx * ux + yy * uy, -half, half)
         d = np.hypot(xx - t * ux, yy - t * uy)
-        inside = d <= r
-        n_in = int(inside.sum())
-        if n_in == 0:
-            continue
-        sl = (slice(y0, y1), slice(x0, x1))
-        lab = labels[sl]
-        if np.count_nonzero(lab[inside]) > p.max_overlap * n_in:
-            continue
         s = d - np.float32(r)
-        win = inside & (s < depth[sl])
-        lab[win] = next_id
-        depth[sl][win] = s[win]
-        rho[sl][win] = d[win] / np.float32(r)
-        covered += n_in
-        next_id += 1
-    return labels, rho
+        sl = (slice(y0, y1), slice(x0, x1))
+        nearer = s < sdf[sl]
+        sdf[sl][nearer] = s[nearer]
+        # Capsules are apart (placement.GAP), so no pixel lies inside two: the owner is unique.
+        inside = s <= 0
+        labels[sl][inside] = k + 1
+        rho[sl][inside] = d[inside] / np.float32(r)
+    return labels, rho, sdf
 
 
-def _tidy(labels: np.ndarray, min_area: float) -> np.ndarray:
-    """Drop stray fragments left where a later cell cut an earlier one, and slivers at the image edge,
-    then number cells 1..n."""
+def _tidy(labels: np.ndarray, min_area: float) -> tuple[np.ndarray, np.ndarray]:
+    """Drop slivers at the image edge (and any stray fragment a cell's raster might have there), then
+    number cells 1..n; also returns, for each new label 1..n, its label before."""
     # skimage's label splits on value changes too, so each component lies inside one cell.
     comp = measure.label(labels, background=0, connectivity=1)
     sizes = np.bincount(comp.ravel())
@@ -175,7 +146,8 @@ def _tidy(labels: np.ndarray, min_area: float) -> np.ndarray:
     best = order[first]
     keep[best[sizes[best] >= min_area]] = True
     out = np.where(keep[comp], labels, 0)
-    return relabel_sequential(out)[0].astype(np.int32)
+    new, _, inverse = relabel_sequential(out)
+    return new.astype(np.int32), np.asarray(inverse[np.arange(1, int(new.max()) + 1)], np.int64)
 
 
 # ----------------------------------------------------------------------------------------- rendering
@@ -217,20 +189,50 @@ def _camera(rng: np.random.Generator, expected: np.ndarray, gain: float, read_no
     return np.clip(np.rint(img), 0, U16).astype(np.uint16)
 
 
-def _brightfield(rng: np.random.Generator, labels: np.ndarray, rho: np.ndarray, p: SynthParams) -> np.ndarray:
+def _envelope_sigma(p: SynthParams) -> float:
+    return max(0.5, p.bf_envelope_sigma * p.mean_width)
+
+
+def _brightfield(rng: np.random.Generator, labels: np.ndarray, rho: np.ndarray, sdf: np.ndarray,
+                 p: SynthParams) -> np.ndarray:
     n = int(labels.max())
     contrast = np.concatenate([[0.0], p.bf_contrast * np.clip(rng.normal(1, p.bf_contrast_spread, n), 0.6, 1.4)])
     cell = labels > 0
-    # Cells are darkest near their envelope and a little lighter along the axis, as in focus on agar.
-    shade = np.where(cell, 0.7 + 0.3 * rho * rho, 0).astype(np.float32)
+    # The cytoplasm is evenly dark, a little more towards the rim; the envelope is a darker line on the
+    # surface, drawn from the distance to the nearest surface, so two touching cells are parted by a dark
+    # line lighter cytoplasm on either side of it (as colonies look in brightfield).
+    shade = np.where(cell, 0.6 + 0.15 * rho * rho, 0).astype(np.float32)
     dark = contrast[labels].astype(np.float32) * shade
-    # A thin bright halo hugs the outside of cells (phase/defocus ring).
+    env = np.exp(-0.5 * (sdf / np.float32(_envelope_sigma(p))) ** 2)
+    dark += np.float32(p.bf_envelope * p.bf_contrast) * env
+    # A thin bright halo hugs the outside of cells (defocus ring).
     near = ndi.gaussian_filter(cell.astype(np.float32), 0.3 * p.mean_width)
     halo = np.where(cell, 0, np.minimum(2 * near, 1)) * np.float32(p.bf_halo * p.bf_contrast)
     img = np.float32(p.bf_background) - dark + halo
+    return _transmitted(rng, img, labels.shape, p)
+
+
+def _phase(rng: np.random.Generator, labels: np.ndarray, rho: np.ndarray, p: SynthParams) -> np.ndarray:
+    """Positive phase contrast: cells dark in proportion to their thickness, and the bright halo the phase
+    ring makes. The image is the background less a high-pass of the phase map (the phase less a broad blur
+    of it), so light is taken from a cell and spread around it: bright halos outside cells, bright lines
+    where two cells touch (the phase map is thin there), and the shade-off that lightens the middle of
+    a large colony."""
+    n = int(labels.max())
+    depth = np.concatenate([[0.0], p.ph_depth * np.clip(rng.normal(1, p.ph_depth_spread, n), 0.6, 1.4)])
+    cell = labels > 0
+    phi = np.where(cell, depth[labels] * np.sqrt(np.clip(1 - rho * rho, 0, 1)), 0).astype(np.float32)
+    spread = ndi.gaussian_filter(phi, p.ph_halo_sigma * p.mean_width)
+    img = np.float32(p.ph_background) * (1 - phi + np.float32(p.ph_halo) * spread)
+    return _transmitted(rng, img, labels.shape, p)
+
+
+def _transmitted(rng: np.random.Generator, img: np.ndarray, shape: tuple[int, int], p: SynthParams) -> np.ndarray:
+    """The optics and camera a transmitted-light image goes through: blur, uneven illumination, condenser
+    texture, noise."""
     img = ndi.gaussian_filter(img, p.psf)
-    texture = 1 + np.float32(p.bf_mottle) * _smooth_noise(rng, labels.shape, 3 * p.mean_width)
-    img *= _illumination(rng, labels.shape, p.bf_gradient) * texture
+    texture = 1 + np.float32(p.bf_mottle) * _smooth_noise(rng, shape, 3 * p.mean_width)
+    img *= _illumination(rng, shape, p.bf_gradient) * texture
     return _camera(rng, img, p.bf_gain, p.bf_read_noise)
 
 
@@ -262,21 +264,21 @@ def render_field(seed: int, shape: Sequence[int] = (512, 512), mean_width: float
     """
     p, shape = _checked(shape, mean_width, density, params)
     rng = np.random.default_rng(seed)
-    cells = _candidates(rng, p, shape)
-    labels, rho = _place(cells, shape, p, target_area=p.density * shape[0] * shape[1])
-    labels = _tidy(labels, min_area=0.5 * p.mean_width ** 2)
-    bf = _brightfield(rng, labels, rho, p)
+    cells = _layout(rng, p, shape)
+    labels, rho, sdf = _place(cells, shape, p)
+    labels, before = _tidy(labels, min_area=0.5 * p.mean_width ** 2)
+    transmitted = _phase(rng, labels, rho, p) if p.modality == "phase" else _brightfield(rng, labels, rho, sdf, p)
     fl = _fluorescence(rng, labels, rho, p)
-    return SynthField(bf, fl, labels, int(seed), _params_dict(p))
+    return SynthField(transmitted, fl, labels, int(seed), _params_dict(p), cells=cells[before - 1])
 
 
 def _checked(shape: Sequence[int], mean_width: float, density: float, params: dict[str, Any]
              ) -> tuple[SynthParams, tuple[int, int]]:
     if len(shape) != 2 or min(int(s) for s in shape) < 1:
-        raise ValueError(f"synthetic field: shape must be two positive sizes (Y, X), got {tuple(shape)}")
+        raise SynthError(f"synthetic field: shape must be two positive sizes (Y, X), got {tuple(shape)}")
     unknown = set(params) - set(SynthParams.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"synthetic field: unknown parameter(s) {sorted(unknown)}; "
+        raise SynthError(f"synthetic field: unknown parameter(s) {sorted(unknown)}; "
                          f"known: {sorted(SynthParams.__dataclass_fields__)}")
     p = SynthParams(mean_width=float(mean_width), density=float(density), **params)
     p.check()
@@ -297,6 +299,51 @@ def field_seed(seed: int, well: str, field: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def check_wells(wells: Sequence[str], path: str | Path = "synthetic plate") -> None:
+    """Refuse well names that are not a row letter and a column number, and two names of one well (A1, A01)."""
+    from hpc_retrain.io.ngff import split_well
+
+    seen: dict[tuple[str, str], str] = {}
+    for w in wells:
+        try:
+            rc = split_well(w)
+        except ValueError as e:
+            raise SynthError(f"{path}: {e}") from None
+        if rc in seen:
+            raise SynthError(f"{path}: duplicate wells: {seen[rc]!r} and {w!r} are the same well ({rc[0]}{rc[1]}); "
+                             f"give each well once")
+        seen[rc] = w
+
+
+def own_plate_problem(path: str | Path) -> str | None:
+    """None when folder ``path`` is a plate ``write_plate`` wrote (its ``synth.json``, and nothing at its top
+    level that the plate does not consist of), else why not: what ``synth --overwrite`` may replace."""
+    path = Path(path)
+    try:
+        record = json.loads((path / "synth.json").read_text())
+        fmt, fields = record["format"], record["fields"]
+        if record.get("generator") != "hpc_retrain.synth.plates":
+            raise ValueError
+    except FileNotFoundError:
+        return "it holds no synth.json"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its synth.json was not written by synth"
+    expected = {"synth.json"}
+    try:
+        if fmt == "tiff":
+            expected |= {f"{f['well']}_s{f['field']}_{ch}.tif" for f in fields for ch in (*CHANNELS, "masks")}
+        else:
+            from hpc_retrain.io.ngff import split_well
+
+            expected |= {"zarr.json"} | {split_well(f["well"])[0] for f in fields}
+    except (KeyError, TypeError, ValueError):
+        return "its synth.json was not written by synth"
+    other = sorted(set(os.listdir(path)) - expected)
+    if other:
+        return f"it holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, which synth does not write"
+    return None
+
+
 def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zarr",
                 wells: Sequence[str] = ("A1", "A2"), fields_per_well: int = 2,
                 shape: Sequence[int] = (512, 512), seed: int = 0, mean_width: float = 7.0,
@@ -310,11 +357,10 @@ def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zar
     path = Path(path)
     wells = list(wells)
     if fmt not in ("ome-zarr", "tiff"):
-        raise ValueError(f"{path}: unknown plate format {fmt!r}; use 'ome-zarr' or 'tiff'")
+        raise SynthError(f"{path}: unknown plate format {fmt!r}; use 'ome-zarr' or 'tiff'")
     if not wells or fields_per_well < 1:
-        raise ValueError(f"{path}: a plate needs at least one well and one field per well")
-    if len(set(w.upper() for w in wells)) != len(wells):
-        raise ValueError(f"{path}: duplicate wells in {wells}")
+        raise SynthError(f"{path}: a plate needs at least one well and one field per well")
+    check_wells(wells, path)
     # Refuse bad parameters before anything is written.
     p, shape = _checked(shape, mean_width, density, params)
 
@@ -339,7 +385,7 @@ def write_plate(path: str | Path, *, fmt: Literal["ome-zarr", "tiff"] = "ome-zar
                     tifffile.imwrite(path / f"{well}_s{f}_{ch}.tif", arr, compression="zlib")
             else:
                 img = np.stack([sf.brightfield, sf.fluorescence])
-                grp = ngff.write_field(plate, well, f, img, list(CHANNELS))
+                grp = ngff.write_field(plate, well, f, img, list(sf.channels()))
                 ngff.write_labels(grp, "truth", sf.masks)
     if plate is not None:
         plate.attrs["hpc_retrain_synth"] = {k: v for k, v in record.items() if k != "fields"}

@@ -45,6 +45,8 @@ class Progress:
     pos_weight: list | None = None
     data_seed: int = 0
     train_config: dict | None = None
+    store: str | None = None  # the training store the run started on (resolved path)
+    store_generation: str | None = None  # its generation id then (store.GENERATION); None for older stores
 
     @property
     def name(self) -> str:
@@ -58,8 +60,8 @@ def save_checkpoint(run_dir: Path, prog: Progress, model, optimizer, keep: int, 
     tmp = ck_root / f".tmp-{prog.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    arrays = {f"m{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
-    arrays.update({f"o{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
+    arrays = {f"m{i:04d}": _numpy(v) for i, v in enumerate(model.variables)}
+    arrays.update({f"o{i:04d}": _numpy(v) for i, v in enumerate(optimizer.variables)})
     with open(tmp / VARIABLES_FILE, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
@@ -90,24 +92,51 @@ def _prune(ck_root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _numpy(v) -> np.ndarray:
+    from keras import ops
+
+    return np.asarray(ops.convert_to_numpy(v.value))
+
+
 def _signature(variables) -> list[str]:
     return [f"{tuple(v.shape)} {v.dtype}" for v in variables]
+
+
+def _fits(saved: list[str], ours: list[str]) -> bool:
+    """The same variables by shape and kind (float or integer), not by exact dtype: backends keep the Dropout
+    seed states and Adam's step count in integers of their own width (TensorFlow int64, JAX and PyTorch
+    uint32/int32), so a checkpoint written under one backend resumes under another."""
+    def key(sig: str) -> tuple[str, bool]:
+        shape, dtype = sig.rsplit(" ", 1)
+        return shape, dtype.startswith(("float", "bfloat"))
+
+    return len(saved) == len(ours) and all(key(a) == key(b) for a, b in zip(saved, ours))
 
 
 def load_checkpoint(path: Path, model, optimizer) -> Progress:
     state = json.loads((path / STATE_FILE).read_text())
     names_m, names_o = state.pop("model_variables"), state.pop("optimizer_variables")
     # Shapes, not names: Keras numbers layer names per process, so a second model in one process differs.
-    if names_m != _signature(model.variables):
+    if not _fits(names_m, _signature(model.variables)):
         raise TrainingError(f"{path}: checkpoint variables do not match this model (another base model?)")
     optimizer.build(model.trainable_variables)
-    if names_o != _signature(optimizer.variables):
+    if not _fits(names_o, _signature(optimizer.variables)):
         raise TrainingError(f"{path}: optimizer state does not match (another init mode or precision?)")
-    with np.load(path / VARIABLES_FILE) as z:
-        for i, v in enumerate(model.variables):
-            v.assign(z[f"m{i:04d}"])
-        for i, v in enumerate(optimizer.variables):
-            v.assign(z[f"o{i:04d}"])
+    try:
+        with np.load(path / VARIABLES_FILE) as z:
+            for prefix, variables in (("m", model.variables), ("o", optimizer.variables)):
+                for i, v in enumerate(variables):
+                    a = z[f"{prefix}{i:04d}"]
+                    if a.dtype.kind not in "fiub":
+                        raise ValueError(f"{prefix}{i:04d} holds {a.dtype} values, not numbers")
+                    # cast to the variable's own dtype (another backend's integer width): values carry over
+                    v.assign(a.astype(str(v.dtype), copy=False))
+    except OSError:
+        raise  # the machine's (permission denied, I/O error): reported as such, the checkpoint is not blamed
+    except Exception as e:  # truncated, an object array (allow_pickle is off), a missing member
+        raise TrainingError(f"{path / VARIABLES_FILE} is unreadable ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); move the folder {path} out of {path.parent} to "
+                            f"resume from the checkpoint before it") from None
     known = set(Progress.__dataclass_fields__)
     return Progress(**{k: v for k, v in state.items() if k in known})
 

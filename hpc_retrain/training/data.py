@@ -77,14 +77,14 @@ def epoch_plan(train_tiles: np.ndarray, epoch: int, seed: int, batch: int, steps
     return order[:n], codes[:n].astype(np.int32), steps
 
 
-# ------------------------------------------------------------------------------------------ TF parts
+# ------------------------------------------------------------------------------------------ the tiles
 class TileReader:
     """Random access to one tile's (target, label) in the Zarr store.
 
     Opening checks, from a listing of chunk keys (nothing read), that every tile of the usable fields has
     its ``targets`` and ``labels`` chunk files: zarr reads a missing one as zeros. A chunk that exists but
     cannot be decoded (truncated, overwritten) fails ``read`` with one line naming the file; as that happens
-    inside TensorFlow's input pipeline, the line is also kept in ``TileReader.failure`` for the caller.
+    in a loader thread, the line is also kept in ``TileReader.failure`` for the caller.
     """
 
     failure: str | None = None  # the last unreadable tile's message, in this process
@@ -122,6 +122,11 @@ def _unreadable_tile(reader: TileReader, i: int, e: Exception) -> str:
         except Exception:
             files.append(str(st.chunk_file(root, reader.path, name, i)))
     files = files or [f"{reader.path}/targets|labels chunk of tile {i}"]
+    env = st.environment_error(e)
+    if env is not None:  # the machine's (permissions, I/O): the file may well be fine, never advise deleting it
+        what, fix = st.ENVIRONMENT_ERRORS[env.errno]
+        return (f"{reader.path}: tile {i}{where}: cannot read chunk file {env.filename or ' and '.join(files)} "
+                f"({what}); {fix} and rerun the same command to resume (the file itself may be fine)")
     text = " ".join(str(e).split())[:200]
     return (f"{reader.path}: tile {i}{where} is unreadable ({type(e).__name__}: {text}): chunk file "
             f"{' and '.join(files)} is truncated or corrupt; delete it and rerun "
@@ -129,38 +134,16 @@ def _unreadable_tile(reader: TileReader, i: int, e: Exception) -> str:
             f"fields with missing chunks")
 
 
-PIPELINE_DEPTH = 2
-
-
 def make_dataset(reader: TileReader, tiles: np.ndarray, codes: np.ndarray, batch: int):
-    """Batches of (target, label) read in parallel from Zarr, in the given order, augmented by code."""
-    import tensorflow as tf
+    """Batches of (target, label) as NumPy arrays, read by threads from Zarr in the given order, augmented by
+    code (``loader.TileLoader``: no tf.data, so every backend sees the same batches)."""
+    from hpc_retrain.training.loader import TileLoader
 
-    s = reader.size
-
-    def load(i, code):
-        x, y = tf.py_function(reader.read, [i], [tf.float32, tf.uint8])
-        x.set_shape((s, s, 3))
-        y.set_shape((s, s, 2))
-        return augment_pair(x, tf.cast(y, tf.float32), code)
-
-    ds = tf.data.Dataset.from_tensor_slices((np.asarray(tiles, np.int64), np.asarray(codes, np.int32)))
-    ds = ds.map(load, num_parallel_calls=PIPELINE_DEPTH, deterministic=True)
-    # Fixed depths with tf.data's autotuning off: its background thread sleeps in periods that double up to 60 s,
-    # and an epoch's iterator waited for it at its end, so epochs took multiples of 20.5 s (20.5, 41, 82, 142 s
-    # for ~20 s of steps, 2 cores; benchmarks/RESULTS.md section 4). A tile reads in ~4 ms: 2 in flight and 2
-    # batches ready keep a step fed.
-    opts = tf.data.Options()
-    opts.autotune.enabled = False
-    return ds.batch(batch).prefetch(PIPELINE_DEPTH).with_options(opts)
+    return TileLoader(reader, tiles, codes, batch)
 
 
 def augment_pair(x, y, code):
-    """The same flip/quarter-turn for target and label (stacked, so they cannot drift apart)."""
-    import tensorflow as tf
+    """The same flip/quarter-turn for target and label (``loader.augment_pair``)."""
+    from hpc_retrain.training.loader import augment_pair as pair
 
-    both = tf.concat([x, y], axis=-1)
-    both = tf.image.rot90(both, k=code % 4)
-    both = tf.cond(code >= 4, lambda: tf.reverse(both, axis=[1]), lambda: both)
-    nx = x.shape[-1]
-    return both[..., :nx], both[..., nx:]
+    return pair(np.asarray(x), np.asarray(y), int(code))

@@ -135,6 +135,25 @@ def _local_gpus(requested: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ launching
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse, before anything is written, a run folder that is a file or cannot be written (read-only file
+    system, permission denied, full disk), naming it."""
+    from hpc_retrain.segment.outputs import probe_writable
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ResumeError(f"{run_dir}: is a file, not a run folder; choose another --run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResumeError(f"{run_dir}: cannot create the run folder ({e.strerror or e}); choose another --run") \
+            from None
+    err = probe_writable(run_dir)
+    if err is not None:
+        raise ResumeError(f"{run_dir}: cannot write in the run folder ({err.strerror or err}); fix its permissions "
+                          f"or free space, or choose another --run")
+
+
 def resolve_store(run_dir: Path, store: str | Path | None) -> Path:
     """``store``, or the one a resumed run was started on (its ``job.json``); refused when there is none."""
     record = read_job(run_dir)
@@ -211,7 +230,7 @@ def follow(job, run_dir: Path, echo: Callable[[str], Any] | None = None, poll_s:
                         f"  see {job.paths.stderr}") from None
 
 
-def check_resume(cfg: RunConfig, run_dir: Path) -> None:
+def check_resume(cfg: RunConfig, run_dir: Path, store: Path | None = None) -> None:
     """Refuse, with one line and before anything is written, a resume the training would refuse.
 
     A run that has a checkpoint continues with the settings it started with: the checkpoint's
@@ -227,6 +246,8 @@ def check_resume(cfg: RunConfig, run_dir: Path) -> None:
     except (OSError, ValueError):
         return  # the training itself reports an unreadable checkpoint
     checkpoints.check_resume(state, cfg, run_dir)
+    if store is not None:
+        _check_same_store(state, run_dir, Path(store))
     diffs = []
     try:
         saved = RunConfig.read_saved(run_dir).to_dict()
@@ -244,6 +265,29 @@ def check_resume(cfg: RunConfig, run_dir: Path) -> None:
         raise ResumeError(f"{run_dir}: cannot change {'; '.join(diffs)}: preprocess, labels and tiling come from "
                        f"the training store the run was started on; prepare a new store and train into a new "
                        f"run folder")
+
+
+def _check_same_store(state: dict, run_dir: Path, store: Path) -> None:
+    """A run resumes on the store it started on (its fields, tiles, class weights and validation fields
+    are that store's): the same folder, or the same store moved (same generation id)."""
+    from hpc_retrain.prepare import store as st
+
+    started = state.get("store") or read_job(run_dir).get("store")
+    was = state.get("store_generation")
+    now = st.generation(store)
+    if was is not None and now == was:
+        return  # the same store, wherever it is now
+    same_path = started is not None and Path(started).resolve() == store.resolve()
+    if same_path and (was is None or now is None):
+        return  # a run or a store from before generation ids: the path is all there is to compare
+    if same_path:
+        raise ResumeError(f"{store}: the training store was rebuilt (`hpc-retrain prepare --overwrite`) since run "
+                          f"{run_dir} started on it: its fields and tiles are not the run's; train it into a new "
+                          f"run folder")
+    if started is None and was is None:
+        return  # nothing recorded to compare with
+    raise ResumeError(f"{run_dir}: cannot resume on store {store}: the run was started on store {started}; "
+                      f"leave out --store (or give that one) to resume, or train into a new run folder")
 
 
 def _flat(d, prefix: str) -> dict:
@@ -276,8 +320,8 @@ def failure_line(e: BaseException, run_dir: Path, store: Path | None = None) -> 
     from hpc_retrain.prepare.store import ENVIRONMENT_ERRORS, environment_error
     from hpc_retrain.training.loop import TileReader
 
-    if type(e).__module__.startswith("tensorflow") and TileReader.failure:
-        return TileReader.failure
+    if TileReader.failure and (type(e).__module__.startswith("tensorflow") or str(e) == TileReader.failure):
+        return TileReader.failure  # a training tile that did not decode (raised by the tile loader as it is)
     env = environment_error(e)
     if env is None:
         return _damaged_chunks(e, store) if store is not None and _raised_in_zarr(e) else None

@@ -1,7 +1,8 @@
-"""Retrain MISIC on a training store: a custom TensorFlow loop whose checkpoints make resumes exact.
+"""Retrain MISIC on a training store: a custom Keras loop whose checkpoints make resumes exact, on any backend.
 
 Why a custom loop rather than ``model.fit``: every piece of state that decides the next update is
-explicit and saved together, so a run killed at any point continues bit-for-bit (with op determinism):
+explicit and saved together, so a run killed at any point continues bit-for-bit (with op determinism), on
+TensorFlow, JAX or PyTorch (``compute.backend``; only the gradient step differs, ``backend.make_train_step``):
 
 * weights, BatchNorm statistics and the Dropout layers' seed-generator states (``model.variables``);
 * the optimizer's variables (Adam moments, iteration count, loss scale under mixed precision);
@@ -58,9 +59,10 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------- signals
 class _StopOnSignal:
-    """SIGTERM/SIGUSR2 only raise a flag: the loop saves after the step in flight and stops."""
+    """SIGTERM/SIGUSR2 and SIGINT (Ctrl-C) only raise a flag: the loop saves after the step in flight and stops.
+    A second Ctrl-C stops at once (KeyboardInterrupt), without saving."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
@@ -73,6 +75,8 @@ class _StopOnSignal:
         return self
 
     def _raise_flag(self, signum, frame):  # no logging here: a handler may interrupt a logging call
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -105,13 +109,22 @@ class _RunLog:
 # ----------------------------------------------------------------------------------------- training
 def train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     """Train (or resume) into ``run_dir``; returns the final metrics (also written to metrics.json)."""
+    from hpc_retrain.inference import backend
+
+    backend.apply(cfg.compute.backend)  # before anything imports keras: a backend that cannot run fails here, up front
     store, run_dir = Path(store), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _RunLog(run_dir):
         try:
-            return _train(cfg, store, run_dir)
+            with st.reading(store):  # prepare --overwrite cannot rebuild the store meanwhile
+                return _train(cfg, store, run_dir)
         except TrainingInterrupted as e:
             write_status(run_dir, "interrupted", checkpoint=str(e.checkpoint), signal=signal.Signals(e.signum).name,
+                         epochs=cfg.train.epochs)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C outside the epochs' loop (or twice): the last checkpoint stands
+            last = latest_checkpoint(run_dir)
+            write_status(run_dir, "interrupted", checkpoint=str(last) if last else None, signal="SIGINT",
                          epochs=cfg.train.epochs)
             raise
         except BaseException as e:
@@ -135,24 +148,29 @@ def store_config(cfg: RunConfig, root, store: Path) -> RunConfig:
 
 def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     import keras
-    import tensorflow as tf
 
+    from hpc_retrain.inference import backend
     from hpc_retrain.training.validation import FieldValidator
 
     root = st.open_store(store)
     cfg = store_config(cfg, root, store)
     tc = cfg.train
     if tc.deterministic:
-        tf.config.experimental.enable_op_determinism()
+        backend.enable_determinism()
     keras.utils.set_random_seed(cfg.seed)  # before building: Dropout seed generators draw from it
     policy = precision_policy(tc.mixed_precision)
     net, export = build_model(cfg, policy)
     opt = make_optimizer(tc.learning_rate, policy)
 
+    generation = st.generation(root)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         prog = load_checkpoint(ckpt, net, opt)
         check_resume(vars(prog), cfg, run_dir)
+        if prog.store_generation is not None and prog.store_generation != generation:
+            raise TrainingError(_rebuilt(store, run_dir, "since this run started on it"))
+        prog.store = prog.store or str(store.resolve())
+        prog.store_generation = prog.store_generation or generation
         train_fields, val_fields = np.array(prog.train_fields, int), np.array(prog.val_fields, int)
         pos_w = np.array(prog.pos_weight)
         log.info("resuming from %s: %d epoch(s) done%s", ckpt.name, prog.epoch,
@@ -165,16 +183,22 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store))
         opt.build(net.trainable_variables)
         prog = Progress(history=[], train_fields=train_fields.tolist(), val_fields=val_fields.tolist(),
-                        pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"))
+                        pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"),
+                        store=str(store.resolve()), store_generation=generation)
     cfg.save(run_dir)
+
+    def check_store() -> None:
+        """The store still holds the tiles this run started on (no ``prepare --overwrite`` meanwhile)."""
+        if generation is not None and st.generation(store) != generation:
+            raise TrainingError(_rebuilt(store, run_dir, "while this run trained on it"))
 
     train_tiles, val_tiles = field_tiles(root, train_fields), field_tiles(root, val_fields)
     if len(train_tiles) == 0:
         raise TrainingError(f"{store}: the training fields hold no tiles")
     log.info("store %s: %d training tiles (%d fields), %d validation tiles (%d fields); pos_weight %s; "
-             "batch %d; lr %g; init %s; %s", store, len(train_tiles), len(train_fields), len(val_tiles),
+             "batch %d; lr %g; init %s; %s; Keras backend %s", store, len(train_tiles), len(train_fields), len(val_tiles),
              len(val_fields), np.round(pos_w, 3).tolist(), tc.batch_size, tc.learning_rate, tc.init,
-             policy)
+             policy, keras.backend.backend())
     if len(val_tiles) == 0:
         log.warning("no validation fields (need at least 2 usable fields); the last epoch is exported, "
                     "thresholds stay MISIC's")
@@ -195,8 +219,8 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         vals, probs = np.zeros(6), []
         for x, y in val_ds:
             v, p = val_step(x, y)
-            vals += v.numpy()
-            probs.append(p.numpy())
+            vals += v
+            probs.append(p)
         return vals, validator.stitch(np.concatenate(probs))
 
     def validate(row: dict) -> dict:
@@ -231,6 +255,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
             order, codes, steps = epoch_plan(train_tiles, epoch, cfg.seed, tc.batch_size, tc.steps_per_epoch,
                                              tc.augment, tc.tiles_per_epoch)
             start_step = prog.step
+            check_store()
             ds = make_dataset(reader, order[start_step * tc.batch_size:], codes[start_step * tc.batch_size:],
                               tc.batch_size)
             write_status(run_dir, "running", epoch=epoch, **status_extra)
@@ -245,14 +270,15 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                 loss, acc = train_step(x, y)
                 n = int(x.shape[0])
                 step += 1
-                prog.loss_sum += float(loss) * n
-                prog.acc_sum += float(acc) * n
+                prog.loss_sum += loss * n
+                prog.acc_sum += acc * n
                 prog.seen += n
                 if step % every == 0 or step == steps:
                     log.info("epoch %d/%d step %d/%d loss %.4f", epoch, tc.epochs, step, steps,
                              prog.loss_sum / prog.seen)
                 if stop.signum is not None:
                     break
+            check_store()  # an epoch that read a rebuilt store is not saved
             if stop.signum is not None and step < steps:
                 prog.step, prog.epoch, prog.elapsed_s = step, epoch - 1, time.perf_counter() - t0
                 path = run_dir / CKPT_DIR / prog.name
@@ -288,9 +314,16 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     return _finish(cfg, run_dir, prog, net, opt, export, validator, val_pass, policy)
 
 
+def _rebuilt(store: Path, run_dir: Path, when: str) -> str:
+    return (f"{store}: the training store was rebuilt (`hpc-retrain prepare --overwrite`) {when}: its tiles, "
+            f"fields and settings are no longer those of run {run_dir}; train the new store into a new run folder")
+
+
 def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_pass,
             policy: str) -> dict:
     """Export the best epoch's float32 model with thresholds calibrated on the validation fields."""
+    import keras
+
     best = run_dir / CKPT_DIR / BEST
     if validator is not None and (best / STATE_FILE).is_file():
         load_checkpoint(best, net, opt)  # the exported model is the best epoch's, not the last one's
@@ -306,6 +339,7 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
     metrics = {"epochs": prog.epoch, "final": prog.history[-1] if prog.history else {},
                "best_epoch": prog.best_epoch, "best_score": prog.best_score, "pos_weight": prog.pos_weight,
                "train_fields": prog.train_fields, "val_fields": prog.val_fields, "precision": policy,
+               "backend": keras.backend.backend(),
                "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1")}}
     if validator is not None:
         metrics["validation"]["validation_cells"] = validator.n_cells

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from hpc_retrain.config import RunConfig
 from hpc_retrain.training.data import TrainingError
 
@@ -19,13 +21,20 @@ EPS = 1e-7
 
 
 def weighted_bce(y_true, y_prob, pos_weight, eps: float = EPS):
-    """Mean of -(w_c y log p + (1 - y) log(1 - p)) on probabilities (MISIC ends in a sigmoid)."""
-    import tensorflow as tf
+    """Mean of -(w_c y log p + (1 - y) log(1 - p)) on probabilities (MISIC ends in a sigmoid); keras.ops, so
+    the same expression runs on every backend (and inside each backend's compiled step)."""
+    from keras import ops
 
-    y = tf.cast(y_true, tf.float32)
-    p = tf.clip_by_value(tf.cast(y_prob, tf.float32), eps, 1.0 - eps)
-    w = tf.cast(pos_weight, tf.float32)
-    return tf.reduce_mean(-(w * y * tf.math.log(p) + (1.0 - y) * tf.math.log(1.0 - p)))
+    y = ops.cast(y_true, "float32")
+    p = ops.clip(ops.cast(y_prob, "float32"), eps, 1.0 - eps)
+    w = ops.cast(pos_weight, "float32")
+    return ops.mean(-(w * y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p)))
+
+
+def _weighted_bce_np(y: np.ndarray, p: np.ndarray, w: np.ndarray, eps: float = EPS) -> float:
+    """:func:`weighted_bce` in NumPy (float32, as it), for validation sums computed on the host."""
+    p = np.clip(p.astype(np.float32, copy=False), np.float32(eps), np.float32(1.0 - eps))
+    return float(np.mean(-(w * y * np.log(p) + (1.0 - y) * np.log(1.0 - p)), dtype=np.float64))
 
 
 def encoder_layers(model) -> list:
@@ -71,11 +80,11 @@ def precision_policy(setting: str) -> str:
     GPU, bfloat16 on a CPU (a training step 1.48x faster on a 2-core AMD EPYC with AVX512_BF16; emulated and
     slower on CPUs without it). bfloat16 is not the CPU default: on the ColiCoords cross-validation it gave the
     same F1 (0.824 vs 0.830) but recalled fewer ilastik cells (0.738 vs 0.923; benchmarks/RESULTS.md, 5c)."""
-    import tensorflow as tf
+    from hpc_retrain.inference import backend
 
     if setting == "off":
         return "float32"
-    if tf.config.list_physical_devices("GPU"):
+    if backend.gpu_visible():
         return "mixed_float16"
     if setting == "auto":
         return "float32"
@@ -110,36 +119,36 @@ def build_model(cfg: RunConfig, policy: str = "float32"):
 
 
 def make_steps(net, opt, pos_w, size: int):
-    """Compiled training and validation steps for (batch, size, size, 3) -> (batch, size, size, 2).
+    """Training and validation steps for (batch, size, size, 3) -> (batch, size, size, 2).
 
+    ``train_step(x, y) -> (loss, accuracy)``: the loss and accuracy are written once here with keras.ops;
+    only the gradient step is per backend (``backend.make_train_step``, which says why).
     ``val_step`` returns sums (loss * n, accuracy * n, n, body intersection, predicted, true) so metrics
     over the whole validation set do not depend on the batch size, and the batch's probabilities (for
-    the instance F1 of :mod:`validation`).
+    the instance F1 of :mod:`validation`); the model runs compiled (``backend.predict_function``), the sums on
+    the host in NumPy.
     """
-    import tensorflow as tf
+    from keras import ops
 
-    s = size
-    w = tf.constant(pos_w, tf.float32)
-    spec = (tf.TensorSpec((None, s, s, 3), tf.float32), tf.TensorSpec((None, s, s, 2), tf.float32))
+    from hpc_retrain.inference import backend
 
-    @tf.function(input_signature=spec)
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            p = net(x, training=True)
-            loss = weighted_bce(y, p, w)
-            scaled = opt.scale_loss(loss)
-        grads = tape.gradient(scaled, net.trainable_variables)
-        opt.apply(grads, net.trainable_variables)
-        acc = tf.reduce_mean(tf.cast(tf.equal(tf.cast(p, tf.float32) >= 0.5, y >= 0.5), tf.float32))
-        return loss, acc
+    w = np.asarray(pos_w, np.float32)
 
-    @tf.function(input_signature=spec)
+    def compute(y, p):
+        p = ops.cast(p, "float32")
+        acc = ops.mean(ops.cast(ops.equal(p >= 0.5, y >= 0.5), "float32"))
+        return weighted_bce(y, p, w), acc
+
+    train_step = backend.make_train_step(net, opt, compute)
+    predict = backend.predict_function(net)
+
     def val_step(x, y):
-        p = tf.cast(net(x, training=False), tf.float32)
-        n = tf.cast(tf.shape(x)[0], tf.float32)
-        hit = tf.cast(tf.equal(p >= 0.5, y >= 0.5), tf.float32)
-        pb, yb = tf.cast(p[..., 0] >= 0.5, tf.float32), y[..., 0]
-        inter, sp, sy = tf.reduce_sum(pb * yb), tf.reduce_sum(pb), tf.reduce_sum(yb)
-        return tf.stack([weighted_bce(y, p, w) * n, tf.reduce_mean(hit) * n, n, inter, sp, sy]), p[..., :2]
+        p = predict(np.asarray(x, np.float32))
+        y = np.asarray(y, np.float32)
+        n = float(len(x))
+        hit = np.mean((p >= 0.5) == (y >= 0.5), dtype=np.float64)
+        pb, yb = (p[..., 0] >= 0.5).astype(np.float64), y[..., 0].astype(np.float64)
+        inter, sp, sy = float((pb * yb).sum()), float(pb.sum()), float(yb.sum())
+        return np.array([_weighted_bce_np(y, p, w) * n, hit * n, n, inter, sp, sy]), p[..., :2]
 
     return train_step, val_step

@@ -116,10 +116,16 @@ def run_status(run_dir: Path) -> dict:
         raise FileNotFoundError(run_dir)
     job = read_job(run_dir)
     st_path = run_dir / STATUS_FILE
+    if st_path.exists() and not st_path.is_file():
+        raise RunFileError(f"{st_path} is not a file (a folder?); the training writes its state there: move it "
+                           f"away, then rerun the `hpc-retrain train` command of this run")
     try:
         status = json.loads(st_path.read_text()) if st_path.is_file() else {}
         if not isinstance(status, dict):
             raise ValueError(f"a JSON {type(status).__name__}, not an object")
+    except OSError as e:  # permission denied, I/O error: the machine's, not the file's content
+        raise RunFileError(f"{st_path}: cannot read it ({e.strerror or e}); fix its permissions (or the disk) "
+                           f"and ask again") from None
     except ValueError as e:  # also UnicodeDecodeError: binary garbage
         raise RunFileError(f"{st_path} is corrupt: {' '.join(str(e).split())[:200]}; the training rewrites it: "
                            f"rerun the `hpc-retrain train` command of this run to resume (or delete the file)") \
@@ -137,9 +143,23 @@ def run_status(run_dir: Path) -> dict:
         if reason:
             out["scheduler_state"] = "PENDING"  # squeue knows now; sacct may not have the job yet
             out["scheduler_reason"] = reason
-    hist = read_history(run_dir)
+    try:
+        hist = read_history(run_dir)
+        if not isinstance(hist, list) or not all(isinstance(h, dict) for h in hist):
+            raise ValueError("not a list of epochs")
+    except (OSError, ValueError) as e:  # the training rewrites it at the next epoch end
+        hist = []
+        out["history_error"] = f"{run_dir / 'history.json'} is unreadable ({' '.join(str(e).split())[:120]})"
     out["latest"] = hist[-1] if hist else None
     return out
+
+
+def _number(v, fmt: str = ".4f") -> str:
+    """``v`` formatted as a number, or as it is (a history written by hand may hold anything)."""
+    try:
+        return format(float(v), fmt)
+    except (TypeError, ValueError):
+        return repr(v)
 
 
 def status_text(s: dict) -> str:
@@ -151,11 +171,13 @@ def status_text(s: dict) -> str:
     if s.get("error"):
         lines.append(f"error:  {s['error']}")
     h = s["latest"]
-    if h:
+    if s.get("history_error"):
+        lines.append(f"epoch:  unknown: {s['history_error']}")
+    elif h:
         of = f"/{s['epochs']}" if s.get("epochs") else ""
-        vals = " ".join(f"{k} {h[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_iou", "val_dice")
+        vals = " ".join(f"{k} {_number(h[k])}" for k in ("loss", "accuracy", "val_loss", "val_iou", "val_dice")
                         if h.get(k) is not None)
-        lines.append(f"epoch:  {h['epoch']}{of}  {vals}  ({h.get('time_s', 0):.1f} s)")
+        lines.append(f"epoch:  {h.get('epoch', '?')}{of}  {vals}  ({_number(h.get('time_s', 0), '.1f')} s)")
     else:
         lines.append("epoch:  none finished yet")
     lines += [f"{k}: {s[k]}" for k in ("stdout", "stderr") if s.get(k)]

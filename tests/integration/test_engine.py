@@ -101,7 +101,7 @@ def test_engine_tensorflow_forces_tensorflow(pretrained_model, caplog, monkeypat
 
 @needs_openvino
 def test_the_engines_are_timed_on_the_model(pretrained_model):
-    t = C.time_engines(pretrained_model, 256, None, tiles=2, pairs=2)
+    t = C.time_engines(pretrained_model, 256, None, tiles=2, pairs=2, compile_openvino=E.openvino_model)
     assert t["tiles"] == 2 and all(len(t[e]) == 2 and min(t[e]) > 0 for e in ("tensorflow", "openvino"))
 
 

@@ -13,7 +13,7 @@ from hpc_retrain.inference import engine_choice as C
 def timer(tf_s: float, ov_s: float, calls: list):
     """A fake ``time_engines``: each engine takes the given seconds per run of 4 tiles."""
 
-    def fn(model, tile, threads):
+    def fn(model, tile, threads, *rest):  # rest: tiles, pairs, the OpenVINO compiler
         calls.append((model, tile, threads))
         return {"tensorflow": [tf_s, tf_s * 1.1, tf_s], "openvino": [ov_s, ov_s * 1.1, ov_s], "tiles": 4}
 
