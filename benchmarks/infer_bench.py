@@ -21,6 +21,12 @@ engine ``auto`` picks) as a fraction of that engine's bare rate on the plate's t
 time over segment's time; 1.0 would mean features, stitching, resizing and instances cost nothing.
 --quick segments cells 14 px wide (scale 0.71, 49 tiles per 2048 px field) once.
 
+Profile (``--profile REPS``, JSON ``profile``): on the same plates, REPS alternating repetitions of the bare
+model, the pipelined ``segment_fields`` (now), the helper-thread pipeline it replaced (before) and every part
+one after another (features, tiles, model, stitch, resize, instances: wall and CPU s each), with
+``fraction_of_model`` for each and ``cpu_ceiling``, the model's share of all the CPU work: the most any overlap
+can give when the model alone keeps every core busy.
+
 Memory: peak RSS of a fresh process segmenting one square scan, ours from an OME-Zarr array into Zarr
 outputs, the reference from a TIFF into memory; the reference is run only while its estimated peak fits
 in half the free memory, and the table says where it stops. --quick scans cells 40 px wide (scale 0.25)

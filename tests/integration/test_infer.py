@@ -83,6 +83,19 @@ def test_pipelined_fields_equal_one_at_a_time(predictor, monkeypatch, mode):
         assert labels.max() > 0 and np.array_equal(prob, p1) and np.array_equal(labels, l1)
 
 
+@pytest.mark.parametrize("engine", ["tensorflow", "openvino"])
+def test_pipelined_fields_equal_one_at_a_time_on_each_engine(predictor, engine):
+    from hpc_retrain.inference import engine as E
+
+    if engine == "openvino" and E.openvino_version() is None:
+        pytest.skip("OpenVINO not installed")
+    p = infer.Predictor(predictor.model, 8, engine=engine)  # the model runs in the pipeline's own thread
+    images = [synth.render_field(s, (140, 160)).brightfield for s in (11, 12)]
+    for im, (prob, labels) in zip(images, infer.segment_fields(p, images, CFG)):
+        p1, l1 = infer.segment_field(p, im, CFG)
+        assert np.array_equal(prob, p1) and np.array_equal(labels, l1)
+
+
 def test_blend_differs_from_stitch_only_slightly(predictor):
     f = synth.render_field(6, (200, 200))
     feats = infer.field_features(f.brightfield, CFG)
