@@ -134,18 +134,22 @@ def real_cells(cells: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig, 
 
 
 def clean(prob: np.ndarray, labels: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig,
-          window: bool = False) -> tuple[np.ndarray, int]:
+          window: bool | tuple[bool, bool, bool, bool] = False) -> tuple[np.ndarray, int]:
     """``labels`` with dropped objects (specks, dim blobs: ``teacher_cells``) and their contour rings set to
     background; and how many objects were dropped. Rings are cleared up to ``_CLEAR`` px from a dropped
     object but never within 2 px of a kept cell, so a neighbour keeps its own contour.
 
     ``window``: the arrays are a window of a larger scan; objects touching its edge may be cut, so they
-    are kept (the large-scan path judges each object in the windows that hold it whole).
+    are kept (the large-scan path judges each object in the windows that hold it whole). True: every edge
+    cuts; or which of (top, bottom, left, right) do, where the others are the image's own border, whose
+    objects are judged as the whole image judges them.
     """
     kept, dropped = teacher_cells(prob, intensity, cfg)
     parts, n = ndi.label(dropped)
-    if window and n:
-        edge = np.unique(np.concatenate([parts[0], parts[-1], parts[:, 0], parts[:, -1]]))
+    cuts = (True,) * 4 if window is True else tuple(window) if window else (False,) * 4
+    if any(cuts) and n:
+        sides = (parts[0], parts[-1], parts[:, 0], parts[:, -1])
+        edge = np.unique(np.concatenate([e for e, cut in zip(sides, cuts) if cut]))
         edge = edge[edge > 0]
         dropped &= ~np.isin(parts, edge)
         n -= len(edge)
@@ -328,9 +332,14 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             g_c = T.TileGrid(tuple(f_c.shape[:2]), S, m)
             others.append((predict(f_c, g_c, f"{scratch}/p{i}.zarr"), g_c.shape))
             del f_c
-        # The linear intensity rides along as a third channel, so each window is cleaned (``clean``) with the
-        # fluorescence under it; a dropped object's fate is decided per window (the window holds it whole
-        # unless it crosses the window's edge).
+        # Each window is cleaned (``clean``) on the part of the image it shows, before the canvas reflects it:
+        # ``Window`` hands ``both`` the smallest image rectangle behind a block's canvas window, and ``take``
+        # reflects the result into it, as ``label_tiles`` reflects the cleaned whole image. Cleaning the
+        # reflected canvas instead would judge mirrored objects: a cell cut where the reflection turns back
+        # (the far side of the padding to whole strides) looks whole there, a speck at the image border
+        # looks twice its size. A dropped object's fate is decided per rectangle: it holds the object whole
+        # unless the object crosses one of its edges inside the image (those are kept: they may be cut).
+        dropped_in: list[int] = []
 
         def both(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
             x = feats.prepared(r0, r1, c0, c1, gamma=1.0).astype(np.float32)
@@ -338,11 +347,12 @@ def write_label_tiles(fluo, model, cfg: RunConfig, prob_arr, label_arr, first_ti
             for arr, shape in others:
                 read = lambda a0, a1, b0, b1, arr=arr: np.asarray(arr[a0:a1, b0:b1])  # noqa: E731
                 np.maximum(p, B.rescale_window(read, shape, (h, w), (r0, r1), (c0, c1), np.float32), out=p)
-            return np.concatenate([p, x[..., None]], axis=-1)
+            lab, dropped = clean(p, binarize(p, cfg), x, cfg, window=(r0 > 0, r1 < h, c0 > 0, c1 < w))
+            dropped_in.append(dropped)
+            return np.concatenate([p, lab.astype(np.float32)], axis=-1)
 
         def write(win: np.ndarray, b: B.Block) -> dict[str, Any]:
-            pwin = win[..., :2]
-            lwin, dropped = clean(pwin, binarize(pwin, cfg), win[..., 2], cfg, window=True)
+            pwin, lwin, dropped = win[..., :2], win[..., 2:].astype(np.uint8), dropped_in.pop()
             ptiles = TG.cut(pwin, grid, b)
             ltiles = TG.cut(lwin, grid, b)
             TG.write_block(prob_arr, first_tile, grid, b, ptiles)

@@ -190,7 +190,9 @@ def measure_mean_width(plate, cfg: RunConfig, model=None, max_fields: int = 8,
     details.update(plate=str(plate.path), channel=channel, fields=used, skipped=skipped)
     if channel != fl:
         # Pretrained MISIC segments real brightfield poorly: 11.4 and 7.2 px on ColiCoords ds1 / ds2, whose
-        # fluorescence gives 19.2 and 14.5 px (synthetic brightfield is fine: 7.2 px for 7 px cells).
+        # fluorescence gives 19.2 and 14.5 px. Synthetic brightfield without the envelope line is fine (7.1-7.4
+        # px for 7 px cells); with it (synth's default) cells look hollow to the shape index and measure
+        # 4.9-8.3 px by the seed.
         log.warning("mean width measured on %s, with no fluorescence channel: less reliable on real images; "
                     "check it, or give --set preprocess.mean_width=PX", channel)
     log.info("mean width: measured %.1f px from %d fields (%s, %d cells, %d rounds)", width, len(used),

@@ -88,9 +88,15 @@ def test_large_scan_labels_equal_whole_image(pretrained_model, monkeypatch, fact
     assert whole_calls == [9, 12][:len(factors)]
     assert sorted(calls) == [1] * (9 + 12 * (len(factors) - 1))
     np.testing.assert_allclose(pa[:].astype(np.float32), ptiles.astype(np.float16).astype(np.float32), atol=1e-3)
-    # float16 rounding near the thresholds, and specks cut by a window edge: each window keeps an object that
-    # touches its edge (it may be a cut cell), where the whole image drops it (labels.clean(window=True))
-    assert np.mean(la[:] != ltiles) < 5e-4
+    # specks cut by a window edge inside the image: each window keeps an object that touches such an edge (it
+    # may be a cut cell), where the whole image drops it (labels.clean(window=...)); 0-0.03 % of the pixels
+    # on seeds 5-7. The other way round (a window dropping what the whole image keeps) only a contour ring's
+    # few pixels: windows are cleaned on the image they show, not on the reflected canvas, where a cell cut
+    # at the far side of the padding looked whole and small (it was 0.04 % of the pixels, seed 5)
+    la = la[:]
+    print(f"labels differ: {np.mean(la != ltiles):.2e}, whole image only: {np.mean(ltiles > la):.2e}")
+    assert np.mean(la != ltiles) < 5e-4
+    assert np.mean(ltiles > la) < 2e-5
     for k in ("body_q1", "body_q4"):
         assert lazy_stats[k] == pytest.approx(stats[k], abs=1e-4)
     for k in ("positive_body", "positive_contour"):  # from the label tiles: the same few pixels apart
@@ -254,3 +260,7 @@ def test_clean_drops_dim_blobs_and_specks_and_keeps_cells():
     # in a window, an object touching the window's edge is kept (it may be a cut cell)
     win = (slice(60, 120), slice(100, 160))
     assert L.clean(prob[win], L.binarize(prob[win], cfg), intensity[win], cfg, window=True)[1] == 0
+    # unless that edge is the image's own border (the window's top: False), judged as the whole image does
+    win = (slice(70, 120), slice(0, 160))  # the ghost touches its top edge; the speck lies inside
+    assert L.clean(prob[win], L.binarize(prob[win], cfg), intensity[win], cfg, window=(True, True, True, True))[1] == 1
+    assert L.clean(prob[win], L.binarize(prob[win], cfg), intensity[win], cfg, window=(False, True, True, True))[1] == 2
