@@ -439,3 +439,84 @@ def test_non_numeric_checkpoint_variables_are_one_line(tmp_path):
     out = _cli("segment", "--plate", _synth(tmp_path / "plate"), "--model", ckpt, "--name", "c")
     line = _error_line(out, "segment")
     assert "variables.npz" in line and "not numbers" in line
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_finishes(tmp_path):
+    import signal
+    import time
+
+    plate = _synth(tmp_path / "plate")
+    store = tmp_path / "s.zarr"
+    args = [sys.executable, "-m", "hpc_retrain", "prepare", "--plate", plate, "--out", store, "--mean-width", "7"]
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (store / "zarr.json").is_file(), proc)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("prepare finished before Ctrl-C reached it")
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "stopped by Ctrl-C" in err and "run the same command" in err
+    again = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def _read_only_prefix(path: Path) -> list[str]:
+    """A command prefix under which ``path`` is read-only: a read-only bind mount in a private mount namespace
+    (root ignores permission bits), or ``chmod a-w`` for others."""
+    import shutil
+
+    if os.geteuid() != 0:
+        subprocess.run(["chmod", "-R", "a-w", str(path)], check=True)
+        return []
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare to mount a read-only folder as root")
+    prefix = ["unshare", "-m", "sh", "-c",
+              'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(path)]
+    probe = subprocess.run([*prefix, "touch", str(path / "x")], capture_output=True, text=True)
+    if probe.returncode == 0 or "mount" in probe.stderr:
+        pytest.skip(f"cannot mount read-only here: {probe.stderr.strip()}")
+    return prefix
+
+
+def test_read_only_outputs_of_synth_evaluate_and_train_are_one_line(tmp_path):
+    plate = _synth(tmp_path / "p.zarr")
+    store = _store(tmp_path / "s.zarr")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    prefix = _read_only_prefix(ro)
+    try:
+        for cmd, target in ((["synth", "--out", ro / "plate", "--size", "64"], ro / "plate"),
+                            (["evaluate", "--pred", plate, "--name", "truth", "--ref", "truth", "--out", ro / "e"],
+                             ro / "e"),
+                            (["train", "--store", store, "--run", ro / "run", *QUICK], ro / "run")):
+            out = subprocess.run([*prefix, sys.executable, "-m", "hpc_retrain", *map(str, cmd)], cwd=REPO,
+                                 env=_env(), capture_output=True, text=True, timeout=300)
+            line = _error_line(out, cmd[0])
+            low = line.lower()
+            assert str(target) in line and ("read-only" in low or "permission denied" in low), line
+            if cmd[0] == "evaluate":
+                assert "overall" not in out.stdout  # refused before scoring
+    finally:
+        if not prefix:
+            subprocess.run(["chmod", "-R", "u+w", str(ro)], check=True)
+
+
+def test_a_second_evaluate_into_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    from hpc_retrain import evaluation as E
+
+    plate = _synth(tmp_path / "p.zarr")
+    out = tmp_path / "e"
+    out.mkdir()
+    with E._OutLock(out):  # what an evaluate holds while it scores and draws into --out
+        line = _error_line(_cli("evaluate", "--pred", plate, "--name", "truth", "--ref", "truth", "--out", out),
+                           "evaluate")
+    assert str(out) in line and "another evaluate" in line
+    assert not list(out.iterdir())
+    ok = _cli("evaluate", "--pred", plate, "--name", "truth", "--ref", "truth", "--out", out)
+    assert ok.returncode == 0, ok.stderr[-3000:]
