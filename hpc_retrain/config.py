@@ -140,7 +140,15 @@ class PreprocessConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        return _section_aliases("preprocess", data)
+        data = _section_aliases("preprocess", data)
+        # A channel given in part (--set preprocess.brightfield.gamma=0.5 over no file) keeps this section's
+        # defaults for the rest: built from ChannelPrep's own defaults instead, brightfield would silently
+        # lose light_background (dark cells on a light background) and gamma 0.41.
+        if isinstance(data, dict):
+            for ch in ("brightfield", "fluorescence"):
+                if isinstance(data.get(ch), dict):
+                    data[ch] = {**cls.model_fields[ch].default.model_dump(), **data[ch]}
+        return data
 
     @field_validator("sigmas")
     @classmethod

@@ -508,12 +508,12 @@ def test_read_only_outputs_of_synth_evaluate_and_train_are_one_line(tmp_path):
 
 
 def test_a_second_evaluate_into_the_same_out_is_refused_while_the_first_writes(tmp_path):
-    from hpc_retrain import evaluation as E
+    from hpc_retrain.evaluate import scoring
 
     plate = _synth(tmp_path / "p.zarr")
     out = tmp_path / "e"
     out.mkdir()
-    with E._OutLock(out):  # what an evaluate holds while it scores and draws into --out
+    with scoring._OutLock(out):  # what an evaluate holds while it scores and draws into --out
         line = _error_line(_cli("evaluate", "--pred", plate, "--name", "truth", "--ref", "truth", "--out", out),
                            "evaluate")
     assert str(out) in line and "another evaluate" in line

@@ -22,6 +22,11 @@ def test_phase_and_transmitted_name_the_transmitted_light_channel(tmp_path):
     # a section's alias reaches the keys inside it
     cfg = RunConfig.layered(overrides=["preprocess.phase.gamma=0.5"])
     assert cfg.preprocess.brightfield.gamma == 0.5
+    # ... and only that key: the transmitted light keeps its dark-cells-on-light setting (a partial channel
+    # used to be filled from ChannelPrep's defaults, turning light_background off)
+    assert cfg.preprocess.brightfield.light_background is True
+    assert RunConfig.layered(overrides=["preprocess.fluorescence.gamma=2"]).preprocess.fluorescence.percentiles \
+        == (0.5, 99.5)
     f = tmp_path / "run.yaml"
     f.write_text(yaml.safe_dump({"plate": {"phase": "PH", "fluorescence": "GFP"}}))
     cfg = RunConfig.load(f)
