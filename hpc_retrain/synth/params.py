@@ -52,7 +52,7 @@ class SynthParams:
     ph_depth_spread: float = 0.1
     # share of a cell's phase spread back as halo light (0: no halo; 1: all the light taken from the cell
     # lands around it). With the defaults an isolated cell's axis is ~0.66 of the background and its halo
-    # peaks ~1.13 of it 2 px out, colonies reach 0.46-1.5 (tests/unit/test_synth_monolayer.py)
+    # peaks ~1.13 of it 2 px out, colonies reach 0.46-1.5 (tests/unit/synth/test_monolayer.py)
     ph_halo: float = 1.0
     ph_halo_sigma: float = 0.5  # reach of the halo (Gaussian s.d.) in cell widths
     # fluorescence: cytoplasmic signal over a camera offset and a dim autofluorescent background
