@@ -44,8 +44,8 @@ def test_prepare_without_terminal_logs_lines_not_bars(plate, tmp_path):
     res = _cli(tmp_path, "prepare", "--plate", plate, "--out", tmp_path / "s.train.zarr", "--mean-width", W)
     assert "\r" not in res.stdout and "\r" not in res.stderr
     assert not TF_NOISE.search(res.stderr), res.stderr
-    assert re.search(r"INFO hpc_retrain\.preparation: A1 0: labels ok", res.stderr), res.stderr
-    assert re.search(r"INFO hpc_retrain\.preparation: A1 0: targets ok", res.stderr), res.stderr
+    assert re.search(r"INFO hpc_retrain\.prepare\.pipeline: A1 0: labels ok", res.stderr), res.stderr
+    assert re.search(r"INFO hpc_retrain\.prepare\.pipeline: A1 0: targets ok", res.stderr), res.stderr
 
 
 def test_prepare_quiet_after_the_subcommand(plate, tmp_path):
@@ -59,7 +59,7 @@ def test_segment_logs_a_line_per_field_and_verbose_after_the_subcommand(plate, t
                "--set", "preprocess.mean_width=7")
     assert "\r" not in res.stderr and "DEBUG" not in res.stderr
     assert not TF_NOISE.search(res.stderr), res.stderr
-    assert re.search(r"INFO hpc_retrain\.segmentation: segment 1/1 ", res.stderr), res.stderr  # a line per field
+    assert re.search(r"INFO hpc_retrain\.segment\.pipeline: segment 1/1 ", res.stderr), res.stderr  # a line per field
     verbose = _cli(tmp_path, "segment", "-v", "--plate", plate, "--out", tmp_path / "v.ome.zarr",
                    "--set", "preprocess.mean_width=7")
     assert "DEBUG" in verbose.stderr
