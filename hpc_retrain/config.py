@@ -390,11 +390,12 @@ class RunConfig(_Section):
         try:
             return cls.model_validate(_migrated(data, source))
         except ValidationError as e:
-            lines = [f"{source}: invalid configuration"]
+            # One line, as every error the commands print: each field named with what is wrong with it.
+            problems = []
             for err in e.errors():
                 where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-                lines.append(f"  {where}: {err['msg']}")
-            raise ConfigError("\n".join(lines)) from None
+                problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+            raise ConfigError(f"{source}: {'; '.join(problems)}") from None
 
     def updated(self, **dotted: Any) -> RunConfig:
         """A validated copy with ``section__key=value`` (or dotted-dict) changes."""
