@@ -190,44 +190,38 @@ def generation(path_or_root) -> str | None:
 
 
 @contextlib.contextmanager
+def _flocked(path: str | Path, mode: int, busy: str):
+    """A non-blocking ``flock`` (``mode``) on the store's folder for the block; ``StoreError(busy)`` when another
+    process holds a conflicting one. Where the file system has no ``flock`` the block runs unlocked."""
+    fd = _lock_fd(path)
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(busy) from None
+            except OSError:
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def reading(path: str | Path):
     """Held by a training for as long as it reads the store: a shared ``flock`` on the store's folder, which
     :func:`replacing` (``prepare --overwrite``) cannot take meanwhile. Where the file system has no ``flock``
     the training goes on; its generation check still notices a rebuild."""
-    fd = _lock_fd(path)
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(f"{path}: the store is being rebuilt (`hpc-retrain prepare --overwrite`); "
-                                 f"train once it has finished") from None
-            except OSError:
-                pass
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+    return _flocked(path, fcntl.LOCK_SH, f"{path}: the store is being rebuilt (`hpc-retrain prepare --overwrite`); "
+                                         f"train once it has finished")
 
 
-@contextlib.contextmanager
 def replacing(path: str | Path):
     """Held while an existing store is deleted to be rebuilt; refused while a training reads it."""
-    fd = _lock_fd(path)
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(f"{path}: a training is reading this store (`hpc-retrain train --store {path}`); "
-                                 f"rebuilding it would change its tiles under the run: wait for the training to "
-                                 f"end (or stop it), or prepare into another --out") from None
-            except OSError:
-                pass
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+    return _flocked(path, fcntl.LOCK_EX,
+                    f"{path}: a training is reading this store (`hpc-retrain train --store {path}`); rebuilding it "
+                    f"would change its tiles under the run: wait for the training to end (or stop it), or prepare "
+                    f"into another --out")
 
 
 def _lock_fd(path: str | Path) -> int | None:
