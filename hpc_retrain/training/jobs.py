@@ -136,21 +136,23 @@ def _local_gpus(requested: int) -> int:
 
 # ------------------------------------------------------------------------------------------ launching
 def check_run_folder(run_dir: Path) -> None:
-    """Refuse, before anything is written, a run folder that is a file or cannot be written (read-only file
-    system, permission denied, full disk), naming it."""
+    """Refuse a run folder that is a file or cannot be written (read-only file system, permission denied, full
+    disk), naming it. Nothing is created: a refusal that follows (a Slurm request no node can run) leaves no
+    empty run folder behind."""
     from hpc_retrain.segment.outputs import probe_writable
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ResumeError(f"{run_dir}: is a file, not a run folder; choose another --run")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ResumeError(f"{run_dir}: cannot create the run folder ({e.strerror or e}); choose another --run") \
-            from None
-    err = probe_writable(run_dir)
+    here = run_dir
+    while not here.exists():  # the folder that would hold the new run folder: writing there is what counts
+        here = here.parent
+    if not here.is_dir():
+        raise ResumeError(f"{run_dir}: cannot create the run folder ({here} is a file); choose another --run")
+    err = probe_writable(here)
     if err is not None:
-        raise ResumeError(f"{run_dir}: cannot write in the run folder ({err.strerror or err}); fix its permissions "
+        what = "write in" if here == run_dir else "create"
+        raise ResumeError(f"{run_dir}: cannot {what} the run folder ({err.strerror or err}); fix the permissions "
                           f"or free space, or choose another --run")
 
 
