@@ -37,6 +37,7 @@ from hpc_retrain.config import STORE_SECTIONS, RunConfig
 from hpc_retrain.errors import TrainingInterrupted
 from hpc_retrain.io import atomic
 from hpc_retrain.io.runfolder import BEST, CKPT_DIR, LOG_FILE, METRICS_FILE, MODEL_FILES, STATE_FILE, latest_checkpoint
+from hpc_retrain.prepare import qc
 from hpc_retrain.prepare import store as st
 from hpc_retrain.training.checkpoints import Progress, check_resume, load_checkpoint, save_checkpoint
 from hpc_retrain.training.data import (
@@ -199,6 +200,12 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
              "batch %d; lr %g; init %s; %s; Keras backend %s", store, len(train_tiles), len(train_fields), len(val_tiles),
              len(val_fields), np.round(pos_w, 3).tolist(), tc.batch_size, tc.learning_rate, tc.init,
              policy, keras.backend.backend())
+    # A weak teacher (dim or fading fluorescence) is a weak judge: validation against it still picks the
+    # exported epoch, but never stops the training on its own.
+    doubt = qc.teacher_doubt(root, np.concatenate([train_fields, val_fields])) if len(val_tiles) else None
+    if doubt:
+        log.warning("the fluorescence teacher looks weak (%s): validation against its labels is a weak guide; "
+                    "training runs all %d epochs without stopping early", doubt, tc.epochs)
     if len(val_tiles) == 0:
         log.warning("no validation fields (need at least 2 usable fields); the last epoch is exported, "
                     "thresholds stay MISIC's")
@@ -247,7 +254,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
 
     with _StopOnSignal() as stop:
         for epoch in range(prog.epoch + 1, tc.epochs + 1):
-            if (tc.patience is not None and validator is not None and prog.since_best >= tc.patience
+            if (tc.patience is not None and validator is not None and not doubt and prog.since_best >= tc.patience
                     and prog.epoch >= tc.min_epochs):
                 log.info("stopping early: no better epoch by validation F1 and IoU for %d epochs (best: epoch %d)",
                          prog.since_best, prog.best_epoch)
@@ -311,7 +318,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
                             signal.Signals(stop.signum).name, epoch)
                 raise TrainingInterrupted(stop.signum, latest_checkpoint(run_dir), stop.previous.get(stop.signum))
 
-    return _finish(cfg, run_dir, prog, net, opt, export, validator, val_pass, policy)
+    return _finish(cfg, run_dir, prog, net, opt, export, validator, val_pass, policy, doubt)
 
 
 def _rebuilt(store: Path, run_dir: Path, when: str) -> str:
@@ -320,7 +327,7 @@ def _rebuilt(store: Path, run_dir: Path, when: str) -> str:
 
 
 def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, validator, val_pass,
-            policy: str) -> dict:
+            policy: str, doubt: str | None) -> dict:
     """Export the best epoch's float32 model with thresholds calibrated on the validation fields."""
     import keras
 
@@ -340,7 +347,8 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
                "best_epoch": prog.best_epoch, "best_score": prog.best_score, "pos_weight": prog.pos_weight,
                "train_fields": prog.train_fields, "val_fields": prog.val_fields, "precision": policy,
                "backend": keras.backend.backend(),
-               "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1")}}
+               "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1"),
+                              "teacher_doubt": doubt}}
     if validator is not None:
         metrics["validation"]["validation_cells"] = validator.n_cells
     from hpc_retrain.training.validation import MIN_CALIBRATION_CELLS
