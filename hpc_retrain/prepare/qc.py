@@ -94,17 +94,20 @@ def finalize(store_path: Path, stages: tuple[str, ...]) -> Summary:
 # A teacher can pass QC and still be a poor judge: dim or fading fluorescence leaves cells out of the labels or
 # half-labelled. On real phase contrast with fading GFP (issue 27) the teacher scored F1 0.18 against complete
 # masks while the student it taught reached 0.87, and validation F1 against it (0.33-0.45) said little.
-# Two QC numbers see it: MISIC's uncertain share (ColiCoords 0.25-0.36, sharp synthetic 0.28-0.32; QC flags a
-# field above labels.MAX_UNCERTAIN_SHARE, 0.45), and the share of the objects it found that were dropped as too
-# dim or speck-sized (labels.clean).
-WEAK_UNCERTAIN_SHARE = 0.38
+# Two QC numbers see it: MISIC's uncertain share (probabilities 0.25-0.75 among all above 0.25; a field is
+# flagged above labels.MAX_UNCERTAIN_SHARE, 0.45) and the share of the objects it found that were dropped as
+# too dim or speck-sized (labels.clean). Neither separates cleanly field by field: the ColiCoords fields, whose
+# teacher is fair (held-out student F1 0.77-0.83 against it), span 0.27-0.45 and 0-0.47 (fold 1 of
+# benchmarks.colicoords_cv, 8 fields: 2 over 0.38, 1 over 0.40), a synthetic field at 1/25 the brightness
+# gives 0.43. So the store is doubted when half its fields are past these limits, not one.
+WEAK_UNCERTAIN_SHARE = 0.40
 WEAK_DROPPED_SHARE = 0.5
 
 
 def teacher_doubt(root, fields) -> str | None:
     """Why the labels of ``fields`` (a training store's usable fields) are a weak guide, or None when their QC
     shows a confident teacher that kept most of what it found. Judged field by field (fluorescence that fades
-    over a time-lapse or across a plate leaves some fields weak): weak when a third of them are."""
+    over a time-lapse or across a plate leaves some fields weak): weak when half of them are."""
     fields = np.asarray(fields, int)
     if not len(fields):
         return None
@@ -119,7 +122,7 @@ def teacher_doubt(root, fields) -> str | None:
     for share, limit, what in ((uncertain, WEAK_UNCERTAIN_SHARE, "of the candidate cell pixels uncertain"),
                                (dropped, WEAK_DROPPED_SHARE, "of the objects found dropped as too dim or small")):
         weak = share > limit
-        if weak.sum() * 3 >= len(fields):
+        if weak.sum() * 2 >= len(fields):
             why.append(f"{weak.sum()} of {len(fields)} fields with over {limit:.0%} {what} "
                        f"(up to {share.max():.0%})")
     return "; ".join(why) or None
