@@ -262,11 +262,18 @@ def label_stats(prob: np.ndarray, labels: np.ndarray, label_tiles: np.ndarray | 
     return stats_from_parts([stats_parts(prob, labels, label_tiles)])
 
 
+def uncertain_share(q2, q3, q4):
+    """Of the pixels MISIC gives a body probability above 0.25, the share below 0.75 (from the QC quarters
+    ``body_q2..4``; numbers or arrays, 0 where nothing is above 0.25)."""
+    above = np.asarray(q2 + q3 + q4, np.float64)
+    return np.where(above > 0, (q2 + q3) / np.maximum(above, 1e-12), 0.0)
+
+
 def qc_flags(stats: dict[str, float]) -> list[str]:
     """Reasons to keep a field out of training; empty when it looks usable."""
     reasons = []
     above = stats["body_q2"] + stats["body_q3"] + stats["body_q4"]
-    uncertain = (stats["body_q2"] + stats["body_q3"]) / above if above > 0 else 1.0
+    uncertain = float(uncertain_share(stats["body_q2"], stats["body_q3"], stats["body_q4"]))
     # Judged on the probabilities first: a blurred field's objects may all be cleaned out of its labels,
     # and "out of focus" tells the user more than "no cells".
     if above >= MIN_POSITIVE_BODY and stats["positive_body"] <= MAX_POSITIVE_BODY and uncertain > MAX_UNCERTAIN_SHARE:

@@ -108,14 +108,15 @@ def teacher_doubt(root, fields) -> str | None:
     """Why the labels of ``fields`` (a training store's usable fields) are a weak guide, or None when their QC
     shows a confident teacher that kept most of what it found. Judged field by field (fluorescence that fades
     over a time-lapse or across a plate leaves some fields weak): weak when half of them are."""
+    from hpc_retrain.prepare import labels  # its model machinery is not needed to read the table
+
     fields = np.asarray(fields, int)
     if not len(fields):
         return None
     qc = np.asarray(root["field_qc"][:], np.float64)[fields]
     col = {c: np.nan_to_num(qc[:, layout.QC_COLUMNS.index(c)])
            for c in ("body_q2", "body_q3", "body_q4", "cells", "dropped")}
-    above = col["body_q2"] + col["body_q3"] + col["body_q4"]
-    uncertain = np.where(above > 0, (col["body_q2"] + col["body_q3"]) / np.maximum(above, 1e-12), 0.0)
+    uncertain = labels.uncertain_share(col["body_q2"], col["body_q3"], col["body_q4"])
     found = col["cells"] + col["dropped"]
     dropped = np.where(found > 0, col["dropped"] / np.maximum(found, 1), 0.0)
     why = []
