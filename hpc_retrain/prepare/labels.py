@@ -25,7 +25,8 @@ MAX_POSITIVE_BODY = 0.9  # above: "saturated" (the whole field reads as cell bod
 # Out of focus / low contrast: MISIC is confident on in-focus cells, so most candidate body pixels score
 # >= 0.75. The uncertain share (pixels in 0.25..0.75 among all above 0.25) is 0.25-0.36 on ColiCoords
 # (mean width 12-16) and 0.28-0.32 on sharp synthetic fields, 0.40-0.42 with a PSF of 3 px, 0.46-0.52
-# with 4-6 px (cells 7 px wide), and also rises when the mean width is badly off.
+# with 4-6 px (cells 7 px wide), and also rises when the mean width is badly off. With the teacher over three
+# widths (labels.width_factors) the ColiCoords fields reach 0.27-0.45 (colicoords_cv fold 1, 2026-12-02).
 MAX_UNCERTAIN_SHARE = 0.45
 
 _CLEAR = 3  # px (scaled) around a dropped object whose labels go too: its contour ring
