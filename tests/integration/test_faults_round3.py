@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -122,9 +123,23 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
-def test_a_store_being_trained_on_cannot_be_rebuilt_and_a_rebuild_elsewhere_stops_the_run(tmp_path):
-    import signal
+def _interrupt_when(ready, proc: subprocess.Popen, signum: int, settle_s: float = 0.0) -> str:
+    """Send ``signum`` once ``ready()`` holds (and ``settle_s`` later); the process's stderr once it exits (killed
+    if it outlives the test)."""
+    import time
 
+    try:
+        _wait_for(ready, proc)
+        time.sleep(settle_s)
+        proc.send_signal(signum)
+        return proc.communicate(timeout=240)[1]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_store_being_trained_on_cannot_be_rebuilt_and_a_rebuild_elsewhere_stops_the_run(tmp_path):
     from hpc_retrain.prepare import store as st
 
     store = _store(tmp_path / "s.zarr")
@@ -327,21 +342,12 @@ def test_every_benchmark_runs_to_its_end_at_tiny_sizes(tmp_path, bench):
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_during_inline_training_checkpoints_like_sigterm_and_says_stopped(tmp_path):
-    import signal
-
     store = _store(tmp_path / "s.zarr")
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "hpc_retrain", "train", "--store", store, "--run", run,
                              "--epochs", "200", *QUICK], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: (run / "checkpoints" / "ckpt-e00001").is_dir(), proc)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    err = _interrupt_when(lambda: (run / "checkpoints" / "ckpt-e00001").is_dir(), proc, signal.SIGINT)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "stopped by SIGINT" in err and "run the same command to resume" in err
@@ -442,22 +448,11 @@ def test_non_numeric_checkpoint_variables_are_one_line(tmp_path):
 
 
 def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_finishes(tmp_path):
-    import signal
-    import time
-
     plate = _synth(tmp_path / "plate")
     store = tmp_path / "s.zarr"
     args = [sys.executable, "-m", "hpc_retrain", "prepare", "--plate", plate, "--out", store, "--mean-width", "7"]
     proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: (store / "zarr.json").is_file(), proc)
-        time.sleep(1)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    err = _interrupt_when(lambda: (store / "zarr.json").is_file(), proc, signal.SIGINT, settle_s=1)
     if proc.returncode == 0:
         pytest.skip("prepare finished before Ctrl-C reached it")
     assert proc.returncode == 130, err[-3000:]
