@@ -230,16 +230,18 @@ class TilingConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)
-    # 1e-4: fine-tuning at 1e-3 made validation worse every epoch on real E. coli fields (the retraining issue);
-    # the best epoch by validation F1 is exported anyway, epoch 0 (the starting model) included.
-    learning_rate: float = Field(1e-4, gt=0)
+    # None: chosen from the store (training.recipe: 1e-4 on sparse fields, 2e-3 on dense colonies); the best
+    # epoch by validation F1 is exported anyway, epoch 0 (the starting model) included.
+    learning_rate: float | None = Field(None, gt=0, description="Adam's learning rate; default: chosen from the "
+                                        "store's cell density (1e-4 sparse, 2e-3 dense; training.recipe)")
     init: Literal["pretrained", "reinit", "finetune-decoder"] = "pretrained"
     base_model: Path | None = Field(None, description="a Keras .h5/.keras MISIC-style model; default: misic's own")
     # 0.3, not 0.2: validation steers early stopping and calibration, and a lab's few fields give it few cells
     # (ColiCoords folds: 7 usable fields, 2 for validation instead of 1; held-out gain +0.060 vs +0.050).
     val_fraction: float = Field(0.3, ge=0, lt=1, description="fraction of fields held out for validation")
     pos_weight: tuple[float, ...] | None = Field(None, description="positive-class weight per label channel; "
-                                                 "default (1-p)/p from the store")
+                                                 "default: chosen from the store ((1-p)/p on sparse fields, "
+                                                 "none on dense colonies; training.recipe)")
     augment: bool = True
     steps_per_epoch: int | None = Field(None, ge=1, description="cap batches per epoch (for quick runs)")
     # A lab's few fields make few tiles (ColiCoords: 6 fields, 24 tiles, 3 batches an epoch): an epoch then

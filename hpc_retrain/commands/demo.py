@@ -16,14 +16,6 @@ from pathlib import Path
 
 from hpc_retrain.commands.common import CliError, config_from_args
 
-# The training recipe for the demo's plate. The defaults (lr 1e-4, class weight (1-p)/p) are what win on sparse
-# real fields (ColiCoords, cells on ~1 % of the pixels); on these dense synthetic colonies (cells on ~25 %) they
-# learn too slowly for a demo: 32 batches moved F1 0.552 -> 0.508, where without class weight 96 batches take it
-# to 0.70 (lr 1e-3) and 0.72 (lr 2e-3), and validation F1 ranks them the same (benchmarks/RESULTS.md, section 6).
-# On the sparse real fields no class weight lets the masks shrink away (section 5b): not the default.
-# bfloat16 (where the CPU has it natively) makes a step 1.48x faster, so 96 batches fit the demo's minutes.
-DEMO_RECIPE = ("train.learning_rate=0.002", "train.pos_weight=[1,1]", "train.mixed_precision=on")
-
 
 def demo_arguments(p: argparse.ArgumentParser, name: str = "demo") -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
@@ -36,8 +28,6 @@ def demo_arguments(p: argparse.ArgumentParser, name: str = "demo") -> None:
     p.add_argument("--modality", choices=["brightfield", "phase"], default="brightfield",
                    help="the plates' transmitted light: brightfield (default) or phase contrast (its channel "
                    "is named 'phase' and given to the tool as plate.phase)")
-    p.add_argument("--default-recipe", action="store_true",
-                   help="train with the tool's defaults instead of the demo's recipe (lr 2e-3, no class weight, bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing output folder")
 
 
@@ -83,10 +73,8 @@ def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> 
     if args.steps:  # exactly this many batches an epoch, of tiles that go round again as needed
         train_argv += ["--set", f"train.steps_per_epoch={args.steps}",
                        "--set", f"train.tiles_per_epoch={args.steps * cfg.train.batch_size}"]
-    recipe = () if args.default_recipe else DEMO_RECIPE
-    for setting in recipe:
-        train_argv += ["--set", setting]
-    step("train", train_argv)
+    step("train", train_argv)  # with the tool's defaults: the recipe is chosen from the store (training.recipe)
+    recipe = json.loads((run / "metrics.json").read_text()).get("recipe") or {}
     for name, model in (("pretrained", []), ("retrained", ["--model", str(run)])):
         step(f"segment {name}", ["segment", *common, "--plate", str(test_plate), "--name", name, *model,
                                  "--overwrite"])
@@ -97,7 +85,7 @@ def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> 
         scores[name] = json.loads((out / "evaluation" / f"scores_{name}.json").read_text())
     summary = summary_text(scores, timings, time.perf_counter() - t0, recipe, args.modality)
     (out / "summary.json").write_text(json.dumps({"scores": {k: v.get("overall") for k, v in scores.items()},
-                                                  "timings_s": timings, "recipe": list(recipe),
+                                                  "timings_s": timings, "recipe": recipe,
                                                   "modality": args.modality}, indent=1))
     (out / "summary.txt").write_text(summary)
     print("\n" + summary)
@@ -108,7 +96,8 @@ def f1_at_half(score: dict) -> float:
     return next(r["f1"] for r in score["overall"] if r["threshold"] == 0.5)
 
 
-def summary_text(scores: dict, timings: dict, total: float, recipe=(), modality: str = "brightfield") -> str:
+def summary_text(scores: dict, timings: dict, total: float, recipe: dict | None = None,
+                 modality: str = "brightfield") -> str:
     what = "phase-contrast" if modality == "phase" else "brightfield"
     lines = [f"hpc-retrain demo: {what} segmentation of held-out synthetic fields vs their true masks", ""]
     lines.append(f"{'model':<11} {'F1@0.5':>7} {'AP@0.5':>7} {'AP@0.75':>8} {'mean IoU':>9}")
@@ -118,8 +107,11 @@ def summary_text(scores: dict, timings: dict, total: float, recipe=(), modality:
                      f"{o[0.5]['mean_iou']:>9.3f}")
     pre, post = (f1_at_half(scores[k]) for k in ("pretrained", "retrained"))
     verdict = "wins" if post > pre else "does NOT win"
-    lines += ["", f"retraining {verdict}: F1 at IoU 0.5 {pre:.3f} -> {post:.3f} ({post - pre:+.3f})",
-              "training recipe: " + (" ".join(f"--set {r}" for r in recipe) or "the tool's defaults")]
+    lines += ["", f"retraining {verdict}: F1 at IoU 0.5 {pre:.3f} -> {post:.3f} ({post - pre:+.3f})"]
+    if recipe:
+        lines.append(f"training recipe: the tool's defaults, chosen from the store: cells on "
+                     f"{recipe['body_fraction']:.1%} of the pixels ({recipe['regime']}): lr {recipe['learning_rate']:g}, "
+                     f"class weights {[round(w, 2) for w in recipe['pos_weight']]}")
     lines += ["", "time per step (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
               f"total {total:.0f} s"]
     return "\n".join(lines) + "\n"

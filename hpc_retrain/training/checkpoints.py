@@ -43,6 +43,7 @@ class Progress:
     train_fields: list | None = None
     val_fields: list | None = None
     pos_weight: list | None = None
+    recipe: dict | None = None  # training.recipe.Recipe as chosen at the start (None: a run from before 0.3)
     data_seed: int = 0
     train_config: dict | None = None
     store: str | None = None  # the training store the run started on (resolved path)

@@ -1,4 +1,4 @@
-"""Training data: the field split, class weights, each epoch's tile order and the Zarr tile pipeline.
+"""Training data: the field split, each epoch's tile order and the Zarr tile pipeline.
 
 Every choice here is a pure function of the store and ``(seed, epoch)``, so a resumed run reads exactly the
 tiles, in the order and with the augmentation, that the interrupted one would have.
@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from hpc_retrain.errors import HpcRetrainError
-from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import store as st
 
 
@@ -38,25 +37,6 @@ def field_tiles(root, fields: np.ndarray) -> np.ndarray:
     ent = st.entries(root)
     parts = [np.arange(ent[f].first_tile, ent[f].first_tile + ent[f].n_tiles) for f in fields]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-
-
-def positive_weights(root, train_fields: np.ndarray, override, source: str) -> np.ndarray:
-    """w_c = (1 - p_c) / p_c from the training fields' positive-pixel fractions, unless given.
-
-    Less weight collapsed the sparse real cells (ColiCoords: no weight or its square root took validation F1
-    from 0.53 to 0-0.2 within 5-7 epochs; benchmarks/RESULTS.md section 5b)."""
-    if override is not None:
-        w = np.asarray(override, np.float64)
-        if w.shape != (len(layout.LABEL_CHANNELS),) or np.any(w <= 0):
-            raise TrainingError(f"train.pos_weight: need {len(layout.LABEL_CHANNELS)} positive numbers "
-                                f"(one per channel {layout.LABEL_CHANNELS}), got {list(override)}")
-        return w
-    p = np.asarray(st.positive_fraction(root, train_fields), np.float64)
-    for c, pc in zip(layout.LABEL_CHANNELS, p):
-        if not (0 < pc < 1) or not np.isfinite(pc):
-            raise TrainingError(f"{source}: the training fields' {c} labels are {pc:.3g} positive; a weight "
-                                f"(1-p)/p needs 0 < p < 1 (check the labels, or set train.pos_weight)")
-    return (1 - p) / p
 
 
 def epoch_plan(train_tiles: np.ndarray, epoch: int, seed: int, batch: int, steps_cap: int | None,

@@ -46,11 +46,11 @@ from hpc_retrain.training.data import (
     epoch_plan,
     field_tiles,
     make_dataset,
-    positive_weights,
     split_fields,
 )
 from hpc_retrain.training.history import plot_curves, replaces_best, selection_score, write_history, write_status
 from hpc_retrain.training.network import build_model, make_optimizer, make_steps, precision_policy
+from hpc_retrain.training.recipe import choose as choose_recipe
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
     keras.utils.set_random_seed(cfg.seed)  # before building: Dropout seed generators draw from it
     policy = precision_policy(tc.mixed_precision)
     net, export = build_model(cfg, policy)
-    opt = make_optimizer(tc.learning_rate, policy)
+    # the learning rate is an optimizer variable: set below from the recipe, or restored by a checkpoint
+    opt = make_optimizer(tc.learning_rate or 1e-4, policy)
 
     generation = st.generation(root)
     ckpt = latest_checkpoint(run_dir)
@@ -174,6 +175,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         prog.store_generation = prog.store_generation or generation
         train_fields, val_fields = np.array(prog.train_fields, int), np.array(prog.val_fields, int)
         pos_w = np.array(prog.pos_weight)
+        recipe = prog.recipe
         log.info("resuming from %s: %d epoch(s) done%s", ckpt.name, prog.epoch,
                  f", {prog.step} step(s) into epoch {prog.epoch + 1}" if prog.step else "")
     else:
@@ -181,11 +183,14 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         if len(usable) == 0:
             raise TrainingError(f"{store}: no finished fields; run `hpc-retrain prepare` first")
         train_fields, val_fields = split_fields(usable, tc.val_fraction, cfg.seed)
-        pos_w = positive_weights(root, train_fields, tc.pos_weight, str(store))
+        chosen = choose_recipe(root, train_fields, tc, str(store))
+        log.info("%s", chosen.describe())
+        pos_w, recipe = np.array(chosen.pos_weight), chosen.as_dict()
         opt.build(net.trainable_variables)
+        opt.learning_rate = chosen.learning_rate
         prog = Progress(history=[], train_fields=train_fields.tolist(), val_fields=val_fields.tolist(),
                         pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"),
-                        store=str(store.resolve()), store_generation=generation)
+                        store=str(store.resolve()), store_generation=generation, recipe=recipe)
     cfg.save(run_dir)
 
     def check_store() -> None:
@@ -198,7 +203,7 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         raise TrainingError(f"{store}: the training fields hold no tiles")
     log.info("store %s: %d training tiles (%d fields), %d validation tiles (%d fields); pos_weight %s; "
              "batch %d; lr %g; init %s; %s; Keras backend %s", store, len(train_tiles), len(train_fields), len(val_tiles),
-             len(val_fields), np.round(pos_w, 3).tolist(), tc.batch_size, tc.learning_rate, tc.init,
+             len(val_fields), np.round(pos_w, 3).tolist(), tc.batch_size, float(opt.learning_rate), tc.init,
              policy, keras.backend.backend())
     # A weak teacher (dim or fading fluorescence) is a weak judge: validation against it still picks the
     # exported epoch, but never stops the training on its own.
@@ -345,6 +350,7 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
     chosen = next((h for h in prog.history if h["epoch"] == prog.best_epoch), prog.history[-1] if prog.history else {})
     metrics = {"epochs": prog.epoch, "final": prog.history[-1] if prog.history else {},
                "best_epoch": prog.best_epoch, "best_score": prog.best_score, "pos_weight": prog.pos_weight,
+               "recipe": prog.recipe,
                "train_fields": prog.train_fields, "val_fields": prog.val_fields, "precision": policy,
                "backend": keras.backend.backend(),
                "validation": {"starting_model_f1": start.get("val_f1"), "exported_model_f1": chosen.get("val_f1"),

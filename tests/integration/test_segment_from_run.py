@@ -91,7 +91,7 @@ def _reference(run: Path, ckpt: Path):
 
     cfg = RunConfig.read_saved(run)
     net, _ = tr.build_model(cfg)
-    tr.load_checkpoint(ckpt, net, keras.optimizers.Adam(cfg.train.learning_rate))
+    tr.load_checkpoint(ckpt, net, keras.optimizers.Adam())
     return net
 
 

@@ -13,8 +13,8 @@ def test_defaults_are_the_published_recipe():
     assert cfg.labels.width_factors == (0.7, 0.85, 1.0)  # MISIC's pass at the width, and two told narrower
     assert RunConfig.load(None, ["labels.width_factors=[1,0.7,0.7]"]).labels.width_factors == (0.7, 1.0)
     assert (cfg.tiling.size, cfg.tiling.margin) == (256, 16)
-    # Adam 1e-4, not the original 1e-3: see the learning_rate field; MISIC's post-processing by default
-    assert cfg.train.learning_rate == 1e-4 and cfg.train.batch_size == 8
+    # learning rate and class weights chosen from the store (training.recipe); MISIC's post-processing by default
+    assert cfg.train.learning_rate is None and cfg.train.pos_weight is None and cfg.train.batch_size == 8
     assert (cfg.infer.body_threshold, cfg.infer.marker_threshold) == (0.4, 0.95)
     assert cfg.preprocess.mean_width == "auto"  # measured from the plate (hpc_retrain.prepare.width)
     assert cfg.updated(preprocess__mean_width=7).preprocess.scale == round(10 / 7, 2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_retrain.config import RunConfig
+from hpc_retrain.config import RunConfig, TrainConfig
 from hpc_retrain.prepare import layout
 from hpc_retrain.prepare import store as st
 from hpc_retrain.training import data as td
@@ -47,24 +47,50 @@ def test_weighted_bce_matches_numpy():
     assert float(nw.weighted_bce(z, p, w)) == pytest.approx(float(nw.weighted_bce(z, p, [1.0, 1.0])), rel=1e-6)
 
 
-def test_positive_weights_from_training_fields(small_store):
-    root = st.open_store(small_store)
+def _with_body_fraction(root, p_body: float) -> None:
+    qc = root["field_qc"][:]
+    qc[:, layout.QC_COLUMNS.index("positive_body")] = p_body
+    root["field_qc"][:] = qc
+
+
+def test_the_recipe_follows_the_stores_density_and_the_config_overrides_it(tmp_path):
+    from hpc_retrain.training import recipe as rc
+
+    path = build_store(tmp_path / "s.zarr", n_fields=3)
+    root = st.open_store(path, mode="r+")
     fields = np.array([0, 1, 2])
+    # the synthetic colonies: dense, so no class weight and the fast rate
+    dense = rc.choose(root, fields, TrainConfig(), "s")
+    assert dense.body_fraction == pytest.approx(st.positive_fraction(root, fields)[0]) and dense.body_fraction > 0.1
+    assert (dense.regime, dense.learning_rate, dense.pos_weight, dense.given) == ("dense", 2e-3, (1.0, 1.0), ())
+    # cells on 2 % of the pixels (as ColiCoords): (1-p)/p and the slow rate, as before the rule
+    _with_body_fraction(root, 0.02)
+    sparse = rc.choose(root, fields, TrainConfig(), "s")
     p = st.positive_fraction(root, fields)
-    np.testing.assert_allclose(tr.positive_weights(root, fields, None, "s"), (1 - p) / p)
-    np.testing.assert_allclose(tr.positive_weights(root, fields, (2.0, 9.0), "s"), [2.0, 9.0])
+    assert sparse.regime == "sparse" and sparse.learning_rate == 1e-4
+    np.testing.assert_allclose(sparse.pos_weight, (1 - p) / p)
+    assert "sparse" in sparse.describe() and "2.0%" in sparse.describe()
+    # the line itself is dense
+    _with_body_fraction(root, rc.DENSE_BODY_FRACTION)
+    assert rc.choose(root, fields, TrainConfig(), "s").regime == "dense"
+    # what the config sets wins, and is said to be the config's
+    given = rc.choose(root, fields, TrainConfig(learning_rate=5e-4, pos_weight=(2.0, 9.0)), "s")
+    assert (given.learning_rate, given.pos_weight, given.given) == (5e-4, (2.0, 9.0), ("learning_rate", "pos_weight"))
+    assert "set in the config" in given.describe()
     with pytest.raises(tr.TrainingError, match="pos_weight"):
-        tr.positive_weights(root, fields, (2.0,), "s")
+        rc.choose(root, fields, TrainConfig(pos_weight=(2.0,)), "s")
 
 
-def test_positive_weights_refuse_empty_labels(tmp_path):
+def test_the_recipe_refuses_empty_labels(tmp_path):
+    from hpc_retrain.training import recipe as rc
+
     path = build_store(tmp_path / "s.zarr", n_fields=2)
     root = st.open_store(path, mode="r+")
     qc = root["field_qc"][:]
     qc[:, layout.QC_COLUMNS.index("positive_contour")] = 0
     root["field_qc"][:] = qc
     with pytest.raises(tr.TrainingError, match="contour labels are 0 positive"):
-        tr.positive_weights(root, np.array([0, 1]), None, str(path))
+        rc.choose(root, np.array([0, 1]), TrainConfig(), str(path))
 
 
 # ------------------------------------------------------------------------------------------ data
