@@ -310,6 +310,9 @@ class InferConfig(_Section):
     # on its validation fields, and ``segment --model RUN`` uses those.
     body_threshold: float = Field(0.4, gt=0, lt=1, description="cell mask: body probability above this")
     marker_threshold: float = Field(0.95, gt=0, le=1, description="confident body core for watershed markers")
+    contour_threshold: float = Field(1.0, gt=0, le=1, description="markers are the cores where the contour "
+                                     "probability is below this (splits touching cells); 1: MISIC's markers, "
+                                     "cores in a trough of the contour map")
     name: str = Field("misic", description="label image name under each field's labels/ group")
 
     @field_validator("name")

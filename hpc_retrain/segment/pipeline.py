@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 BATCH_FIELDS = 16  # in-memory fields checked and pipelined this many at a time
 # What a trained run's model needs from the run's config (see with_run_settings).
-RUN_SETTINGS = ("preprocess", "tiling", "infer.body_threshold", "infer.marker_threshold")
+RUN_SETTINGS = ("preprocess", "tiling", "infer.body_threshold", "infer.marker_threshold", "infer.contour_threshold")
 
 
 class SegmentError(HpcRetrainError, ValueError):
@@ -72,8 +72,9 @@ def with_run_settings(cfg: RunConfig, run_dir: Path, overrides: Iterable[str] = 
     overrides = list(overrides)
     used = taken_keys(RUN_SETTINGS, overrides)
     cfg = RunConfig.layered(saved=run_dir, file=cfg, saved_keys=RUN_SETTINGS, explicit=overrides)
-    log.info("using %s of %s: mean width %s px, body > %s, markers > %s", ", ".join(used),
-             run_dir / runfolder.CONFIG_FILE, cfg.preprocess.mean_width, cfg.infer.body_threshold, cfg.infer.marker_threshold)
+    log.info("using %s of %s: mean width %s px, body > %s, markers > %s, contour < %s", ", ".join(used),
+             run_dir / runfolder.CONFIG_FILE, cfg.preprocess.mean_width, cfg.infer.body_threshold,
+             cfg.infer.marker_threshold, cfg.infer.contour_threshold)
     return cfg
 
 

@@ -365,10 +365,14 @@ def _finish(cfg: RunConfig, run_dir: Path, prog: Progress, net, opt, export, val
         metrics["validation"].update(calibrated=False)
     elif validator is not None and cfg.train.calibrate:
         th = validator.calibrate(val_pass()[1])
-        cfg = cfg.updated(infer__body_threshold=th.body, infer__marker_threshold=th.marker)
-        metrics["validation"].update(calibrated_f1=th.f1, body_threshold=th.body, marker_threshold=th.marker)
-        log.info("post-processing calibrated on the validation fields: body > %.2f, markers > %.2f (F1@0.5 %.4f, "
-                 "%.4f with MISIC's 0.4/0.95)", th.body, th.marker, th.f1, chosen.get("val_f1") or float("nan"))
+        cfg = cfg.updated(infer__body_threshold=th.body, infer__marker_threshold=th.marker,
+                          infer__contour_threshold=th.contour)
+        metrics["validation"].update(calibrated_f1=th.f1, body_threshold=th.body, marker_threshold=th.marker,
+                                     contour_threshold=th.contour)
+        where = "in a trough of the contour (MISIC's)" if th.contour >= 1 else f"where contour < {th.contour:.2f}"
+        log.info("post-processing calibrated on the validation fields: body > %.2f, markers > %.2f %s (F1@0.5 "
+                 "%.4f, %.4f with MISIC's 0.4/0.95)", th.body, th.marker, where, th.f1,
+                 chosen.get("val_f1") or float("nan"))
     cfg.save(run_dir)  # the run's config carries the store's preprocessing and the calibrated thresholds
     atomic.write_json(run_dir / METRICS_FILE, metrics)
     write_status(run_dir, "finished", epoch=prog.epoch, epochs=cfg.train.epochs)

@@ -67,3 +67,21 @@ def test_cell_across_many_seams_keeps_one_id():
     for cell in (1, 2):
         core = ndi.binary_erosion(masks == cell, iterations=2)
         assert len(np.unique(labels[core])) == 1, f"cell {cell} cut at a seam"
+
+
+def test_markers_away_from_the_contour_split_cells_misic_merges():
+    # Two rods side by side whose cores join: the student's body map stays high across the faint boundary
+    # between them, while its contour map marks that boundary. MISIC's markers (body > 0.95 in a trough of the
+    # contour) see one core and one cell; markers where the contour is low (infer.contour_threshold) see two.
+    masks = np.zeros((60, 80), np.int32)
+    masks[20:30, 10:70], masks[30:40, 10:70] = 1, 2
+    prob = probabilities_from(masks)
+    both = masks > 0
+    prob[..., 0] = np.where(ndi.binary_erosion(both, iterations=2), 0.99, prob[..., 0])
+    misic = I.instances(prob, CFG)
+    split = I.instances(prob, CFG.updated(infer__body_threshold=0.3, infer__marker_threshold=0.6,
+                                          infer__contour_threshold=0.5))
+    assert misic.max() == 1  # one cell over both rods
+    assert match(masks, split)[0].f1 == 1.0
+    # 1 is MISIC's rule, unchanged
+    assert np.array_equal(I.instances(prob, CFG.updated(infer__contour_threshold=1.0)), misic)
