@@ -18,15 +18,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from procs import interrupt_when, log_has
 
 from hpc_retrain.synth import plates as synth
 
@@ -179,27 +180,28 @@ def _last_variables(run: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-@pytest.mark.parametrize("backend", ["jax"])
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path, backend):
-    """As tests/integration/test_train_resume.py on TensorFlow: Dropout on, weights within 1e-6."""
-    run = tmp_path / "interrupted"
-    proc = subprocess.Popen(_train_cmd(store, run, 2, backend), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    log = run / "train.log"
-    deadline = time.monotonic() + 400
-    while not (log.is_file() and "epoch 2/2 step 1/3" in log.read_text()):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "epoch 2 never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=200)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert list((run / "checkpoints").glob("ckpt-e00001-s*")), "no mid-epoch checkpoint"
-    cli(*_train_cmd(store, run, 2, backend)[3:])
-    assert "resuming from ckpt-e00001-s" in log.read_text()
+def test_a_run_moves_between_backends_resumes_mid_epoch_and_its_model_segments_alike(store, plate, tmp_path):
+    """Checkpoints written under TensorFlow resume under JAX, JAX's resume under TensorFlow (their integer
+    variables differ in width); on JAX, SIGTERM mid-epoch then resume equals the uninterrupted run (as
+    tests/integration/test_train_resume.py on TensorFlow: Dropout on, weights within 1e-6); the run's model
+    segments to the same probabilities on both."""
+    run = tmp_path / "run"
+    cli(*_train_cmd(store, run, 1, "tensorflow")[3:])
+    ref = Path(shutil.copytree(run, tmp_path / "uninterrupted"))  # the same epoch 1, continued without a stop
 
-    ref = tmp_path / "uninterrupted"
-    cli(*_train_cmd(store, ref, 2, backend)[3:])
+    log = run / "train.log"
+    proc = subprocess.Popen(_train_cmd(store, run, 2, "jax"), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    err = interrupt_when(log_has(log, "epoch 2/2 step 1/3"), proc, signal.SIGTERM, timeout=400, poll_s=0.05,
+                         what="epoch 2", wait_s=200)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "resuming from ckpt-e00001:" in log.read_text()  # TensorFlow's epoch-end checkpoint, on JAX
+    assert list((run / "checkpoints").glob("ckpt-e00001-s*")), "no mid-epoch checkpoint"
+    cli(*_train_cmd(store, run, 2, "jax")[3:])
+    assert "resuming from ckpt-e00001-s" in log.read_text()
+    assert json.loads((run / "metrics.json").read_text())["backend"] == "jax"
+
+    cli(*_train_cmd(store, ref, 2, "jax")[3:])
     for a, b in zip(*(json.loads((r / "history.json").read_text()) for r in (run, ref))):
         for k in ("loss", "accuracy", "val_loss", "val_iou"):
             assert a[k] == (None if b[k] is None else pytest.approx(b[k], abs=1e-6)), (a["epoch"], k)
@@ -207,20 +209,11 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path, bac
     assert got.keys() == want.keys()
     for k in want:  # weights, BatchNorm statistics, Dropout seed states, Adam moments and step count
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=k)
-    first = np.load(sorted((ref / "checkpoints").glob("ckpt-e00001"))[0] / "variables.npz")
-    assert any(not np.allclose(first[k], want[k]) for k in want if k.startswith("m"))  # it trained
-
-
-def test_a_run_moves_between_backends_and_its_model_segments_alike(store, plate, tmp_path):
-    """Checkpoints written under TensorFlow resume under JAX, JAX's resume under TensorFlow (their integer
-    variables differ in width); the run's model segments to the same probabilities on both."""
-    run = tmp_path / "run"
-    cli(*_train_cmd(store, run, 1, "tensorflow")[3:])
-    cli(*_train_cmd(store, run, 2, "jax")[3:])
-    assert "resuming from ckpt-e00001" in (run / "train.log").read_text()
-    assert json.loads((run / "metrics.json").read_text())["backend"] == "jax"
+    with np.load(ref / "checkpoints" / "ckpt-e00001" / "variables.npz") as first:
+        assert any(not np.allclose(first[k], want[k]) for k in want if k.startswith("m"))  # JAX trained it
     with np.load(run / "checkpoints" / "ckpt-e00002" / "variables.npz") as z:
         assert z["o0000"].dtype == np.int32 and int(z["o0000"]) == 6  # Adam's step count, written by JAX
+
     cli(*_train_cmd(store, run, 3, "tensorflow")[3:])
     hist = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3] and all(np.isfinite(h["loss"]) for h in hist[1:])

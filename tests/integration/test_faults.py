@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from procs import interrupt_when, log_has
 
 from hpc_retrain.config import PlateConfig, RunConfig
 from hpc_retrain.io.plate import PlateError, open_plate
@@ -317,13 +318,8 @@ def test_train_killed_with_sigkill_resumes_and_its_lock_does_not_block(store, tm
            "--executor", "inline", "--epochs", "3", "--batch-size", "2", "--set", "train.steps_per_epoch=3"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = run / "train.log"
-    deadline = time.monotonic() + 300
-    while not (log.is_file() and "epoch 2/3 started" in log.read_text()):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "epoch 2 never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    interrupt_when(log_has(log, "epoch 2/3 started"), proc, signal.SIGKILL, timeout=300, poll_s=0.05,
+                   what="epoch 2", wait_s=60)
     assert json.loads((run / "status.json").read_text())["state"] == "running"  # it had no chance to report
     assert f'"pid": {proc.pid}' in (run / ".lock").read_text()  # stale holder, lock itself released
 

@@ -11,11 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import interrupt_when, log_has
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainstore import build_store  # noqa: E402
@@ -60,13 +60,8 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
     log = run / "train.log"
     proc = subprocess.Popen(_cmd(store, run, 4), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while "epoch 3/4 step 1/3" not in log.read_text():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "epoch 3 never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    err = interrupt_when(log_has(log, "epoch 3/4 step 1/3"), proc, signal.SIGTERM, poll_s=0.05, what="epoch 3",
+                         wait_s=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "run the same command to resume" in err
     status = json.loads((run / "status.json").read_text())
