@@ -93,6 +93,7 @@ def test_run_exports_best_epoch_with_calibrated_thresholds_and_the_store_preproc
     assert saved.preprocess.mean_width == 7
     assert saved.infer.body_threshold == m["validation"]["body_threshold"]
     assert saved.infer.marker_threshold == m["validation"]["marker_threshold"]
+    assert saved.infer.contour_threshold == m["validation"]["contour_threshold"]
     assert m["validation"]["calibrated_f1"] >= m["validation"]["exported_model_f1"]
 
     # segment --model RUN uses them, without being told; a --set still wins.
@@ -104,6 +105,7 @@ def test_run_exports_best_epoch_with_calibrated_thresholds_and_the_store_preproc
     assert used["preprocess"]["mean_width"] == 7
     assert used["infer"]["body_threshold"] == saved.infer.body_threshold
     assert used["infer"]["marker_threshold"] == 0.97
+    assert used["infer"]["contour_threshold"] == saved.infer.contour_threshold
 
 
 def test_training_stops_when_validation_stops_improving(store, tmp_path, caplog, monkeypatch):
