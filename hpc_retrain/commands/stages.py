@@ -128,7 +128,8 @@ def train_arguments(p: argparse.ArgumentParser, name: str = "train") -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="total epochs (a resumed run continues up to this)")
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float, help="Adam learning rate")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default: chosen from the store: 1e-4 on sparse "
+                   "fields, 2e-3 on dense colonies; the log's recipe: line says which)")
     g.add_argument("--init", choices=["pretrained", "reinit", "finetune-decoder"])
     g.add_argument("--base-model", metavar="PATH", help="Keras model to start from (default: MISIC's)")
     j = p.add_argument_group("job")

@@ -23,6 +23,7 @@ from hpc_retrain.training.data import TrainingError
 # checkpoints to keep, determinism, precision) may change between attempts.
 RESUME_FIXED = ("batch_size", "learning_rate", "init", "base_model", "val_fraction", "pos_weight", "augment",
                  "steps_per_epoch", "tiles_per_epoch")
+CHOSEN_BY_RECIPE = ("learning_rate", "pos_weight")
 
 
 
@@ -146,8 +147,11 @@ def changed_fixed_settings(old: dict, cfg: RunConfig) -> list[tuple[str, object,
     """(field, the run's value, the new value) of each ``RESUME_FIXED`` training setting that differs."""
     now = cfg.train.model_dump(mode="json")
     default = type(cfg.train)().model_dump(mode="json")  # a field added since the run started: its default
+    # Left unset, the recipe's settings are the run's own (training.recipe chose them at the start; the
+    # checkpoint holds them), whatever a run from before the recipe recorded.
+    chosen = {k for k in CHOSEN_BY_RECIPE if now.get(k) is None}
     return [(k, old.get(k, default.get(k)), now.get(k)) for k in RESUME_FIXED
-            if old.get(k, default.get(k)) != now.get(k)]
+            if k not in chosen and old.get(k, default.get(k)) != now.get(k)]
 
 
 class ResumeError(TrainingError):

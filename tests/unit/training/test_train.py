@@ -248,6 +248,12 @@ def test_resume_compares_fixed_settings_and_a_field_added_since_with_its_default
     assert changed_fixed_settings(dict(old, batch_size=2), cfg) == [("batch_size", 2, cfg.train.batch_size)]
     assert [k for k, _, _ in changed_fixed_settings(old, cfg.updated(train__tiles_per_epoch=32))] == \
         ["tiles_per_epoch"]
+    # The recipe's settings: left unset they are the run's own (a run from before the recipe recorded 1e-4);
+    # set to something else, they are a change
+    before_recipe = dict(old, learning_rate=1e-4, pos_weight=None)
+    assert changed_fixed_settings(before_recipe, cfg) == []
+    assert changed_fixed_settings(before_recipe, cfg.updated(train__learning_rate=1e-3)) == \
+        [("learning_rate", 1e-4, 1e-3)]
 
 
 def test_best_epoch_counts_f1_within_one_validation_cell_as_equal_then_iou():
