@@ -16,7 +16,8 @@ a preempted job loses at most one step. Each is written to a temporary folder an
 last ``keep_checkpoints`` epoch-end checkpoints and the best one (``history.replaces_best``: validation
 instance F1, equal within one validation cell, then body IoU; epoch 0 included) are kept.
 
-The pieces live beside this loop: :mod:`trainingdata` (split, weights, tile order, tile pipeline),
+The pieces live beside this loop: :mod:`data` (split, tile order, tile pipeline), :mod:`recipe` (learning
+rate and class weights chosen from the store),
 :mod:`network` (loss, precision, encoder freezing, compiled steps), :mod:`checkpoints` and :mod:`history`
 (history, curves, status).
 """
