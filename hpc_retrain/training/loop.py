@@ -176,7 +176,6 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         prog.store_generation = prog.store_generation or generation
         train_fields, val_fields = np.array(prog.train_fields, int), np.array(prog.val_fields, int)
         pos_w = np.array(prog.pos_weight)
-        recipe = prog.recipe
         log.info("resuming from %s: %d epoch(s) done%s", ckpt.name, prog.epoch,
                  f", {prog.step} step(s) into epoch {prog.epoch + 1}" if prog.step else "")
     else:
@@ -186,12 +185,12 @@ def _train(cfg: RunConfig, store: Path, run_dir: Path) -> dict:
         train_fields, val_fields = split_fields(usable, tc.val_fraction, cfg.seed)
         chosen = choose_recipe(root, train_fields, tc, str(store))
         log.info("%s", chosen.describe())
-        pos_w, recipe = np.array(chosen.pos_weight), chosen.as_dict()
+        pos_w = np.array(chosen.pos_weight)
         opt.build(net.trainable_variables)
         opt.learning_rate = chosen.learning_rate
         prog = Progress(history=[], train_fields=train_fields.tolist(), val_fields=val_fields.tolist(),
                         pos_weight=pos_w.tolist(), data_seed=cfg.seed, train_config=tc.model_dump(mode="json"),
-                        store=str(store.resolve()), store_generation=generation, recipe=recipe)
+                        store=str(store.resolve()), store_generation=generation, recipe=chosen.as_dict())
     cfg.save(run_dir)
 
     def check_store() -> None:
