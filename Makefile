@@ -18,7 +18,7 @@ demo: install
 	$(BIN)/hpc-retrain demo --out demo-output
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 test-unit: install
 	$(BIN)/pytest tests/unit

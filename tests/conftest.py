@@ -44,3 +44,14 @@ def _logging_handlers_stay_with_their_test():
     for h in root.handlers[:]:
         if h not in before:
             root.removeHandler(h)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # `make test` runs two pytest-xdist workers (--dist loadgroup): on two cores one test's single-threaded
+    # stretches (importing TensorFlow, tracing a step, writing Zarr, waiting on a subprocess) leave the other core
+    # idle. A group runs on one worker: a module keeps its module-scoped fixtures (built once, not per worker),
+    # and every test on the one-node Slurm cluster runs one after the other, as they assume an idle cluster.
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
