@@ -36,6 +36,16 @@ def min_area(cfg: RunConfig) -> int:
     return max(int(0.25 * cfg.preprocess.width ** 2), 4)
 
 
+def misic_postprocessing(cfg: RunConfig, body_threshold: float | None = None) -> RunConfig:
+    """``cfg`` with MISIC's own post-processing (its body, marker and contour thresholds; ``body_threshold``
+    when given): how the teacher's cells are cut (``prepare.labels``, ``training.validation``), whatever a run
+    calibrated for its own model."""
+    misic = RunConfig().infer
+    body = misic.body_threshold if body_threshold is None else body_threshold
+    return cfg.updated(infer__body_threshold=body, infer__marker_threshold=misic.marker_threshold,
+                       infer__contour_threshold=misic.contour_threshold)
+
+
 def instances(prob: np.ndarray, cfg: RunConfig) -> np.ndarray:
     """Instance labels (H, W) int32, 0 = background, cells 1..n, from probabilities (H, W, >=2)."""
     body = np.asarray(prob[..., 0], np.float32)

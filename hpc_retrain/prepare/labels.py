@@ -116,9 +116,7 @@ def teacher_cells(prob: np.ndarray, intensity: np.ndarray | None, cfg: RunConfig
     fluorescent cells (``labels.min_snr``). ``width``: the cell width in this image's pixels.
     """
 
-    icfg = cfg.updated(preprocess__mean_width=width, infer__body_threshold=cfg.labels.body_threshold,
-                       infer__marker_threshold=RunConfig().infer.marker_threshold,
-                       infer__contour_threshold=RunConfig().infer.contour_threshold)
+    icfg = I.misic_postprocessing(cfg.updated(preprocess__mean_width=width), cfg.labels.body_threshold)
     cells = I.instances(prob, icfg)
     kept = real_cells(cells, intensity, cfg, width)
     # dropped: every body-label pixel outside a kept cell (also objects too small to become instances)

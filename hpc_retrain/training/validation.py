@@ -55,10 +55,7 @@ class FieldValidator:
     def __init__(self, root, fields: np.ndarray, cfg: RunConfig):
         # In the rescaled space cells are SCALED_WIDTH wide whatever the plate's mean width.
         self.cfg = cfg.updated(preprocess__mean_width=SCALED_WIDTH)
-        misic = RunConfig().infer
-        teacher_cfg = self.cfg.updated(infer__body_threshold=misic.body_threshold,
-                                       infer__marker_threshold=misic.marker_threshold,
-                                       infer__contour_threshold=misic.contour_threshold)
+        teacher_cfg = I.misic_postprocessing(self.cfg)
         ent = st.entries(root)
         size, margin = int(root["targets"].shape[1]), cfg.tiling.margin
         self.fields = [ent[int(i)] for i in fields]
