@@ -116,6 +116,10 @@ def test_requeued_job_resumes_and_runs_every_epoch_once(store, tmp_path):
     _wait(lambda: len(_history_epochs(run)) >= 2, "the first epoch", job_ids=[job_id])
     # Preemption as a cluster does it: the job is killed and put back in the queue under the same id.
     subprocess.run(["scontrol", "requeue", job_id], check=True)
+    # Slurm holds a requeued job ~2 min before it is eligible again (BeginTime); the test does not need to
+    # wait that out. Released sooner, after the old run's cleanup: at once, slurmd refuses the launch
+    # ("already killed") and the job fails.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+10"], capture_output=True)
     _wait(lambda: _job_state(job_id) in ("COMPLETED", "GONE", "FAILED", "CANCELLED"),
           "the requeued job to finish", job_ids=[job_id])
     assert _job_state(job_id) in ("COMPLETED", "GONE"), (run / "submitit").glob("*")
