@@ -37,6 +37,13 @@ def import_tensorflow():
     return load()
 
 
+def quiet_tensorflow_import() -> None:
+    """The same for TensorFlow's first import in this process, whenever a stage needs it (none now)."""
+    from hpc_retrain.inference.model import quiet_tensorflow_import as quiet
+
+    quiet()
+
+
 def apply_backend(cfg: RunConfig) -> str:
     """Choose the Keras backend ``cfg`` asks for (``compute.backend``, else KERAS_BACKEND) before keras is
     imported; its name. A conflict or a backend that is not installed is one line (``BackendError``)."""

@@ -41,9 +41,6 @@ COMMANDS = {
 }
 
 # Commands that never load TensorFlow (so they start in a second)
-NO_TENSORFLOW = {"synth", "targets", "status", "evaluate"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpc-retrain",
@@ -65,8 +62,9 @@ def _quiet_tensorflow(verbose: bool) -> None:
     """Less TensorFlow start-up chatter unless -v; must run before any stage imports TensorFlow.
 
     A TF_CPP_MIN_LOG_LEVEL the user exported is kept. TensorFlow 2.21 prints its native start-up lines
-    (cuInit, oneDNN) before absl's logging is set up, whatever this level says (tensorflow#100442), so the
-    stages that use TensorFlow import it through ``model.import_tensorflow``, which drops them.
+    (cuInit, oneDNN) before absl's logging is set up, whatever this level says (tensorflow#100442), so main
+    routes TensorFlow's first import, whichever stage makes it, through ``model.quiet_tensorflow_import``,
+    which drops them.
     """
     if verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
@@ -113,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if not verbose and args.command not in NO_TENSORFLOW and _backend_of(args) == "tensorflow":
-        api.import_tensorflow()  # first, so no later import prints TensorFlow's start-up lines
+    if not verbose:
+        api.quiet_tensorflow_import()  # whenever a stage first imports it: not before (a refusal is instant)
     try:
         return int(args._run(args) or 0)
     except HpcRetrainError as e:
@@ -127,18 +125,6 @@ def main(argv: list[str] | None = None) -> int:
               f"to continue", file=sys.stderr)
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 130
-
-
-def _backend_of(args: argparse.Namespace) -> str | None:
-    """The Keras backend the command will apply (its --config and --set, else KERAS_BACKEND); None when that
-    cannot be told yet (the command itself reports why, in one line)."""
-    from hpc_retrain.config import RunConfig
-
-    try:
-        cfg = RunConfig.layered(file=getattr(args, "config", None), overrides=list(getattr(args, "overrides", ()) or ()))
-    except ValueError:
-        return None
-    return api.backend_of(cfg)
 
 
 def _report(command: str, e: Exception) -> int:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorflow", "jax", "torch")
 _PACKAGE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
-_LOGGED: set[tuple[str, str]] = set()
+_LOGGED: set[str] = set()  # once per process: a later call sees the KERAS_BACKEND the first one set
 
 
 class BackendError(HpcRetrainError, ValueError):
@@ -97,8 +97,8 @@ def apply(setting: str | None = None) -> str:
             raise BackendError(f"compute.backend={name} ({why}): {name} is not installed here; "
                                f"pip install 'hpc-retrain{extra}' (or choose another compute.backend)")
         os.environ["KERAS_BACKEND"] = name  # Keras reads it at import; child processes inherit it
-    if (name, why) not in _LOGGED:
-        _LOGGED.add((name, why))
+    if name not in _LOGGED:
+        _LOGGED.add(name)
         log.info("Keras backend: %s (%s)", name, why)
     return name
 

@@ -9,13 +9,17 @@ the run's base model architecture (see :func:`resolve`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.abc
 import importlib.resources
+import importlib.util
 import io
 import logging
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from hpc_retrain.errors import ModelError
@@ -58,17 +62,69 @@ def import_tensorflow():
     (a real error, a warning) is written back unchanged. glibc's malloc arenas are capped first
     (``limit_malloc_arenas``)."""
     if "tensorflow" not in sys.modules:
-        limit_malloc_arenas()
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        import tensorflow as tf
+        with _startup_lines_dropped():
+            import tensorflow  # noqa: F401
+    import tensorflow as tf
 
-        return tf
+    return tf
+
+
+def quiet_tensorflow_import() -> None:
+    """Route this process's first import of TensorFlow, wherever it happens (``import keras`` too), through
+    ``import_tensorflow``'s capture, without importing it now: a command refused for its input answers in
+    about a second instead of after TensorFlow's start (~8 s on 2 cores), and one that never needs it
+    (another backend, a job submitted) never pays for it."""
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlow) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlow())
+
+
+class _QuietTensorFlow(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` as the other finders do, with its loader wrapped in the capture. It stays in
+    ``sys.meta_path``: a lookup without an import (``importlib.util.find_spec``) also asks it."""
+
+    def __init__(self):
+        self._asking = threading.local()
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow" or getattr(self._asking, "now", False):
+            return None
+        self._asking.now = True
+        try:
+            spec = importlib.util.find_spec(name)  # the finders after this one
+        finally:
+            self._asking.now = False
+        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _CapturedLoader):
+            spec.loader = _CapturedLoader(spec.loader)
+        return spec
+
+
+class _CapturedLoader:
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, attr):  # resources, get_data, ...: the real loader's
+        return getattr(self._loader, attr)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _startup_lines_dropped():
+            self._loader.exec_module(module)
+
+
+@contextlib.contextmanager
+def _startup_lines_dropped():
+    limit_malloc_arenas()
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
+            yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -78,7 +134,6 @@ def import_tensorflow():
             if kept:
                 sys.stderr.write("\n".join(kept) + "\n")
                 sys.stderr.flush()
-    return tf
 
 
 def sha256(path: str | Path) -> str:

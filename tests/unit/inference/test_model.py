@@ -1,4 +1,7 @@
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,25 @@ def test_pretrained_is_pinned_and_found_in_the_package():
     assert p.name == model.PRETRAINED_NAME
     assert "site-packages" in str(p) or "misic" in str(p.parent)
     assert model.sha256(p) == model.PRETRAINED_SHA256
+
+
+def test_a_refusal_comes_before_tensorflow_whose_first_import_stays_quiet(tmp_path):
+    """The CLI routes TensorFlow's first import through the capture of its native start-up lines instead of
+    importing it up front: a bad path is refused with TensorFlow never imported, and a later ``import keras``
+    (after a lookup such as ``backend.installed`` makes, which must not use the capture up) prints none."""
+    code = ("import importlib.util, sys\n"
+            "from hpc_retrain.commands import main\n"
+            "rc = main(['segment', '--plate', sys.argv[1]])\n"
+            "print(rc, 'tensorflow' in sys.modules)\n"
+            "importlib.util.find_spec('tensorflow')\n"
+            "import keras\n"
+            "print('tensorflow' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nowhere")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.split() == ["2", "False", "True"], out.stdout + out.stderr
+    assert f"{tmp_path / 'nowhere'}: plate not found" in out.stderr
+    noise = re.compile(r"absl::InitializeLog|cuInit|cudart_stub|cuda drivers|port\.cc|cpu_feature_guard")
+    assert not noise.search(out.stderr), out.stderr
 
 
 def test_tampered_file_fails_the_check(tmp_path):
