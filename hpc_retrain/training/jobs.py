@@ -58,8 +58,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.run_dir = str(run_dir)
 
     def __call__(self) -> dict:
+        from hpc_retrain.inference.model import quiet_tensorflow_import
         from hpc_retrain.training.loop import train
 
+        quiet_tensorflow_import()  # the job's log (a Slurm log) starts with the run's lines, not TensorFlow's
         if not logging.getLogger().handlers:  # in a job process: progress goes to submitit's log too
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                                 datefmt="%H:%M:%S")
