@@ -30,15 +30,9 @@ if TYPE_CHECKING:
     from hpc_retrain.segment.pipeline import Segmented
 
 
-def import_tensorflow():
-    """Import TensorFlow now, without the native start-up lines it prints before its logging is set up."""
-    from hpc_retrain.inference.model import import_tensorflow as load
-
-    return load()
-
-
 def quiet_tensorflow_import() -> None:
-    """The same for TensorFlow's first import in this process, whenever a stage needs it (none now)."""
+    """Drop the native start-up lines TensorFlow prints at its first import in this process, whichever stage
+    makes it (TensorFlow is not imported now)."""
     from hpc_retrain.inference.model import quiet_tensorflow_import as quiet
 
     quiet()
@@ -50,18 +44,6 @@ def apply_backend(cfg: RunConfig) -> str:
     from hpc_retrain.inference import backend
 
     return backend.apply(cfg.compute.backend)
-
-
-def backend_of(cfg: RunConfig) -> str | None:
-    """The Keras backend ``cfg`` asks for (``compute.backend``, else KERAS_BACKEND) when it is installed; None
-    when that cannot be told (the stage itself reports why, in one line)."""
-    from hpc_retrain.inference import backend
-
-    try:
-        name = backend.requested(cfg.compute.backend)[0]
-        return name if backend.installed(name) else None
-    except ValueError:
-        return None
 
 
 def prepare(cfg: RunConfig, out: str | Path | None = None, stages: Iterable[str] = ("labels", "targets"),

@@ -40,7 +40,7 @@ COMMANDS = {
              lambda args: demo_command(args, main)),
 }
 
-# Commands that never load TensorFlow (so they start in a second)
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpc-retrain",

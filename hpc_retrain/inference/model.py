@@ -61,9 +61,7 @@ def import_tensorflow():
     Standard error is captured at the file-descriptor level for the import only; every other line it wrote
     (a real error, a warning) is written back unchanged. glibc's malloc arenas are capped first
     (``limit_malloc_arenas``)."""
-    if "tensorflow" not in sys.modules:
-        with _startup_lines_dropped():
-            import tensorflow  # noqa: F401
+    quiet_tensorflow_import()
     import tensorflow as tf
 
     return tf
