@@ -38,12 +38,13 @@ def quiet_tensorflow_import() -> None:
     quiet()
 
 
-def apply_backend(cfg: RunConfig) -> str:
+def apply_backend(cfg: RunConfig, announce: bool = True) -> str:
     """Choose the Keras backend ``cfg`` asks for (``compute.backend``, else KERAS_BACKEND) before keras is
-    imported; its name. A conflict or a backend that is not installed is one line (``BackendError``)."""
+    imported; its name. A conflict or a backend that is not installed is one line (``BackendError``).
+    ``announce=False``: no log line yet (the stage that uses Keras logs it)."""
     from hpc_retrain.inference import backend
 
-    return backend.apply(cfg.compute.backend)
+    return backend.apply(cfg.compute.backend, announce)
 
 
 def prepare(cfg: RunConfig, out: str | Path | None = None, stages: Iterable[str] = ("labels", "targets"),

@@ -32,9 +32,10 @@ def add_verbosity(p: argparse.ArgumentParser, default) -> None:
 
 def config_from_args(args: argparse.Namespace, **fields) -> RunConfig:
     """--config, then --set, then the stage's own options (those not None), validated once; its Keras backend
-    applied (``backend.apply``: before keras is imported; a conflict or a missing backend is one line)."""
+    applied (``backend.apply``: before keras is imported; a conflict or a missing backend is one line; the
+    stage that uses Keras logs which)."""
     from hpc_retrain import api
 
     cfg = RunConfig.layered(file=args.config, overrides=list(args.overrides), options=fields)
-    api.apply_backend(cfg)
+    api.apply_backend(cfg, announce=False)
     return cfg

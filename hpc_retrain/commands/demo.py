@@ -16,6 +16,8 @@ from pathlib import Path
 
 from hpc_retrain.commands.common import CliError, config_from_args
 
+STOPPED = {130: "Ctrl-C", 128 + 15: "SIGTERM"}  # the exit statuses of a stage stopped by the user
+
 
 def demo_arguments(p: argparse.ArgumentParser, name: str = "demo") -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
@@ -54,6 +56,9 @@ def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> 
         t = time.perf_counter()
         rc = main(argv)
         timings[name] = round(time.perf_counter() - t, 1)
+        if rc in STOPPED:  # Ctrl-C or SIGTERM: what was finished is kept (train saved a checkpoint)
+            raise CliError(f"demo stopped during {name!r} ({STOPPED[rc]}); run the same demo command to continue "
+                           f"from where it stopped")
         if rc:
             raise CliError(f"demo step {name!r} failed (exit {rc}); see the messages above")
 
@@ -69,7 +74,11 @@ def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> 
     store = out / "train.zarr"
     step("prepare", ["prepare", *common, "--plate", str(train_plate), "--out", str(store)])
     run = out / "run"
-    train_argv = ["train", *common, "--store", str(store), "--run", str(run), "--epochs", str(args.epochs)]
+    # Inline, not the local job `train` submits by default: the demo is one command, so stopping it (Ctrl-C,
+    # SIGTERM) stops its training too (with a checkpoint, resumed by the next demo), where a submitted job would
+    # go on training after the demo had gone.
+    train_argv = ["train", *common, "--store", str(store), "--run", str(run), "--epochs", str(args.epochs),
+                  "--executor", "inline"]
     if args.steps:  # exactly this many batches an epoch, of tiles that go round again as needed
         train_argv += ["--set", f"train.steps_per_epoch={args.steps}",
                        "--set", f"train.tiles_per_epoch={args.steps * cfg.train.batch_size}"]

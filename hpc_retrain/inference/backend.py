@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorflow", "jax", "torch")
 _PACKAGE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
-_LOGGED: set[str] = set()  # once per process: a later call sees the KERAS_BACKEND the first one set
+_LOGGED: set[str] = set()  # the backend line is logged once per process
+_WHY: dict[str, str] = {}  # why each backend was chosen, as first resolved (later calls see KERAS_BACKEND)
 
 
 class BackendError(HpcRetrainError, ValueError):
@@ -76,11 +77,14 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(_PACKAGE[name]) is not None
 
 
-def apply(setting: str | None = None) -> str:
+def apply(setting: str | None = None, announce: bool = True) -> str:
     """Resolve and fix the backend for this process (before Keras is imported); the backend's name.
 
     ``setting``: ``compute.backend`` (a RunConfig's, or None: not given). Called again with the same
-    answer it does nothing; a different one after Keras was imported is refused (Keras cannot switch)."""
+    answer it does nothing; a different one after Keras was imported is refused (Keras cannot switch).
+    ``announce``: log which backend and why (once per process). A command resolves it up front without
+    the line (a bad backend is refused before any work); the stage that loads a model says it, so a command
+    that never uses Keras (``synth``, ``evaluate``) does not name one."""
     if setting is not None and not isinstance(setting, str):  # a RunConfig or its compute section
         setting = getattr(getattr(setting, "compute", setting), "backend", None)
     name, why = requested(setting)
@@ -97,7 +101,8 @@ def apply(setting: str | None = None) -> str:
             raise BackendError(f"compute.backend={name} ({why}): {name} is not installed here; "
                                f"pip install 'hpc-retrain{extra}' (or choose another compute.backend)")
         os.environ["KERAS_BACKEND"] = name  # Keras reads it at import; child processes inherit it
-    if name not in _LOGGED:
+    why = _WHY.setdefault(name, why)
+    if announce and name not in _LOGGED:
         _LOGGED.add(name)
         log.info("Keras backend: %s (%s)", name, why)
     return name

@@ -1,14 +1,17 @@
-"""The demo as a user runs it (a real subprocess), shrunk to 16 training batches so it fits in CI, and its win
-over pretrained MISIC against the true masks (issue 27: the guard of the demo's margin, with the defaults)."""
+"""The demo as a user runs it (a real subprocess), shrunk to 16 training batches so it fits in CI, stopped
+mid-training and continued, and its win over pretrained MISIC against the true masks (issue 27: the guard of the
+demo's margin, with the defaults)."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 import zarr
+from procs import interrupt_when, log_has
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +22,18 @@ def test_demo_runs_every_stage_into_one_folder_and_wins_with_the_defaults(tmp_pa
     # 0.504 against the true masks (the full demo: benchmarks/RESULTS.md, 6c)
     argv = [sys.executable, "-m", "hpc_retrain", "demo", "--out", str(out), "--epochs", "2", "--steps", "8",
             "--size", "384", "--fields", "1"]
+    # Stopped mid-training as a user stops it (SIGTERM; Ctrl-C takes the same path): the training stops with the
+    # demo (it trains inline, no job left running) and saves a checkpoint ...
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = interrupt_when(log_has(out / "run" / "train.log", "epoch 2/2 step 1/8"), proc, signal.SIGTERM,
+                         timeout=900, what="the demo's second epoch", wait_s=120)
+    assert proc.returncode == 2 and "run the same demo command to continue" in err, err[-3000:]
+    status = json.loads((out / "run" / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["signal"] == "SIGTERM", status
+    # ... and the same command continues from it.
     p = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from ckpt-e00001-s" in (out / "run" / "train.log").read_text()
     # every stage left its output, and the config each ran with
     assert (out / "config.yaml").is_file()
     store = zarr.open_group(str(out / "train.zarr"), mode="r")

@@ -60,6 +60,12 @@ def test_segment_logs_a_line_per_field_and_verbose_after_the_subcommand(plate, t
     assert "\r" not in res.stderr and "DEBUG" not in res.stderr
     assert not TF_NOISE.search(res.stderr), res.stderr
     assert re.search(r"INFO hpc_retrain\.segment\.pipeline: segment 1/1 ", res.stderr), res.stderr  # a line per field
+    assert res.stderr.count("Keras backend: ") == 1, res.stderr  # named once, by the stage that loads the model
     verbose = _cli(tmp_path, "segment", "-v", "--plate", plate, "--out", tmp_path / "v.ome.zarr",
                    "--set", "preprocess.mean_width=7")
     assert "DEBUG" in verbose.stderr
+
+
+def test_a_command_that_never_uses_keras_names_no_backend(tmp_path):
+    res = _cli(tmp_path, "synth", "--out", tmp_path / "s.zarr", "--size", "64", "--wells", "A1", "--fields", "1")
+    assert "Keras backend" not in res.stderr, res.stderr
