@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from hpc_retrain.commands.common import CliError, config_from_args
 
-STOPPED = {130: "Ctrl-C", 128 + 15: "SIGTERM"}  # the exit statuses of a stage stopped by the user
+STOPPED = {128 + signal.SIGINT: "Ctrl-C", 128 + signal.SIGTERM: "SIGTERM"}  # a stage stopped by the user
+
+
+class _Stopped(Exception):
+    """A stage was stopped by the user: the demo stops with the stage's exit status."""
 
 
 def demo_arguments(p: argparse.ArgumentParser, name: str = "demo") -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    # 6 x 16 batches of 8 tiles (plus a validation pass per epoch): the whole demo takes about 7 minutes on 2
-    # quiet CPU cores; more epochs train further (the best epoch by validation F1 is exported)
+    # 6 x 16 batches of 8 tiles (plus a validation pass per epoch): about 7 minutes on 2 AVX-512 cores, 20-40 on
+    # 2 AVX2 ones (benchmarks/RESULTS.md, 6 and 6c); more epochs train further (the best epoch by validation F1
+    # is exported), 4 score 0.836 against 6's 0.901
     p.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     p.add_argument("--size", type=int, default=512, help="field size in px (default 512)")
     p.add_argument("--fields", type=int, default=2, help="fields per well of the training plate (default 2)")
@@ -35,7 +42,14 @@ def demo_arguments(p: argparse.ArgumentParser, name: str = "demo") -> None:
 
 def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> int:
     """The same commands a user runs (through the command line's ``main``), so the demo cannot drift from
-    the tool."""
+    the tool. Stopped by the user (Ctrl-C, SIGTERM), it exits with the stopped stage's status."""
+    try:
+        return _demo(args, main)
+    except _Stopped as e:
+        return int(e.args[0])
+
+
+def _demo(args: argparse.Namespace, main: Callable[[list[str]], int]) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite and (out / "summary.json").exists():
         raise CliError(f"{out}: holds a finished demo; pass --overwrite or choose another --out")
@@ -57,8 +71,9 @@ def demo_command(args: argparse.Namespace, main: Callable[[list[str]], int]) -> 
         rc = main(argv)
         timings[name] = round(time.perf_counter() - t, 1)
         if rc in STOPPED:  # Ctrl-C or SIGTERM: what was finished is kept (train saved a checkpoint)
-            raise CliError(f"demo stopped during {name!r} ({STOPPED[rc]}); run the same demo command to continue "
-                           f"from where it stopped")
+            print(f"hpc-retrain demo: stopped during {name!r} ({STOPPED[rc]}); run the same demo command to "
+                  f"continue from where it stopped", file=sys.stderr)
+            raise _Stopped(rc)
         if rc:
             raise CliError(f"demo step {name!r} failed (exit {rc}); see the messages above")
 

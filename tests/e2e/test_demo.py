@@ -27,7 +27,8 @@ def test_demo_runs_every_stage_into_one_folder_and_wins_with_the_defaults(tmp_pa
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err = interrupt_when(log_has(out / "run" / "train.log", "epoch 2/2 step 1/8"), proc, signal.SIGTERM,
                          timeout=900, what="the demo's second epoch", wait_s=120)
-    assert proc.returncode == 2 and "run the same demo command to continue" in err, err[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped during 'train' (SIGTERM); run the same demo command to continue" in err, err[-3000:]
     status = json.loads((out / "run" / "status.json").read_text())
     assert status["state"] == "interrupted" and status["signal"] == "SIGTERM", status
     # ... and the same command continues from it.
