@@ -19,27 +19,32 @@ from pathlib import Path
 import numpy as np
 
 
-def calibrated(demo: Path, checkpoint: Path) -> dict:
-    """The checkpoint's validation F1 at MISIC's thresholds and the thresholds ``calibrate`` chooses."""
+def validation(demo: Path):
+    """The run's validation fields (a ``FieldValidator`` with the teacher's cells) and their target tiles,
+    in the demo's config (MISIC's thresholds, as training starts): the same for every checkpoint."""
     from hpc_retrain.config import RunConfig
-    from hpc_retrain.inference import model as M
-    from hpc_retrain.inference.predictor import predictor_for
     from hpc_retrain.prepare import store as S
+    from hpc_retrain.training.data import field_tiles
     from hpc_retrain.training.validation import FieldValidator
 
-    cfg = RunConfig.load(demo / "config.yaml")  # the demo's config: MISIC's thresholds, as training starts
+    cfg = RunConfig.load(demo / "config.yaml")
     root = S.open_store(demo / "train.zarr")
     fields = np.array(json.loads((demo / "run" / "metrics.json").read_text())["val_fields"])
-    validator = FieldValidator(root, fields, cfg)
-    entries = S.entries(root)
-    tiles = np.concatenate([np.asarray(root["targets"][entries[int(i)].tiles], np.float32) for i in fields])
+    return cfg, FieldValidator(root, fields, cfg), np.asarray(root["targets"][field_tiles(root, fields)], np.float32)
+
+
+def calibrated(cfg, validator, tiles: np.ndarray, checkpoint: Path) -> dict:
+    """The checkpoint's validation F1 at MISIC's thresholds and the thresholds ``calibrate`` chooses."""
+    from hpc_retrain.inference import model as M
+    from hpc_retrain.inference.predictor import predictor_for
+
     probs = validator.stitch(predictor_for(M.load(checkpoint), cfg.compute.batch_size, cfg.tiling.size)(tiles))
     th = validator.calibrate(probs)
     return {"val_f1_misic": validator.score(probs).f1, "val_f1_calibrated": th.f1, "body": th.body,
             "marker": th.marker, "contour": th.contour}
 
 
-def test_f1(demo: Path, checkpoint: Path, th: dict) -> dict:
+def truth_f1(demo: Path, checkpoint: Path, th: dict) -> dict:
     """F1@0.5 (and its precision, recall) of the checkpoint on the test plate, with thresholds ``th``."""
     from hpc_retrain.commands import main
 
@@ -66,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs:
         ckpts = [c for c in ckpts if int(c.name[6:]) in args.epochs]
     rows = {}
+    val = validation(args.demo) if ckpts else None
     for c in ckpts:
-        th = calibrated(args.demo, c)
-        rows[c.name] = {**th, **test_f1(args.demo, c, th)}
+        th = calibrated(*val, c)
+        rows[c.name] = {**th, **truth_f1(args.demo, c, th)}
         r = rows[c.name]
         print(f"{c.name}: validation F1 {r['val_f1_misic']:.3f} / calibrated {r['val_f1_calibrated']:.3f} "
               f"(body {r['body']}, markers {r['marker']}, contour < {r['contour']}); test F1@0.5 vs truth "
